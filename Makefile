@@ -1,0 +1,58 @@
+# The README's commands call these targets. Everything runs from the repo root inside ./.venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup system-deps repro test test-fast lint format bench verify mlflow-server clean-venv
+
+# Install the locked environment (torch CPU build from this machine's disk; constraints.txt pins all).
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Debian packages the end-to-end tests need (a real OpenSSH server for the dvc-ssh remote test).
+system-deps:
+	@command -v /usr/sbin/sshd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null)
+	@test -x /usr/lib/openssh/sftp-server || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-sftp-server >/dev/null)
+
+# The whole pipeline on the default small profile (params.yaml), offline.
+repro: setup
+	dvc repro
+
+# The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones).
+test: setup system-deps
+	$(PY) -m pytest -m "not gpu" -q
+
+test-fast: setup
+	$(PY) -m pytest -m "not gpu and not slow" -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) -m bench.run
+
+verify: setup
+	$(PY) -m stages.verify
+
+# A team tracking server on loopback: SQLite backend, artifacts under the ignored .mlflow/ folder.
+mlflow-server: setup
+	mkdir -p .mlflow/artifacts
+	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/.mlflow/server.db \
+	  --artifacts-destination $(CURDIR)/.mlflow/artifacts
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,175 @@
+"""Small helpers shared by the stages: atomic outputs, hashing, JSON metrics, safe model loading.
+
+Nothing here reads params or talks to the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# The canonical output locations. dvc.yaml names the same paths; stage main()s pass these to run().
+BASE_DIR = Path("models/base")
+PREPARED_DIR = Path("data/prepared")
+REFERENCE_DIR = Path("data/reference")
+ADAPTER_DIR = Path("models/adapter")
+MERGED_DIR = Path("models/merged")
+METRICS_DIR = Path("metrics")
+SCRATCH_DIR = Path(".scratch")  # gitignored + dvcignored: checkpoints and other resumable state
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class StageError(RuntimeError):
+    """An expected, user-facing failure: main() prints the message and exits non-zero, no traceback."""
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling directory; on success it replaces `path` in one rename.
+
+    On an exception the temporary directory is removed and `path` is untouched, so a crash leaves either
+    the old output or none, never half of a new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = _temp_sibling(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Pretty, key-sorted JSON written atomically (small enough for git, stable for diffs)."""
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(path: str | Path) -> str:
+    """Hash of a file, or of a directory's relative paths and file contents (order-independent of walk)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def template_hash(chat_template: str | None) -> str:
+    """Short, stable identity of a chat template (recorded with data, models and scores)."""
+    return sha256_bytes((chat_template or "").encode("utf-8"))[:16]
+
+
+def require_safetensors(model_dir: str | Path) -> None:
+    """Refuse a model folder whose weights are not safetensors (pickle weights can run code on load)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise StageError(f"{model_dir}: model folder not found (run the stage that produces it first)")
+    files = {p.name for p in model_dir.iterdir()}
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(n for n in files if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if pickles:
+        raise StageError(
+            f"{model_dir}: holds only pickle weights ({', '.join(pickles)}); expected *.safetensors. "
+            "Pickle files can execute code when loaded, so they are refused."
+        )
+    raise StageError(f"{model_dir}: no *.safetensors weights found")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved with a model folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tokenizer.chat_template is None:
+        raise StageError(f"{model_dir}: tokenizer has no chat template (expected ChatML)")
+    return tokenizer
+
+
+def load_model(model_dir: str | Path, **kwargs: Any):
+    """A causal LM from a local folder: safetensors only, no remote code, never the hub."""
+    from transformers import AutoModelForCausalLM
+
+    require_safetensors(model_dir)
+    kwargs.setdefault("trust_remote_code", False)
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, use_safetensors=True, **kwargs
+    )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def run_main(fn, *args: Any) -> None:
+    """Run a stage entry point: StageError / ConfigError become one clear line on stderr and exit 1."""
+    from stages.config import ConfigError
+
+    try:
+        fn(*args)
+    except (StageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,371 @@
+"""params.yaml -> frozen dataclasses.
+
+Reads: params.yaml (or any recipe file with the same schema).
+Every key must be known, present and of the declared type; a problem raises ConfigError naming the file,
+the dotted key and what was expected. Cross-field rules (positive learning rate, max_length above
+max_prompt_length, a loss type trl knows, ...) are checked here too, so a bad file fails before any
+expensive work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema. The message names the file and the dotted key."""
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str
+    on_unreachable: Literal["fail", "local"]
+
+
+@dataclass(frozen=True)
+class BuiltinModelParams:
+    corpus: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    pretrain_steps: int
+    pretrain_batch_size: int
+    pretrain_learning_rate: float
+    pretrain_max_length: int
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    source: Literal["builtin", "hub"]
+    name: str
+    revision: str
+    trust_remote_code: bool
+    builtin: BuiltinModelParams
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["local", "hub"]
+    path: str
+    hub_name: str
+    hub_revision: str
+    hub_split: str
+    columns: Literal["auto", "current", "original"]
+    test_fraction: float
+    max_prompt_length: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    bias: Literal["none", "all", "lora_only"]
+    target_modules: list[str]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    load_in_4bit: bool
+    bnb_4bit_quant_type: Literal["nf4", "fp4"]
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"]
+    bnb_4bit_use_double_quant: bool
+    lora: LoraParams
+    beta: float
+    loss_type: str
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_steps: int
+    max_steps: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    optim: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    device: Literal["cpu", "cuda", "auto"]
+    save_steps: int
+    logging_steps: int
+    group_by_length: bool
+    precompute_ref: bool
+    num_processes: int
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    dtype: Literal["float16", "bfloat16", "float32"]
+    fidelity_prompts: int
+    fidelity_max_abs: float
+    fidelity_mean_abs: float
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    name: str
+    num_fewshot: int
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    system: str
+    question: str
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    tasks: list[EvalTask]
+    batch_size: int
+    limit: int
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float16", "bfloat16", "float32"]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    sample_prompts: list[SamplePrompt]
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    tracking: TrackingParams
+    base: BaseParams
+    data: DataParams
+    train: TrainParams
+    merge: MergeParams
+    eval: EvalParams
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data (for MLflow params and model cards)."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic strict conversion: dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail(f"one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _convert(arm, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise fail(" or ".join(_type_name(a) for a in typing.get_args(tp)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(_type_name(tp))
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (write floats with a dot, e.g. 5.0e-5)" if isinstance(value, str) else ""
+            raise fail("a number" + hint)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ConfigError(
+            f"{source}: {dotted(unknown[0])}: unknown key (known keys here: {', '.join(names)})"
+        )
+    missing = [k for k in names if k not in data]
+    if missing:
+        raise ConfigError(
+            f"{source}: {dotted(missing[0])}: missing key (expected {_type_name(hints[missing[0]])})"
+        )
+    return cls(**{k: _convert(hints[k], data[k], dotted(k), source) for k in names})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-field rules
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def known_loss_types() -> list[str]:
+    """The DPO loss types of the installed trl, read from DPOConfig's own help text.
+
+    Read from the source file rather than by importing trl (a 9 s import), so that a bad params file
+    fails in well under a second.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or spec.origin is None:
+        raise ConfigError("trl is not installed: cannot check train.loss_type")
+    source = (Path(spec.origin).parent / "trainer" / "dpo_config.py").read_text(encoding="utf-8")
+    match = re.search(r"loss_type: list\[str\] = field\((.*?)\n    \)", source, re.S)
+    if not match:
+        raise ConfigError("cannot find DPOConfig.loss_type in the installed trl")
+    return re.findall(r"`'([a-z_]+)'`", match.group(1))
+
+
+def _check(p: Params, source: str) -> None:
+    def fail(key: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+    positive_ints = {
+        "base.builtin.vocab_size": p.base.builtin.vocab_size,
+        "base.builtin.hidden_size": p.base.builtin.hidden_size,
+        "base.builtin.num_hidden_layers": p.base.builtin.num_hidden_layers,
+        "base.builtin.num_attention_heads": p.base.builtin.num_attention_heads,
+        "base.builtin.num_key_value_heads": p.base.builtin.num_key_value_heads,
+        "base.builtin.pretrain_batch_size": p.base.builtin.pretrain_batch_size,
+        "base.builtin.pretrain_max_length": p.base.builtin.pretrain_max_length,
+        "data.max_prompt_length": p.data.max_prompt_length,
+        "data.max_length": p.data.max_length,
+        "train.lora.r": p.train.lora.r,
+        "train.lora.alpha": p.train.lora.alpha,
+        "train.max_steps": p.train.max_steps,
+        "train.per_device_train_batch_size": p.train.per_device_train_batch_size,
+        "train.gradient_accumulation_steps": p.train.gradient_accumulation_steps,
+        "train.save_steps": p.train.save_steps,
+        "train.logging_steps": p.train.logging_steps,
+        "train.num_processes": p.train.num_processes,
+        "merge.fidelity_prompts": p.merge.fidelity_prompts,
+        "eval.batch_size": p.eval.batch_size,
+        "eval.max_new_tokens": p.eval.max_new_tokens,
+    }
+    for key, value in positive_ints.items():
+        if value <= 0:
+            raise fail(key, "an integer > 0", value)
+    for key, value in {
+        "base.builtin.pretrain_steps": p.base.builtin.pretrain_steps,
+        "train.warmup_steps": p.train.warmup_steps,
+        "eval.limit": p.eval.limit,
+    }.items():
+        if value < 0:
+            raise fail(key, "an integer >= 0", value)
+    for key, value in {
+        "base.builtin.pretrain_learning_rate": p.base.builtin.pretrain_learning_rate,
+        "train.learning_rate": p.train.learning_rate,
+        "train.beta": p.train.beta,
+        "eval.temperature": p.eval.temperature,
+    }.items():
+        if not value > 0:
+            raise fail(key, "a number > 0", value)
+    if not 0.0 < p.data.test_fraction < 1.0:
+        raise fail("data.test_fraction", "a number strictly between 0 and 1", p.data.test_fraction)
+    if not 0.0 <= p.train.lora.dropout < 1.0:
+        raise fail("train.lora.dropout", "a number in [0, 1)", p.train.lora.dropout)
+    if not 0.0 < p.eval.top_p <= 1.0:
+        raise fail("eval.top_p", "a number in (0, 1]", p.eval.top_p)
+    for key in ("merge.fidelity_max_abs", "merge.fidelity_mean_abs"):
+        value = getattr(p.merge, key.split(".")[1])
+        if not value > 0:
+            raise fail(key, "a number > 0", value)
+    if p.data.max_length <= p.data.max_prompt_length:
+        raise fail(
+            "data.max_length",
+            f"an integer greater than data.max_prompt_length ({p.data.max_prompt_length})",
+            p.data.max_length,
+        )
+    if p.base.builtin.hidden_size % p.base.builtin.num_attention_heads:
+        raise fail("base.builtin.hidden_size", "a multiple of num_attention_heads", p.base.builtin.hidden_size)
+    if p.base.builtin.num_attention_heads % p.base.builtin.num_key_value_heads:
+        raise fail(
+            "base.builtin.num_key_value_heads",
+            "a divisor of num_attention_heads",
+            p.base.builtin.num_key_value_heads,
+        )
+    if p.base.source == "hub":
+        if not p.base.name:
+            raise fail("base.name", "a hub repo id when base.source is hub", p.base.name)
+        if not _SHA.match(p.base.revision):
+            raise fail("base.revision", "a 40-hex commit sha when base.source is hub", p.base.revision)
+    if p.base.trust_remote_code and not _SHA.match(p.base.revision):
+        raise fail(
+            "base.trust_remote_code", "false unless base.revision pins a 40-hex commit sha", True
+        )
+    if p.data.source == "hub" and not _SHA.match(p.data.hub_revision):
+        raise fail("data.hub_revision", "a 40-hex commit sha when data.source is hub", p.data.hub_revision)
+    if not p.train.lora.target_modules:
+        raise fail("train.lora.target_modules", "a non-empty list of module names", [])
+    if not p.eval.tasks:
+        raise fail("eval.tasks", "a non-empty list of tasks", [])
+    known = known_loss_types()
+    if p.train.loss_type not in known:
+        raise fail("train.loss_type", f"a loss type the installed trl knows ({', '.join(known)})", p.train.loss_type)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse(data: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate already-loaded YAML data. Raises ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    params = _build(Params, data, "", source)
+    _check(params, source)
+    return params
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Load and validate a params file (safe YAML loader only). Raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: file not found") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse(data, str(path))

@@ -1,0 +1,122 @@
+"""params.yaml -> dataclasses: every recipe loads, and every kind of bad file fails naming its key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import config
+from stages.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_params_file_loads(path):
+    params = config.load(path)
+    assert params.data.max_length > params.data.max_prompt_length
+    assert params.train.loss_type in config.known_loss_types()
+
+
+def test_at_least_the_7b_recipe_exists():
+    recipe = config.load(REPO / "recipes" / "neuralhermes-2.5.yaml")
+    assert recipe.base.name == "teknium/OpenHermes-2.5-Mistral-7B"
+    # The article's hyperparameters.
+    t = recipe.train
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 16, 0.05)
+    assert set(t.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (t.beta, t.learning_rate, t.lr_scheduler_type) == (0.1, 5.0e-5, "cosine")
+    assert (t.warmup_steps, t.max_steps) == (100, 200)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (4, 4)
+    assert (recipe.data.max_prompt_length, recipe.data.max_length) == (1024, 1536)
+    assert (t.optim, t.precision, t.gradient_checkpointing, t.load_in_4bit) == ("paged_adamw_32bit", "bf16", True, True)
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_key_line_has_a_comment(path):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- {"):
+            continue
+        if re.match(r"^[\w.-]+:", stripped):
+            assert "#" in line, f"{path.name}:{number}: key without a comment: {line!r}"
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("train.learnig_rate", 1.0, r"train\.learnig_rate: unknown key"),
+        ("train.beta", _DELETE, r"train\.beta: missing key"),
+        ("train.max_steps", "ten", r"train\.max_steps: expected an integer"),
+        ("train.learning_rate", "5e-5", r"train\.learning_rate: expected a number \(write floats with a dot"),
+        ("train.learning_rate", -1.0, r"train\.learning_rate: expected a number > 0"),
+        ("train.load_in_4bit", "yes", r"train\.load_in_4bit: expected true or false"),
+        ("train.loss_type", "sigmod", r"train\.loss_type: expected a loss type the installed trl knows"),
+        ("train.precision", "fp8", r"train\.precision: expected one of 'fp32' \| 'bf16' \| 'fp16'"),
+        ("train.lora.target_modules", "q_proj", r"train\.lora\.target_modules: expected list of str"),
+        ("data.max_length", 100, r"data\.max_length: expected an integer greater than data\.max_prompt_length"),
+        ("data.test_fraction", 1.5, r"data\.test_fraction: expected a number strictly between 0 and 1"),
+        ("base.source", "hub", r"base\.revision: expected a 40-hex commit sha"),
+        ("base.trust_remote_code", True, r"base\.trust_remote_code: expected false unless base\.revision pins"),
+        ("eval.tasks", [{"name": "x"}], r"eval\.tasks\[0\]\.num_fewshot: missing key"),
+    ],
+)
+def test_bad_values_name_the_key(raw, dotted, value, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.parse(_set(raw, dotted, value), "params.yaml")
+    assert str(info.value).startswith("params.yaml: ")
+
+
+def test_unknown_top_level_section(raw):
+    data = copy.deepcopy(raw)
+    data["optimizer"] = {}
+    with pytest.raises(ConfigError, match=r"optimizer: unknown key"):
+        config.parse(data)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_read_with_the_safe_loader(tmp_path):
+    evil = tmp_path / "params.yaml"
+    evil.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(evil)
+
+
+def test_params_are_frozen():
+    params = config.load(REPO / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.train.beta = 0.5  # type: ignore[misc]
