@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
-export TOKENIZERS_PARALLELISM := false
 MLFLOW_PORT ?= 5000
 
 .PHONY: setup system-deps repro test test-fast lint format bench verify mlflow-server clean-venv

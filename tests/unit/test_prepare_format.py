@@ -1,0 +1,288 @@
+"""prepare: ChatML formatting (the article's Midsummer House example), filters, ids and the split."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from stages import prepare
+from stages.common import CHATML_TEMPLATE, StageError
+
+# Intel/orca_dpo_pairs row 1, as printed in Maxime Labonne's "Fine-tune a Mistral-7b model with Direct
+# Preference Optimization" (NeuralHermes-2.5) before and after `chatml_format`.
+MIDSUMMER_ROW = {
+    "system": "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
+    "question": "Generate an approximately fifteen-word sentence that describes all this data: "
+    "Midsummer House eatType restaurant; Midsummer House food Chinese; Midsummer House priceRange moderate; "
+    "Midsummer House customer rating 3 out of 5; Midsummer House near All Bar One",
+    "chosen": "Midsummer House is a moderately priced Chinese restaurant with a 3/5 customer rating, "
+    "located near All Bar One.",
+    "rejected": " Sure! Here's a sentence that describes all the data you provided:\n\n\"Midsummer House is a "
+    "moderately priced Chinese restaurant with a customer rating of 3 out of 5, located near All Bar One, "
+    'offering a variety of delicious dishes."',
+}
+# The article's printed output, copied as Python literals.
+MIDSUMMER_EXPECTED = {
+    "prompt": "<|im_start|>system\nYou are an AI assistant. You will be given a task. You must generate a detailed and long answer.<|im_end|>\n<|im_start|>user\nGenerate an approximately fifteen-word sentence that describes all this data: Midsummer House eatType restaurant; Midsummer House food Chinese; Midsummer House priceRange moderate; Midsummer House customer rating 3 out of 5; Midsummer House near All Bar One<|im_end|>\n<|im_start|>assistant\n",
+    "chosen": "Midsummer House is a moderately priced Chinese restaurant with a 3/5 customer rating, located near All Bar One.<|im_end|>\n",
+    "rejected": ' Sure! Here\'s a sentence that describes all the data you provided:\n\n"Midsummer House is a moderately priced Chinese restaurant with a customer rating of 3 out of 5, located near All Bar One, offering a variety of delicious dishes."<|im_end|>\n',
+}
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or from at which but".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A small byte-level BPE tokenizer with the ChatML template, as the base stage builds it."""
+    from stages import base
+
+    texts = [" ".join(WORDS)] * 4 + [MIDSUMMER_ROW[k] for k in prepare.TEXT_COLUMNS]
+    return base.build_tokenizer(texts, vocab_size=300)
+
+
+def table_of(rows: list[dict[str, str]]) -> pa.Table:
+    return pa.table({name: pa.array([r[name] for r in rows], pa.string()) for name in prepare.TEXT_COLUMNS})
+
+
+def data_params(**overrides):
+    values = {"test_fraction": 0.1, "max_prompt_length": 10_000, "max_length": 20_000}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def random_text(rng: random.Random, allow_empty: bool = False) -> str:
+    if allow_empty and rng.random() < 0.3:
+        return ""
+    pieces = [rng.choice(WORDS) for _ in range(rng.randint(1, 30))]
+    extras = [" ", "\n", "\n\n", "  ", "{{ x }}", "{% if %}", "é", "日本", "<b>", "\t", '"', "'"]
+    for _ in range(rng.randint(0, 4)):
+        pieces.insert(rng.randint(0, len(pieces)), rng.choice(extras))
+    return " ".join(pieces) if rng.random() < 0.8 else "".join(pieces)
+
+
+def random_rows(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [
+        {
+            "system": random_text(rng, allow_empty=True),
+            "question": random_text(rng),
+            "chosen": random_text(rng),
+            "rejected": random_text(rng),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_tokenizer_fixture_uses_the_project_chatml_template(tokenizer):
+    # OpenHermes-2.5's template; the Midsummer expectation below relies on it.
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+
+
+def test_format_row_midsummer_house_matches_the_article_byte_for_byte(tokenizer):
+    assert prepare.format_row(MIDSUMMER_ROW, tokenizer) == MIDSUMMER_EXPECTED
+
+
+def test_vectorised_formatting_midsummer_house_matches_the_article(tokenizer):
+    prompt, chosen, rejected = prepare.format_table(table_of([MIDSUMMER_ROW]), tokenizer)
+    assert prompt[0].as_py() == MIDSUMMER_EXPECTED["prompt"]
+    assert chosen[0].as_py() == MIDSUMMER_EXPECTED["chosen"]
+    assert rejected[0].as_py() == MIDSUMMER_EXPECTED["rejected"]
+
+
+def test_empty_system_has_no_system_turn(tokenizer):
+    row = dict(MIDSUMMER_ROW, system="")
+    formatted = prepare.format_row(row, tokenizer)
+    assert formatted["prompt"] == (
+        "<|im_start|>user\n" + MIDSUMMER_ROW["question"] + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "system" not in formatted["prompt"]
+    (prompt, _, _) = prepare.format_table(table_of([row]), tokenizer)
+    assert prompt[0].as_py() == formatted["prompt"]
+
+
+def test_whitespace_system_keeps_its_turn_as_in_the_article(tokenizer):
+    # The article tests len(system) > 0, so a whitespace-only system prompt still gets a turn.
+    formatted = prepare.format_row(dict(MIDSUMMER_ROW, system=" "), tokenizer)
+    assert formatted["prompt"].startswith("<|im_start|>system\n <|im_end|>\n<|im_start|>user\n")
+
+
+def test_vectorised_formatting_equals_format_row_on_random_rows(tokenizer):
+    rows = random_rows(300, seed=3)
+    assert any(r["system"] == "" for r in rows) and any(r["system"] for r in rows)
+    prompt, chosen, rejected = prepare.format_table(table_of(rows), tokenizer)
+    for i, row in enumerate(rows):
+        expected = prepare.format_row(row, tokenizer)
+        assert prompt[i].as_py() == expected["prompt"], i
+        assert chosen[i].as_py() == expected["chosen"], i
+        assert rejected[i].as_py() == expected["rejected"], i
+
+
+def test_run_time_check_catches_a_formatting_difference(tokenizer):
+    table = table_of(random_rows(5, seed=4))
+    prompt, chosen, rejected = prepare.format_table(table, tokenizer)
+    prepare.check_formatting(table, (prompt, chosen, rejected), tokenizer, range(5))
+    broken = pa.array([p.as_py() + "x" for p in prompt])
+    with pytest.raises(StageError, match="differs from format_row"):
+        prepare.check_formatting(table, (broken, chosen, rejected), tokenizer, [2])
+
+
+def test_check_rows_include_rows_with_and_without_system():
+    rows = [dict(MIDSUMMER_ROW) for _ in range(20)] + [dict(MIDSUMMER_ROW, system="")]
+    picks = prepare.check_rows(table_of(rows))
+    assert 0 in picks and 20 in picks and len(picks) <= prepare.CHECK_ROWS + 2
+
+
+def test_template_that_edits_content_is_refused(tokenizer):
+    import copy
+
+    trimming = copy.deepcopy(tokenizer)
+    trimming.chat_template = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
+    with pytest.raises(StageError, match="constant prefix"):
+        prepare.template_pieces(trimming)
+
+
+def test_template_without_im_end_is_refused(tokenizer):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = (
+        "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    with pytest.raises(StageError, match="<\\|im_end\\|>"):
+        prepare.template_pieces(other)
+
+
+def test_token_lengths_equal_the_tokenizer_without_special_tokens(tokenizer):
+    texts = [prepare.format_row(r, tokenizer)["prompt"] for r in random_rows(40, seed=5)] + [""]
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert prepare.token_lengths(tokenizer, texts) == expected
+    assert prepare.token_lengths(tokenizer, []) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ids and split
+
+
+def test_row_id_is_16_hex_and_separates_columns():
+    a = prepare.row_digest("s", "ab", "c", "d")
+    b = prepare.row_digest("s", "a", "bc", "d")
+    assert a != b
+    assert len(prepare.row_id(a)) == 16 and int(prepare.row_id(a), 16) >= 0
+    # Stable across runs, machines and versions: ids and splits of published data must never change.
+    assert prepare.row_id(prepare.row_digest("", "q", "c", "r")) == "d856549446972b85"
+
+
+def test_split_fraction_is_close_to_test_fraction():
+    rows = random_rows(4000, seed=6)
+    share = sum(prepare.is_test(prepare.row_digest(*r.values()), 0.1) for r in rows) / len(rows)
+    assert 0.08 < share < 0.12
+
+
+def test_adding_rows_does_not_move_existing_rows_between_splits(tokenizer):
+    rows = random_rows(400, seed=7)
+    train, test, _ = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
+    more = random_rows(300, seed=8)
+    mixed = more[:150] + rows + more[150:]  # new rows before and after the old ones
+    train2, test2, _ = prepare.prepare_table(table_of(mixed), tokenizer, data_params(test_fraction=0.2))
+    old_train, old_test = set(train["id"].to_pylist()), set(test["id"].to_pylist())
+    new_train, new_test = set(train2["id"].to_pylist()), set(test2["id"].to_pylist())
+    assert old_test and old_train
+    assert old_train <= new_train and old_test <= new_test
+    assert len(new_train | new_test) > len(old_train | old_test)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# content filters
+
+
+def test_content_filters_drop_and_count_each_reason(tokenizer):
+    good = random_rows(30, seed=9)
+    long_text = " ".join(["the of and"] * 200)
+    bad = [
+        dict(good[0], question="  \n"),  # blank_question
+        dict(good[1], chosen=""),  # blank_answer
+        dict(good[2], rejected="\t "),  # blank_answer
+        dict(good[3], rejected=good[3]["chosen"]),  # identical_answers
+        dict(good[4]),  # duplicate of good[4]
+        dict(good[5], question=long_text),  # prompt_too_long
+        dict(good[6], chosen=long_text),  # too_long (prompt + chosen)
+        dict(good[7], rejected=long_text),  # too_long (prompt + rejected)
+    ]
+    rows = good + bad
+    params = data_params(test_fraction=0.3, max_prompt_length=300, max_length=400)
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, params)
+    assert counts["rows_in"] == len(rows)
+    assert counts["dropped"] == {
+        "blank_question": 1,
+        "blank_answer": 2,
+        "identical_answers": 1,
+        "duplicate": 1,
+        "prompt_too_long": 1,
+        "too_long": 2,
+    }
+    assert train.num_rows + test.num_rows == len(good)
+    kept = pa.concat_tables([train, test])
+    assert max(kept["prompt_tokens"].to_pylist()) <= 300
+    longest = [
+        p + max(c, r)
+        for p, c, r in zip(
+            *(kept[n].to_pylist() for n in ("prompt_tokens", "chosen_tokens", "rejected_tokens")), strict=True
+        )
+    ]
+    assert max(longest) <= 400
+    # The first copy of a duplicate is kept: every id is unique.
+    assert len(set(kept["id"].to_pylist())) == kept.num_rows
+
+
+def test_a_row_is_counted_once_under_its_first_reason(tokenizer):
+    rows = random_rows(20, seed=10)
+    rows.append(
+        dict(rows[0], question=" ", chosen="", rejected="")
+    )  # blank question, blank answers, identical
+    _, _, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    assert counts["dropped"]["blank_question"] == 1
+    assert sum(counts["dropped"].values()) == 1
+
+
+def test_metrics_are_flat_and_complete(tokenizer):
+    rows = random_rows(60, seed=11)
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    metrics = prepare.data_metrics(train, test, counts)
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    for reason in prepare.REASONS:
+        assert metrics[f"dropped_{reason}"] == 0
+    for name in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        values = pa.concat_tables([train, test])[name].to_pylist()
+        assert metrics[f"{name}_max"] == max(values)
+        assert metrics[f"{name}_p50"] <= metrics[f"{name}_p90"] <= metrics[f"{name}_p99"] <= max(values)
+    assert metrics["rows_out"] == metrics["rows_train"] + metrics["rows_test"] == 60
+
+
+def test_template_that_fails_to_render_is_a_stage_error(tokenizer):
+    import copy
+
+    failing = copy.deepcopy(tokenizer)
+    failing.chat_template = "{{ raise_exception('conversations must start with a user turn') }}"
+    with pytest.raises(
+        StageError, match="rendering a single system turn failed.*must start with a user turn"
+    ):
+        prepare.template_pieces(failing)
+
+
+def test_no_rows_left_or_an_empty_split_stops_the_stage(tokenizer):
+    rows = [dict(r, chosen=" ") for r in random_rows(5, seed=12)]
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params())
+    metrics = prepare.data_metrics(train, test, counts)
+    with pytest.raises(
+        StageError, match=r"raw.jsonl: no rows left after the content filters \(.*blank_answer=5"
+    ):
+        prepare.check_split(train, test, metrics, "raw.jsonl", data_params())
+    one = random_rows(1, seed=13)
+    train, test, counts = prepare.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
+    metrics = prepare.data_metrics(train, test, counts)
+    with pytest.raises(StageError, match="the test split is empty"):
+        prepare.check_split(train, test, metrics, "raw.jsonl", data_params(test_fraction=1e-9))

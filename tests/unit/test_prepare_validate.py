@@ -1,0 +1,300 @@
+"""prepare: raw schema detection and structural validation (every message names file, row and column)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import prepare
+from stages.common import StageError
+
+ROW = {"system": "", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}
+ORIGINAL_ROW = {"system": "", "question": "What is 2 + 2?", "chatgpt": "4.", "llama2-13b-chat": "5."}
+
+
+def write_jsonl(path: Path, rows: list, lines: dict[int, str] | None = None) -> Path:
+    """Rows as JSON Lines; `lines` replaces given 1-based lines with raw text."""
+    text = [json.dumps(r) for r in rows]
+    for number, raw in (lines or {}).items():
+        text[number - 1] = raw
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def rows(n: int) -> list[dict]:
+    return [dict(ROW, question=f"What is {i} + 2?") for i in range(n)]
+
+
+def error_of(path: Path, columns: str = "auto") -> str:
+    with pytest.raises(StageError) as info:
+        prepare.read_local(path, columns)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schema detection
+
+
+def test_detect_current_and_original_schema_ignoring_extra_columns():
+    assert (
+        prepare.detect_schema(["system", "question", "chosen", "rejected", "extra"], "auto", "f") == "current"
+    )
+    assert (
+        prepare.detect_schema(["llama2-13b-chat", "chatgpt", "question", "system"], "auto", "f") == "original"
+    )
+
+
+def test_unknown_schema_names_file_columns_found_and_expected():
+    with pytest.raises(StageError) as info:
+        prepare.detect_schema(["prompt", "chosen", "rejected"], "auto", "raw/x.jsonl")
+    message = str(info.value)
+    assert message.startswith("raw/x.jsonl: unknown raw schema")
+    assert "found columns: chosen, prompt, rejected" in message
+    assert "system, question, chosen, rejected" in message and "chatgpt, llama2-13b-chat" in message
+
+
+def test_both_schemas_present_asks_for_data_columns():
+    columns = ["system", "question", "chosen", "rejected", "chatgpt", "llama2-13b-chat"]
+    with pytest.raises(StageError, match="set data.columns"):
+        prepare.detect_schema(columns, "auto", "f")
+    assert prepare.detect_schema(columns, "original", "f") == "original"
+
+
+def test_forced_schema_reports_missing_columns():
+    with pytest.raises(
+        StageError, match=r"f: data.columns is 'original' but column\(s\) chatgpt, llama2-13b-chat"
+    ):
+        prepare.detect_schema(list(ROW), "original", "f")
+
+
+def test_original_schema_maps_chatgpt_to_chosen(tmp_path):
+    table, schema = prepare.read_local(write_jsonl(tmp_path / "o.jsonl", [ORIGINAL_ROW]), "auto")
+    assert schema == "original"
+    assert table.column_names == list(prepare.TEXT_COLUMNS)
+    assert table.to_pylist() == [ROW]
+
+
+def test_extra_columns_are_ignored(tmp_path):
+    table, schema = prepare.read_local(
+        write_jsonl(tmp_path / "x.jsonl", [dict(ROW, id=3, score=None)]), "auto"
+    )
+    assert schema == "current" and table.to_pylist() == [ROW]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON Lines: 1-based line numbers
+
+
+def test_jsonl_missing_column_names_file_line_and_column(tmp_path):
+    data = rows(5)
+    del data[2]["rejected"]
+    path = write_jsonl(tmp_path / "raw.jsonl", data)
+    assert re.match(rf"{re.escape(str(path))}: line 3: column 'rejected' is missing", error_of(path))
+
+
+def test_jsonl_null_text_names_file_line_and_column(tmp_path):
+    data = rows(6)
+    data[4]["question"] = None
+    path = write_jsonl(tmp_path / "raw.jsonl", data)
+    assert error_of(path) == f"{path}: line 5: column 'question' is null where text is required"
+
+
+def test_jsonl_null_system_is_an_error_too(tmp_path):
+    data = rows(2)
+    data[0]["system"] = None
+    path = write_jsonl(tmp_path / "raw.jsonl", data)
+    assert error_of(path) == f"{path}: line 1: column 'system' is null where text is required"
+
+
+@pytest.mark.parametrize(("value", "kind"), [(5, "int"), (["a"], "list"), (True, "bool"), ({"a": 1}, "dict")])
+def test_jsonl_non_string_names_file_line_column_and_type(tmp_path, value, kind):
+    data = rows(4)
+    data[3]["chosen"] = value
+    path = write_jsonl(tmp_path / "raw.jsonl", data)
+    assert error_of(path).startswith(f"{path}: line 4: column 'chosen': expected a string, got {kind}")
+
+
+def test_jsonl_unparseable_line_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "raw.jsonl", rows(5), lines={4: '{"system": "", "question": "cut'})
+    message = error_of(path)
+    assert message.startswith(f"{path}: line 4: not valid JSON")
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = write_jsonl(tmp_path / "raw.jsonl", rows(3), lines={2: '["a", "b"]'})
+    assert error_of(path) == f"{path}: line 2: expected a JSON object, got list"
+
+
+def test_jsonl_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    lines = [json.dumps(r) for r in rows(3)]
+    bad = dict(ROW, chosen=None)
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    assert error_of(path).startswith(f"{path}: line 4: column 'chosen'")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_jsonl_is_an_error(tmp_path, content):
+    path = tmp_path / "raw.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert error_of(path).startswith(f"{path}: no rows (empty input)")
+
+
+def test_unknown_schema_in_a_file_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    message = error_of(path)
+    assert (
+        message.startswith(f"{path}: unknown raw schema")
+        and "found columns: chosen, prompt, rejected" in message
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .json: a JSON array (row index) or JSON Lines (line number)
+
+
+def test_json_array_is_read(tmp_path):
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(rows(3), indent=2), encoding="utf-8")
+    table, schema = prepare.read_local(path, "auto")
+    assert table.num_rows == 3 and schema == "current"
+
+
+def test_json_array_error_names_row_index_and_column(tmp_path):
+    data = rows(4)
+    data[2]["rejected"] = 7
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert error_of(path).startswith(f"{path}: row index 2: column 'rejected': expected a string, got int")
+
+
+def test_json_lines_in_a_json_file_use_line_numbers(tmp_path):
+    data = rows(3)
+    data[1]["system"] = None
+    path = write_jsonl(tmp_path / "raw.json", data)
+    assert error_of(path) == f"{path}: line 2: column 'system' is null where text is required"
+
+
+def test_json_array_unparseable_names_file_and_position(tmp_path):
+    path = tmp_path / "raw.json"
+    path.write_text('[\n  {"system": "", "question": "q",\n  oops}\n]', encoding="utf-8")
+    assert re.match(rf"{re.escape(str(path))}: not valid JSON \(.* at line 3, column \d+\)", error_of(path))
+
+
+def test_empty_json_array_is_an_error(tmp_path):
+    path = tmp_path / "raw.json"
+    path.write_text("[]", encoding="utf-8")
+    assert error_of(path).startswith(f"{path}: no rows (empty input)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parquet: row index
+
+
+def test_parquet_is_read_with_either_schema(tmp_path):
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist([ORIGINAL_ROW, ORIGINAL_ROW]), path)
+    table, schema = prepare.read_local(path, "auto")
+    assert schema == "original" and table.to_pylist() == [ROW, ROW]
+
+
+def test_parquet_null_names_row_index_and_column(tmp_path):
+    data = rows(5)
+    data[3]["chosen"] = None
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist(data), path)
+    assert error_of(path) == f"{path}: row index 3: column 'chosen' is null where text is required"
+
+
+def test_parquet_non_string_column(tmp_path):
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"system": [""], "question": [1], "chosen": ["c"], "rejected": ["r"]}), path)
+    assert error_of(path).startswith(f"{path}: row index 0: column 'question': expected a string, got int64")
+
+
+def test_parquet_missing_column(tmp_path):
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"system": [""], "question": ["q"], "chosen": ["c"]}), path)
+    message = error_of(path, columns="current")
+    assert message.startswith(f"{path}: data.columns is 'current' but column(s) rejected are missing")
+
+
+def test_empty_parquet_is_an_error(tmp_path):
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in ROW])), path)
+    assert error_of(path) == f"{path}: no rows (empty input)"
+
+
+def test_corrupt_parquet_is_an_error(tmp_path):
+    path = tmp_path / "raw.parquet"
+    path.write_text(json.dumps(ROW), encoding="utf-8")
+    assert error_of(path).startswith(f"{path}: not a readable Parquet file")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files
+
+
+@pytest.mark.parametrize("name", ["raw.csv", "raw.txt", "raw"])
+def test_wrong_file_type_is_an_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("system,question,chosen,rejected\n", encoding="utf-8")
+    message = error_of(path)
+    assert message.startswith(f"{path}: unsupported file type") and ".jsonl, .json, .parquet" in message
+
+
+def test_missing_file_is_an_error(tmp_path):
+    assert error_of(tmp_path / "nope.jsonl").startswith(f"{tmp_path / 'nope.jsonl'}: raw data file not found")
+
+
+def test_non_utf8_file_is_an_error(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(b'{"system": "\xff"}\n')
+    assert error_of(path).startswith(f"{path}: not UTF-8 text")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hub
+
+
+def test_hub_rows_go_through_datasets_with_the_pinned_revision(monkeypatch):
+    from types import SimpleNamespace
+
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, revision=None, split=None):
+        calls.append((name, revision, split))
+        return datasets.Dataset.from_list([dict(ORIGINAL_ROW, extra=1)] * 2)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    revision = "a" * 40
+    data = SimpleNamespace(
+        hub_name="Intel/orca_dpo_pairs", hub_revision=revision, hub_split="train", columns="auto"
+    )
+    table, schema, label = prepare.read_hub(data)
+    assert calls == [("Intel/orca_dpo_pairs", revision, "train")]
+    assert schema == "original" and label == f"Intel/orca_dpo_pairs@{revision}"
+    assert table.to_pylist() == [ROW, ROW]
+
+
+def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
+    from types import SimpleNamespace
+
+    import datasets
+
+    broken = [ROW, dict(ROW, chosen=None)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(broken))
+    data = SimpleNamespace(hub_name="org/set", hub_revision="b" * 40, hub_split="train", columns="auto")
+    with pytest.raises(StageError) as info:
+        prepare.read_hub(data)
+    assert (
+        str(info.value)
+        == f"org/set@{'b' * 40} (split train): row index 1: column 'chosen' is null where text is required"
+    )
