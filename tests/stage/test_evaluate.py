@@ -1,0 +1,300 @@
+"""evaluate stage with lm-eval on tiny, hand-built models and a tiny held-out split.
+
+The preference task is checked against two constructed models: every held-out pair differs in exactly one
+token (a "good" word in chosen, a "bad" word of the same length in rejected), and the models' logits are
+constant over positions, with that one token pushed up or down. One therefore prefers every chosen answer
+(acc = acc_norm = 1.0), the other every rejected one (0.0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages import evaluate
+from stages.common import StageError, load_model, load_tokenizer, read_json
+from tests.conftest import REPO, replace_params
+
+TASKS_DIR = REPO / "tasks"
+N_ROWS = 6
+LOGIT = 20.0
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def find_word_pair(tokenizer, prompts: list[str]) -> tuple[str, str, int, int]:
+    """Two single-token words of equal length whose swap changes exactly one token after each prompt."""
+    vocab = tokenizer.get_vocab()
+    words = sorted(
+        (tokenizer.convert_tokens_to_string([tok]), idx)
+        for tok, idx in vocab.items()
+        if tok.startswith("Ġ") and tok[1:].isalpha() and len(tok) >= 4
+    )
+    for good, good_id in words:
+        for bad, bad_id in words:
+            if bad == good or len(bad) != len(good):
+                continue
+            ok = True
+            for prompt in prompts:
+                a = _encode(tokenizer, prompt + answer(good))
+                b = _encode(tokenizer, prompt + answer(bad))
+                diff = [(x, y) for x, y in zip(a, b, strict=False) if x != y]
+                if len(a) != len(b) or diff != [(good_id, bad_id)]:
+                    ok = False
+                    break
+            if ok:
+                return good, bad, good_id, bad_id
+    raise AssertionError("no suitable word pair in the tiny tokenizer's vocabulary")
+
+
+def answer(word: str) -> str:
+    return f"The answer is{word}.<|im_end|>\n"
+
+
+def write_split(prepared: Path, raw_rows, tokenizer) -> tuple[int, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    picked = raw_rows[:N_ROWS]
+    prompts = [evaluate.format_prompt(r["system"], r["question"], tokenizer) for r in picked]
+    assert any(not r["system"] for r in picked) and any(r["system"] for r in picked)
+    good, bad, good_id, bad_id = find_word_pair(tokenizer, prompts)
+    rows = [
+        {
+            "id": f"row-{(5 * i) % N_ROWS}",
+            "system": r["system"],
+            "question": r["question"],
+            "prompt": prompt,
+            "chosen": answer(good),
+            "rejected": answer(bad),
+            "prompt_tokens": len(_encode(tokenizer, prompt)),
+            "chosen_tokens": 0,
+            "rejected_tokens": 0,
+        }
+        for i, (r, prompt) in enumerate(zip(picked, prompts, strict=True))
+    ]
+    prepared.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), prepared / "test.parquet")
+    return good_id, bad_id
+
+
+def constant_logit_model(base_dir: Path, out: Path, up: int, down: int) -> Path:
+    """A valid MistralForCausalLM whose logits are the same at every position: `up` high, `down` low.
+
+    All embeddings are ones and every block's output projections are zero, so the residual stream stays
+    ones; the final RMSNorm keeps it ones, and lm_head rows turn it into fixed logits.
+    """
+    import torch
+
+    model = load_model(base_dir, dtype=torch.float32)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[up].fill_(LOGIT / hidden)
+        model.lm_head.weight[down].fill_(-LOGIT / hidden)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_base_dir, raw_rows):
+    root = tmp_path_factory.mktemp("eval_inputs")
+    tokenizer = load_tokenizer(tiny_base_dir)
+    good_id, bad_id = write_split(root / "prepared", raw_rows, tokenizer)
+    tuned = constant_logit_model(tiny_base_dir, root / "prefers_chosen", good_id, bad_id)
+    # what the merge stage leaves next to a merged model: the lineage back to the adapter and train run
+    (tuned / "pipeline_merge.json").write_text(
+        json.dumps({"adapter_sha256": "ab" * 32, "train_run_id": "run123"})
+    )
+    return {
+        "prepared": root / "prepared",
+        "prefers_chosen": tuned,
+        "prefers_rejected": constant_logit_model(tiny_base_dir, root / "prefers_rejected", bad_id, good_id),
+    }
+
+
+def _only(params, *names: str):
+    from stages.config import EvalTask
+
+    return replace_params(params, eval={"tasks": [EvalTask(name=n, num_fewshot=0) for n in names]})
+
+
+def test_preference_task_scores_the_constructed_models_one_and_zero(tiny_params, eval_inputs):
+    params = _only(tiny_params, "dpo_heldout_pref")
+    for model, expected in (("prefers_chosen", 1.0), ("prefers_rejected", 0.0)):
+        results = evaluate.run_lm_eval(eval_inputs[model], params, TASKS_DIR, eval_inputs["prepared"])
+        scores = evaluate.flat_scores(results, ["dpo_heldout_pref"])
+        assert scores["dpo_heldout_pref/acc"] == expected, model
+        assert scores["dpo_heldout_pref/acc_norm"] == expected, model
+        assert scores["average"] == expected
+        assert results["n-samples"]["dpo_heldout_pref"]["effective"] == N_ROWS
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_params, eval_inputs):
+    """evaluate_base on the rejected-preferring model, then evaluate on the chosen-preferring one."""
+    root = tmp_path_factory.mktemp("evaluated")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    metrics = root / "metrics"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(StageError, match=r"eval_base\.json: base model results not found"):
+            evaluate.run(
+                tiny_params,
+                "merged",
+                eval_inputs["prefers_chosen"],
+                eval_inputs["prepared"],
+                TASKS_DIR,
+                metrics,
+            )
+        base = evaluate.run(
+            tiny_params, "base", eval_inputs["prefers_rejected"], eval_inputs["prepared"], TASKS_DIR, metrics
+        )
+        tuned = evaluate.run(
+            tiny_params, "merged", eval_inputs["prefers_chosen"], eval_inputs["prepared"], TASKS_DIR, metrics
+        )
+    return {"metrics": metrics, "uri": uri, "base": base, "tuned": tuned}
+
+
+def test_evaluate_writes_every_key(evaluated, tiny_params):
+    metrics = evaluated["metrics"]
+    assert sorted(p.name for p in metrics.iterdir()) == [
+        "eval.json",
+        "eval_base.json",
+        "samples.json",
+        "samples_base.json",
+    ]
+    base = read_json(metrics / "eval_base.json")
+    tuned = read_json(metrics / "eval.json")
+    per_task = [
+        "dpo_heldout_pref/acc",
+        "dpo_heldout_pref/acc_norm",
+        "chatml_format/format_ok",
+        "chatml_format/nonempty",
+        "chatml_format/no_markup",
+        "average",
+        "samples/ended_turn",
+    ]
+    for key in per_task:
+        assert isinstance(base[key], float), key
+        assert tuned[key] == evaluated["tuned"][key]
+        assert tuned[f"{key}_base"] == base[key]
+        assert tuned[f"{key}_delta"] == pytest.approx(tuned[key] - base[key], abs=1e-6)
+    assert "dpo_heldout_pref/acc_stderr" in tuned and "dpo_heldout_pref/acc_stderr_delta" not in tuned
+    # every top-level value but meta is a number, so dvc metrics diff shows them all
+    assert all(isinstance(v, (int, float)) for k, v in tuned.items() if k != "meta")
+
+    assert tuned["dpo_heldout_pref/acc"] == 1.0 and tuned["dpo_heldout_pref/acc_base"] == 0.0
+    assert tuned["dpo_heldout_pref/acc_norm_delta"] == 1.0
+    assert tuned["average"] == pytest.approx((1.0 + tuned["chatml_format/format_ok"]) / 2)
+
+    meta = tuned["meta"]
+    assert meta["model"] == "merged" and base["meta"]["model"] == "base"
+    assert meta["lm_eval_version"] == "0.4.13"
+    assert meta["seed"] == tiny_params.seed and meta["batch_size"] == tiny_params.eval.batch_size
+    assert meta["limit"] == tiny_params.eval.limit
+    assert meta["num_fewshot"] == {"dpo_heldout_pref": 0, "chatml_format": 0}
+    assert meta["primary_metric"] == {
+        "dpo_heldout_pref": "dpo_heldout_pref/acc_norm",
+        "chatml_format": "chatml_format/format_ok",
+    }
+    assert meta["n_samples"] == {"dpo_heldout_pref": N_ROWS, "chatml_format": N_ROWS}
+    assert len(meta["chat_template_sha"]) == 16
+    assert meta["chat_template_sha_base"] == meta["chat_template_sha"]
+    assert meta["adapter_sha256"] == "ab" * 32 and "adapter_sha256" not in base["meta"]
+
+
+def test_samples_files_hold_one_answer_per_prompt(evaluated, tiny_params):
+    for name, model in (("samples_base.json", "base"), ("samples.json", "merged")):
+        data = read_json(evaluated["metrics"] / name)
+        assert data["model"] == model
+        assert data["generation"] == {
+            "seed": tiny_params.seed,
+            "temperature": tiny_params.eval.temperature,
+            "top_p": tiny_params.eval.top_p,
+            "max_new_tokens": tiny_params.eval.max_new_tokens,
+        }
+        prompts = tiny_params.eval.sample_prompts
+        assert [(s["system"], s["question"]) for s in data["samples"]] == [
+            (p.system, p.question) for p in prompts
+        ]
+        for sample in data["samples"]:
+            assert isinstance(sample["answer"], str) and "<|im_" not in sample["answer"]
+    # the chosen-preferring model repeats its favourite word and never ends its turn within 8 tokens
+    tuned = read_json(evaluated["metrics"] / "samples.json")
+    assert all(s["answer"].split() and not s["ended_turn"] for s in tuned["samples"])
+    # samples.json puts the base model's answers next to the tuned ones, for diffs across commits
+    assert tuned["base_samples"] == read_json(evaluated["metrics"] / "samples_base.json")["samples"]
+    assert "base_samples" not in read_json(evaluated["metrics"] / "samples_base.json")
+
+
+def test_evaluate_runs_are_tracked(evaluated):
+    import mlflow
+
+    mlflow.set_tracking_uri(evaluated["uri"])
+    runs = mlflow.search_runs(search_all_experiments=True)
+    by_stage = {}
+    for _, run in runs.iterrows():
+        by_stage.setdefault(run["tags.stage"], []).append(run)
+    assert {s: [r["status"] for r in rs] for s, rs in by_stage.items()} == {
+        "evaluate_base": ["FINISHED"],
+        "evaluate": ["FINISHED"],  # the attempt without base scores failed before opening a run
+    }
+    run = by_stage["evaluate"][0]
+    assert run["metrics.dpo_heldout_pref/acc_norm_delta"] == 1.0
+    assert run["tags.eval.model"] == "merged" and run["params.eval.batch_size"] == str(4)
+    assert run["tags.input.merged.sha256"] != "missing"
+    assert run["tags.lineage.adapter.sha256"] == "ab" * 32 and run["tags.lineage.train_run_id"] == "run123"
+    assert by_stage["evaluate_base"][0]["tags.input.base.sha256"] != "missing"
+
+
+def test_sample_generation_is_seeded(tiny_base_dir, tiny_params):
+    first = evaluate.generate_samples(tiny_base_dir, tiny_params)
+    again = evaluate.generate_samples(tiny_base_dir, tiny_params)
+    assert first == again
+    other = evaluate.generate_samples(tiny_base_dir, replace_params(tiny_params, seed=tiny_params.seed + 1))
+    assert [s["answer"] for s in other] != [s["answer"] for s in first]
+
+
+def test_groups_and_per_task_few_shot_go_through_the_registry_path(
+    tmp_path, tiny_params, eval_inputs, monkeypatch
+):
+    """A group (like mmlu) is scored by its aggregate, and each task keeps its own few-shot count."""
+    import shutil
+
+    from stages.config import EvalTask
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TASKS_DIR, tasks, ignore=shutil.ignore_patterns("__pycache__"))
+    (tasks / "pref_suite.yaml").write_text(
+        "group: pref_suite\n"
+        "task: [dpo_heldout_pref]\n"
+        "aggregate_metric_list:\n"
+        "  - {metric: acc_norm, weight_by_size: true}\n"
+        "metadata: {version: 1.0}\n"
+    )
+    # A group counts as a registry name (lm-eval's own index would be scanned, ~15 s); it is the same code
+    # path either way, so the test declares it local to skip that scan.
+    assert "pref_suite" not in evaluate.local_task_names(tasks)
+    local = evaluate.local_task_names
+    monkeypatch.setattr(evaluate, "local_task_names", lambda d: local(d) | {"pref_suite"})
+    params = replace_params(
+        tiny_params,
+        eval={"tasks": [EvalTask("pref_suite", 2), EvalTask("chatml_format", 0)], "limit": 3},
+    )
+    results = evaluate.run_lm_eval(eval_inputs["prefers_chosen"], params, tasks, eval_inputs["prepared"])
+    assert results["n-shot"]["dpo_heldout_pref"] == 2
+    assert results["n-shot"]["chatml_format"] == 0
+    scores = evaluate.flat_scores(results, ["pref_suite", "chatml_format"])
+    assert scores["pref_suite/acc_norm"] == 1.0
+    assert evaluate.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}
