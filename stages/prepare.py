@@ -2,7 +2,7 @@
 
 Reads: params `data`; the raw rows (`data.path`: .jsonl, .json or .parquet; or, with `data.source: hub`,
 `data.hub_name` at the pinned `data.hub_revision` through `datasets`); the tokenizer in models/base/
-(chat template and token counts). `seed` is declared for the stage in dvc.yaml but changes nothing here:
+(chat template and token counts). The stage does not read `seed` (dvc.yaml does not declare it):
 the split is by content hash, rows keep their input order, and the trainer shuffles.
 Writes: data/prepared/train.parquet, data/prepared/test.parquet (zstd, with schema metadata) and
 metrics/data.json.

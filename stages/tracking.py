@@ -95,7 +95,8 @@ def git_tags() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD") or "unknown"
     branch = _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"
     # Untracked outputs are ignored by .gitignore/dvc; any tracked change (params, code) makes it dirty.
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # dvc.lock and the git-tracked metrics/ are written (or first removed) by `dvc repro` itself: not dirt.
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude)metrics")
     return {
         "git.commit": commit,
         "git.branch": branch,

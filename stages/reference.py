@@ -1,0 +1,159 @@
+"""reference stage: the reference model's log-probs of every training and held-out pair, computed once.
+
+Reads: params `seed`, `data.max_length`, the base-loading `train.*` keys (load_in_4bit, bnb_4bit_*, precision,
+device) and `train.precompute_ref`; models/base/; data/prepared/{train,test}.parquet.
+Writes: data/reference/{train,test}.parquet (id, ref_chosen_logps, ref_rejected_logps as float32) and
+data/reference/meta.json (the inputs' hashes and the params they were made with, checked by train).
+
+DPO's reference model is the frozen base, so its log-probs depend only on the base, the prepared data and
+the length limit, never on beta, learning rate, LoRA or steps: a sweep over those re-runs train only and
+skips this forward pass. The numbers come from trl's own machinery (DPOTrainer tokenization, collator and
+`precompute_ref_log_probs`) with the base loaded by `stages.train.load_policy`, i.e. exactly what train
+would compute on the fly. With `train.precompute_ref: false` only meta.json is written (a marker that keeps
+the DAG stable) and train computes the reference log-probs itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stages.common import (
+    BASE_DIR,
+    PREPARED_DIR,
+    REFERENCE_DIR,
+    StageError,
+    atomic_dir,
+    load_tokenizer,
+    require_safetensors,
+    write_json,
+)
+
+# Exactly the params this stage declares in dvc.yaml.
+SECTIONS = [
+    "seed",
+    "data.max_length",
+    "train.load_in_4bit",
+    "train.bnb_4bit_quant_type",
+    "train.bnb_4bit_compute_dtype",
+    "train.bnb_4bit_use_double_quant",
+    "train.precision",
+    "train.device",
+    "train.precompute_ref",
+]
+
+
+def reference_config(p: Any, out_dir: str | Path):
+    """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size)."""
+    from trl import DPOConfig
+
+    from stages.train import precision_kwargs
+
+    return DPOConfig(
+        output_dir=str(out_dir),
+        max_length=p.data.max_length,
+        **precision_kwargs(p.train),
+        seed=p.seed,
+        data_seed=p.seed,
+        precompute_ref_log_probs=True,
+        gradient_checkpointing=False,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def placeholder_adapter():
+    """A LoRA config that is never enabled: the Trainer refuses a bare 4-bit model, so the base is wrapped as
+    in train and trl computes the reference with the adapter disabled, i.e. from the base alone (its B matrices
+    are zero too). Fixed here, not from params: LoRA settings cannot change the reference."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict[str, Any]:
+    """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the train and test splits."""
+    import pyarrow as pa
+
+    from stages import train
+
+    require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
+    tokenizer = load_tokenizer(base_dir)
+    datasets = {
+        split: train.to_dataset(train.read_prepared(prepared_dir, split), tokenizer.eos_token)
+        for split in train.SPLITS
+    }
+    model = train.load_policy(base_dir, params.train)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = train._trainer_class()(
+            model=model,
+            args=reference_config(params, out_dir),
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["test"],
+            processing_class=tokenizer,
+            peft_config=placeholder_adapter(),
+        )
+        computed = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
+        tables = {}
+        for split, dataset in computed.items():
+            tables[split] = pa.table(
+                {
+                    "id": pa.array(dataset["id"], pa.string()),
+                    **{name: pa.array(dataset[name], pa.float32()) for name in train.REF_COLUMNS},
+                }
+            )
+            if tables[split].num_rows != datasets[split].num_rows:
+                raise StageError(
+                    f"{Path(prepared_dir) / f'{split}.parquet'}: trl dropped "
+                    f"{datasets[split].num_rows - tables[split].num_rows} row(s) whose prompt fills "
+                    f"data.max_length ({params.data.max_length}); prepare should have filtered them"
+                )
+    return tables
+
+
+def run(
+    params: Any,
+    base_dir: str | Path = BASE_DIR,
+    prepared_dir: str | Path = PREPARED_DIR,
+    reference_dir: str | Path = REFERENCE_DIR,
+) -> dict[str, Any]:
+    """Write data/reference/; returns its meta.json content."""
+    import pyarrow.parquet as pq
+
+    from stages import tracking, train
+
+    inputs = {"base": Path(base_dir), "prepared": Path(prepared_dir)}
+    with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
+        hashes = train._input_hashes(mlflow_run, inputs)
+        meta: dict[str, Any] = {
+            "precompute_ref": params.train.precompute_ref,
+            "base_sha256": hashes["base"],
+            "prepared_sha256": hashes["prepared"],
+            "params": tracking.params_for(params, SECTIONS),
+        }
+        tables = compute(params, base_dir, prepared_dir) if params.train.precompute_ref else {}
+        meta["rows"] = {split: table.num_rows for split, table in tables.items()}
+        with atomic_dir(reference_dir) as tmp:
+            for split, table in tables.items():
+                pq.write_table(table, tmp / f"{split}.parquet")
+            write_json(tmp / "meta.json", meta)
+        tracking.log_metrics({f"rows_{split}": n for split, n in meta["rows"].items()})
+        tracking.log_outputs({"reference": reference_dir})
+        return meta
+
+
+def main() -> None:
+    from stages import config
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(config.load())
+
+
+if __name__ == "__main__":
+    from stages.common import run_main
+
+    run_main(main)

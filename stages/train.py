@@ -1,0 +1,633 @@
+"""train stage: QLoRA DPO of the base model on the prepared preference pairs.
+
+Reads: params `seed`, `data.max_length`, `train`; models/base/ (model + ChatML tokenizer);
+data/prepared/{train,test}.parquet; data/reference/ (cached reference log-probs, written by
+stages/reference.py, used when `train.precompute_ref` is true).
+Writes: models/adapter/ (PEFT adapter as adapter_model.safetensors + adapter_config.json, and the tokenizer),
+metrics/train.json (flat final metrics), metrics/train_history.csv (one row per logging step, for DVC plots).
+
+metrics/train.json: train_loss and rewards_* are the last logged training values (trl's means over the
+last logging window); eval_* come from trainer.evaluate on the held-out test split after training
+(eval_rewards_accuracies: share of test pairs whose chosen reward beats the rejected one); pairs_per_s and
+tokens_per_s count what this process trained on (tokens: non-pad tokens of both prompt+answer sequences);
+pad_fraction is the share of pad tokens in those batches; peak_memory_mb is the process's peak RSS on CPU,
+torch.cuda.max_memory_allocated on GPU.
+Scratch: .scratch/checkpoints/train/<fingerprint>/ holds checkpoints every `train.save_steps`; a later run
+with the same params and inputs resumes from the last complete one, and a finished run deletes them.
+
+The frozen base is loaded once (4-bit NF4 through bitsandbytes when `train.load_in_4bit`), LoRA is added by
+trl's DPOTrainer from `peft_config`, and the reference model is that same base with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stages.common import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    METRICS_DIR,
+    PREPARED_DIR,
+    REFERENCE_DIR,
+    SCRATCH_DIR,
+    StageError,
+    atomic_dir,
+    atomic_write_bytes,
+    load_model,
+    load_tokenizer,
+    require_safetensors,
+    sha256_bytes,
+    sha256_tree,
+    template_hash,
+    torch_dtype,
+    write_json,
+)
+
+logger = logging.getLogger("stages.train")
+
+# The params this stage declares in dvc.yaml (also the MLflow params and the checkpoint fingerprint).
+SECTIONS = ["seed", "data.max_length", "train"]
+SPLITS = ("train", "test")
+PREPARED_COLUMNS = ("id", "prompt", "chosen", "rejected", "prompt_tokens", "chosen_tokens", "rejected_tokens")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+LENGTH_COLUMN = "length"  # tokens of prompt + longer answer: what length-grouped batching sorts on
+HISTORY_COLUMNS = (
+    "step",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "learning_rate",
+)
+METRIC_KEYS = (
+    "train_loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_margins",
+    "rewards_accuracies",
+    "eval_loss",
+    "eval_rewards_accuracies",
+    "eval_rewards_margins",
+    "train_runtime_s",
+    "train_steps",
+    "pairs_per_s",
+    "tokens_per_s",
+    "pad_fraction",
+    "peak_memory_mb",
+)
+COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
+COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the preference was learnt too easily
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure builders
+
+
+def resolve_device(device: str) -> str:
+    """`train.device` -> "cpu" or "cuda" ("auto" picks CUDA when it is available)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def model_dtype(precision: str) -> str:
+    """The dtype the unquantized parts of the base are loaded in, from `train.precision`."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def bnb_config(t: Any):
+    """BitsAndBytesConfig for the frozen base (None when `train.load_in_4bit` is false)."""
+    if not t.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=t.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=torch_dtype(t.bnb_4bit_compute_dtype),
+        bnb_4bit_use_double_quant=t.bnb_4bit_use_double_quant,
+    )
+
+
+def lora_config(lora: Any):
+    """peft LoraConfig from `train.lora`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def precision_kwargs(t: Any) -> dict[str, Any]:
+    """Trainer precision and device flags shared by the train and reference stages."""
+    return {
+        "bf16": t.precision == "bf16",
+        "fp16": t.precision == "fp16",
+        "use_cpu": resolve_device(t.device) == "cpu",
+    }
+
+
+def dpo_config(p: Any, out_dir: str | Path):
+    """trl DPOConfig with every knob from params; `out_dir` receives the checkpoints."""
+    from trl import DPOConfig
+
+    t = p.train
+    return DPOConfig(
+        output_dir=str(out_dir),
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        optim=t.optim,
+        **precision_kwargs(t),
+        seed=p.seed,
+        data_seed=p.seed,
+        max_length=p.data.max_length,
+        precompute_ref_log_probs=t.precompute_ref,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name=LENGTH_COLUMN,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        # Only the last checkpoint is needed to resume; older ones are rotated away as new ones land.
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        # Show NaN/inf in the logs as they are; the NaN guard stops training anyway.
+        logging_nan_inf_filter=False,
+        eval_strategy="no",
+        # trl's default (True) would also switch off the LoRA dropout, leaving `train.lora.dropout` inert.
+        # The builtin Mistral config has no other dropout (attention_dropout 0.0).
+        disable_dropout=False,
+        # The MLflow callback is added explicitly (tracking.mlflow_callback) so it logs into the stage's run
+        # and a tracking failure cannot stop training.
+        report_to="none",
+        run_name="train",
+        dataloader_num_workers=0,
+    )
+
+
+def load_policy(base_dir: str | Path, t: Any):
+    """The frozen base for QLoRA: 4-bit through bitsandbytes when `train.load_in_4bit`, then k-bit preparation.
+
+    The reference stage loads the base through this same function, so cached and on-the-fly reference
+    log-probs come from the same weights and dtypes.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    device = resolve_device(t.device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(model_dtype(t.precision))}
+    quantization = bnb_config(t)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    model = load_model(base_dir, **kwargs)
+    model.config.use_cache = False
+    if quantization is not None:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # On CPUs with AVX512-BF16, bitsandbytes repacks the weights on the first no-grad eval-mode
+                # forward and from then on multiplies in bf16: the reference log-probs would then depend on
+                # whether they were computed in eval mode (reference stage, evaluation) or train mode (on the
+                # fly), and the repacking fails for layers narrower than its 64-wide blocks. One path for all.
+                module.support_avx512bf16_for_cpu = False
+        # Gradient checkpointing is switched on by the Trainer from `train.gradient_checkpointing`, not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def checkpoint_key(params: Any, input_hashes: dict[str, str]) -> str:
+    """Fingerprint of everything a checkpoint depends on: the declared params and the input hashes.
+
+    A resume only ever picks up a checkpoint written with the same key, i.e. a compatible run.
+    """
+    from stages import tracking
+
+    payload = {"params": tracking.params_for(params, SECTIONS), "inputs": dict(sorted(input_hashes.items()))}
+    return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())[:16]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder (its trainer_state.json, written last, parses)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # killed while writing this checkpoint
+        found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per training logging step (eval and summary entries skipped), HISTORY_COLUMNS only."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        rows.append({col: entry.get(col, "") for col in HISTORY_COLUMNS})
+    return rows
+
+
+def history_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(HISTORY_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def strip_turn_newline(text: str, eos: str) -> str:
+    """Answers end with eos + "\\n" (the ChatML turn separator); trl appends eos to any answer that does not
+    end with eos, so the separator is dropped rather than getting a second eos after it."""
+    return text[:-1] if text.endswith(eos + "\n") else text
+
+
+def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
+    """Loss near 0 with reward accuracy pinned at 1.0 early in training."""
+    early = step <= max(1, math.ceil(COLLAPSE_EARLY_FRACTION * max_steps))
+    loss, accuracy = logs.get("loss"), logs.get("rewards/accuracies")
+    return early and loss is not None and accuracy is not None and loss < COLLAPSE_LOSS and accuracy >= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+
+def read_prepared(prepared_dir: str | Path, split: str):
+    """data/prepared/<split>.parquet as a pyarrow Table, checked for the columns training needs."""
+    import pyarrow.parquet as pq
+
+    path = Path(prepared_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise StageError(f"{path}: prepared split not found (run the prepare stage first: dvc repro prepare)")
+    table = pq.read_table(path)
+    missing = [c for c in PREPARED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise StageError(
+            f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(PREPARED_COLUMNS)})"
+        )
+    if table.num_rows == 0:
+        raise StageError(f"{path}: no rows")
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise StageError(f"{path}: column id has duplicate values (expected one row per id)")
+    return table
+
+
+def attach_reference(table, reference, reference_path: str | Path):
+    """Add the cached ref_chosen_logps / ref_rejected_logps to `table` by id, keeping `table`'s row order."""
+    import pyarrow.compute as pc
+
+    missing = [c for c in ("id", *REF_COLUMNS) if c not in reference.column_names]
+    if missing:
+        raise StageError(f"{reference_path}: missing column(s) {', '.join(missing)}")
+    index = pc.index_in(table.column("id"), value_set=reference.column("id"))
+    if index.null_count:
+        first = table.column("id").filter(pc.is_null(index))[0].as_py()
+        raise StageError(
+            f"{reference_path}: no reference log-probs for {index.null_count} prepared row(s), e.g. id {first!r}; "
+            "the reference is stale (run: dvc repro reference)"
+        )
+    for name in REF_COLUMNS:
+        table = table.append_column(name, reference.column(name).take(index).cast("float32"))
+    return table
+
+
+def to_dataset(table, eos: str, keep: Sequence[str] = ()):
+    """Prepared rows -> a datasets.Dataset with what trl reads (prompt/chosen/rejected strings), the id, the
+    length used by length-grouped batching and any `keep` columns (cached reference log-probs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    strip = lambda col: pa.array([strip_turn_newline(s, eos) for s in table.column(col).to_pylist()])  # noqa: E731
+    length = pc.add(
+        table.column("prompt_tokens"), pc.max_element_wise(table["chosen_tokens"], table["rejected_tokens"])
+    )
+    columns = {
+        "id": table.column("id"),
+        "prompt": table.column("prompt"),
+        "chosen": strip("chosen"),
+        "rejected": strip("rejected"),
+        LENGTH_COLUMN: length.cast("int64"),
+    }
+    for name in keep:
+        columns[name] = table.column(name)
+    return Dataset(pa.table(columns))
+
+
+def read_reference(reference_dir: str | Path, split: str, expected: dict[str, Any]):
+    """The cached reference log-probs of a split, after checking they were made from the same inputs/params."""
+    import pyarrow.parquet as pq
+
+    reference_dir = Path(reference_dir)
+    meta_path = reference_dir / "meta.json"
+    if not meta_path.is_file():
+        raise StageError(f"{meta_path}: not found (train.precompute_ref is true: run dvc repro reference)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if not meta.get("precompute_ref"):
+        raise StageError(
+            f"{meta_path}: the reference stage ran with train.precompute_ref false and cached nothing "
+            "(run: dvc repro reference)"
+        )
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise StageError(
+                f"{meta_path}: {key} is {meta.get(key)!r}, this run expects {value!r}; the cached reference "
+                "log-probs were made from other inputs or params (run: dvc repro reference)"
+            )
+    path = reference_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise StageError(f"{path}: not found (run: dvc repro reference)")
+    return pq.read_table(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer pieces
+
+
+def _trainer_class():
+    """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters."""
+    import torch
+    from trl import DPOTrainer
+
+    class PipelineDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            # trl 1.16 recomputes even when the dataset already carries the columns; use the cached ones.
+            if all(c in dataset.column_names for c in REF_COLUMNS):
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            # Keep the length column through remove_unused_columns: the length-grouped sampler reads it.
+            if LENGTH_COLUMN not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, LENGTH_COLUMN]
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # peft's load_adapter upcasts the adapter to fp32 (autocast_adapter_dtype), while trl trains the
+            # adapter of a 4-bit model in bf16: without this a resumed run would continue in another dtype and
+            # end with a different adapter than an uninterrupted one. (Runs before the optimizer is built.)
+            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in self.model.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            self.pipeline_counts["pairs"] += mask.shape[0] // 2
+            self.pipeline_counts["tokens"] += int(mask.sum())
+            self.pipeline_counts["padded_tokens"] += mask.numel()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
+            # logging would only average NaNs away (logging_nan_inf_filter).
+            if not torch.isfinite(loss).all():
+                raise StageError(
+                    f"training loss is {loss.detach().float().cpu().item()} at step {self.state.global_step + 1}: "
+                    "training diverged, nothing was published (lower train.learning_rate, check the data)"
+                )
+            return loss
+
+    return PipelineDPOTrainer
+
+
+def _collapse_callback(max_steps: int):
+    from transformers import TrainerCallback
+
+    class CollapseWatch(TrainerCallback):
+        """Flags a suspiciously easy preference: loss ~0 with accuracy 1.0 in the first 10% of steps.
+        Also makes sure the last step is logged."""
+
+        def __init__(self):
+            self.step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Always log the last step, so the history and the final metrics end where training ended even
+            # when max_steps is not a multiple of logging_steps.
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.step is None and logs and is_collapse(logs, state.global_step, max_steps):
+                self.step = state.global_step
+                logger.warning(
+                    "collapse warning: loss %.4g and reward accuracy %.2f at step %d of %d; the preference may "
+                    "be trivially separable (e.g. a length or format artifact) or beta/learning rate too high",
+                    logs["loss"],
+                    logs["rewards/accuracies"],
+                    state.global_step,
+                    max_steps,
+                )
+                from stages import tracking
+
+                tracking.set_tags({"collapse_warning": "true", "collapse_step": state.global_step})
+
+    return CollapseWatch()
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _input_hashes(run: Any, inputs: dict[str, Path]) -> dict[str, str]:
+    """sha256 of the inputs: the ones tracking already computed for the run's tags, else computed here."""
+    tags = getattr(getattr(run, "data", None), "tags", None) or {}
+    out = {}
+    for name, path in inputs.items():
+        value = tags.get(f"input.{name}.sha256")
+        if not value or value == "missing":
+            value = sha256_tree(path) if Path(path).exists() else "missing"
+        out[name] = value
+    return out
+
+
+def _last(log_history: list[dict[str, Any]], key: str) -> float:
+    for entry in reversed(log_history):
+        if key in entry and "loss" in entry:
+            return float(entry[key])
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage
+
+
+def run(
+    params: Any,
+    base_dir: str | Path = BASE_DIR,
+    prepared_dir: str | Path = PREPARED_DIR,
+    reference_dir: str | Path = REFERENCE_DIR,
+    adapter_dir: str | Path = ADAPTER_DIR,
+    metrics_path: str | Path = METRICS_DIR / "train.json",
+    history_path: str | Path = METRICS_DIR / "train_history.csv",
+    checkpoint_dir: str | Path = SCRATCH_DIR / "checkpoints" / "train",
+    extra_callbacks: Sequence[Any] = (),
+) -> dict[str, float]:
+    """Train the adapter; returns the metrics written to `metrics_path`."""
+    from stages import reference as reference_stage
+    from stages import tracking
+
+    base_dir, prepared_dir, reference_dir = Path(base_dir), Path(prepared_dir), Path(reference_dir)
+    t = params.train
+    if t.num_processes != 1:
+        raise StageError(
+            f"train.num_processes is {t.num_processes}: multi-process training is launched with torchrun, "
+            "which this stage does not do yet; set train.num_processes: 1"
+        )
+    inputs = {"base": base_dir, "prepared": prepared_dir, "reference": reference_dir}
+    with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
+        import torch
+
+        require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
+        tokenizer = load_tokenizer(base_dir)
+        tracking.set_tags(
+            {"chat_template.sha256": template_hash(tokenizer.chat_template), "collapse_warning": "false"}
+        )
+        hashes = _input_hashes(mlflow_run, inputs)
+
+        datasets = {}
+        for split in SPLITS:
+            table = read_prepared(prepared_dir, split)
+            keep: tuple[str, ...] = ()
+            if t.precompute_ref:
+                expected = {
+                    "base_sha256": hashes["base"],
+                    "prepared_sha256": hashes["prepared"],
+                    "params": tracking.params_for(params, reference_stage.SECTIONS),
+                }
+                cached = read_reference(reference_dir, split, expected)
+                table = attach_reference(table, cached, reference_dir / f"{split}.parquet")
+                keep = REF_COLUMNS
+            datasets[split] = to_dataset(table, tokenizer.eos_token, keep)
+
+        run_dir = Path(checkpoint_dir) / checkpoint_key(params, hashes)
+        resume = latest_checkpoint(run_dir)
+        tracking.set_tags({"checkpoint_dir": str(run_dir), "resumed_from": str(resume) if resume else ""})
+        if resume:
+            print(f"train: resuming from {resume}", file=sys.stderr)
+
+        device = resolve_device(t.device)
+        model = load_policy(base_dir, t)
+        collapse = _collapse_callback(t.max_steps)
+        trainer = _trainer_class()(
+            model=model,
+            args=dpo_config(params, run_dir),
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["test"],
+            processing_class=tokenizer,
+            peft_config=lora_config(t.lora),
+            callbacks=[tracking.mlflow_callback(), collapse, *extra_callbacks],
+        )
+        trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
+
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
+        bad = [
+            n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
+        ]
+        if bad:
+            raise StageError(f"adapter weight {bad[0]} is not finite after training; nothing was published")
+
+        evaluation = trainer.evaluate()
+        history = trainer.state.log_history
+        counts = trainer.pipeline_counts
+        metrics = {
+            "train_loss": _last(history, "loss"),
+            "rewards_chosen": _last(history, "rewards/chosen"),
+            "rewards_rejected": _last(history, "rewards/rejected"),
+            "rewards_margins": _last(history, "rewards/margins"),
+            "rewards_accuracies": _last(history, "rewards/accuracies"),
+            "eval_loss": float(evaluation["eval_loss"]),
+            "eval_rewards_accuracies": float(evaluation["eval_rewards/accuracies"]),
+            "eval_rewards_margins": float(evaluation["eval_rewards/margins"]),
+            "train_runtime_s": runtime,
+            "train_steps": float(trainer.state.global_step),
+            "pairs_per_s": counts["pairs"] / runtime,
+            "tokens_per_s": counts["tokens"] / runtime,
+            "pad_fraction": 1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad_metrics:
+            raise StageError(
+                f"metric {bad_metrics[0]} is not finite ({metrics[bad_metrics[0]]}); nothing was published"
+            )
+
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            # Name the base by the path the pipeline loads it from, not by wherever this run found it.
+            config_path = tmp / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+            adapter_config["base_model_name_or_path"] = BASE_DIR.as_posix()
+            config_path.write_text(
+                json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+            readme = tmp / "README.md"
+            if readme.exists():
+                readme.unlink()  # peft's generated model card has no content of ours and embeds versions
+        write_json(metrics_path, metrics)
+        atomic_write_bytes(history_path, history_csv(history_rows(history)).encode("utf-8"))
+
+        # Prefixed: the MLflow callback already logged transformers' own `train_loss` (a mean over the run).
+        tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
+        tracking.log_outputs({"adapter": adapter_dir})
+        tracking.log_artifact(history_path)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return metrics
+
+
+def main() -> None:
+    from stages import config
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(config.load())
+
+
+if __name__ == "__main__":
+    from stages.common import run_main
+
+    run_main(main)

@@ -1,0 +1,152 @@
+"""reference stage on the tiny 4-bit model: what it writes, that it is the base model alone, that it reads
+only its declared params, and the marker it writes when caching is off."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, replace_params
+from tests.stage.test_train import _fast_mlflow_store, mlflow_template, write_prepared  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def train_params(tiny_params):
+    return tiny_params
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
+    from stages.common import load_tokenizer
+
+    out = tmp_path_factory.mktemp("ref_prepared") / "prepared"
+    return write_prepared(out, raw_rows[:40], load_tokenizer(tiny_base_dir), train_params.data.max_length, 10)
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, train_params, tiny_base_dir, prepared_dir) -> Path:
+    from stages import reference
+
+    out = tmp_path_factory.mktemp("reference") / "reference"
+    reference.run(train_params, tiny_base_dir, prepared_dir, out)
+    return out
+
+
+def test_writes_logps_for_every_prepared_row(reference_dir, prepared_dir, train_params):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages import reference
+
+    meta = json.loads((reference_dir / "meta.json").read_text())
+    assert meta["precompute_ref"] is True
+    assert meta["params"] == {
+        "seed": train_params.seed,
+        "data.max_length": train_params.data.max_length,
+        **{
+            k: getattr(train_params.train, k.split(".")[1])
+            for k in reference.SECTIONS
+            if k.startswith("train.")
+        },
+    }
+    for split in ("train", "test"):
+        table = pq.read_table(reference_dir / f"{split}.parquet")
+        prepared = pq.read_table(prepared_dir / f"{split}.parquet")
+        assert table.column_names == ["id", "ref_chosen_logps", "ref_rejected_logps"]
+        assert table.schema.field("ref_chosen_logps").type == pa.float32()
+        assert table.column("id").to_pylist() == prepared.column("id").to_pylist()
+        assert meta["rows"][split] == table.num_rows
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            values = table.column(name).to_pylist()
+            assert all(v < 0 for v in values), "log-probs of whole answers are negative"
+
+
+def test_reference_is_the_base_model_alone(reference_dir, prepared_dir, tiny_base_dir, train_params):
+    """Independent check: a plain forward of the 4-bit base (no PEFT wrapper, no trl) gives the same sums."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from stages import train
+    from stages.common import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_base_dir)
+    model = train.load_policy(tiny_base_dir, train_params.train).eval()
+    prepared = pq.read_table(prepared_dir / "test.parquet").to_pylist()
+    cached = pq.read_table(reference_dir / "test.parquet").to_pylist()
+    eos = tokenizer.eos_token
+    for row, ref in zip(prepared[:6], cached[:6], strict=True):
+        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        for answer, key in (("chosen", "ref_chosen_logps"), ("rejected", "ref_rejected_logps")):
+            text = train.strip_turn_newline(row[answer], eos)
+            ids = tokenizer(row["prompt"] + text, add_special_tokens=False)["input_ids"]
+            assert ids[: len(prompt_ids)] == prompt_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            logps = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            expected = logps[len(prompt_ids) - 1 :].sum().item()
+            assert ref[key] == pytest.approx(expected, abs=2e-3), (row["id"], answer)
+
+
+def test_undeclared_params_do_not_change_the_output(
+    tmp_path, reference_dir, prepared_dir, tiny_base_dir, train_params
+):
+    from stages import reference
+
+    other = replace_params(
+        train_params,
+        train={
+            "beta": 0.5,
+            "learning_rate": 1.0e-3,
+            "max_steps": 9,
+            "lora": {"r": 2},
+            "per_device_train_batch_size": 2,
+        },
+    )
+    reference.run(other, tiny_base_dir, prepared_dir, tmp_path / "reference")
+    for name in ("train.parquet", "test.parquet", "meta.json"):
+        assert (tmp_path / "reference" / name).read_bytes() == (reference_dir / name).read_bytes(), name
+
+
+def test_declared_params_match_dvc_yaml():
+    from stages import reference, train
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["reference"]["params"] == reference.SECTIONS
+    assert stages["train"]["params"] == train.SECTIONS
+    assert "data/reference" in stages["train"]["deps"]
+
+
+def test_precompute_off_writes_only_a_marker(tmp_path, prepared_dir, tiny_base_dir, train_params):
+    from stages import reference
+
+    params = replace_params(train_params, train={"precompute_ref": False})
+    meta = reference.run(params, tiny_base_dir, prepared_dir, tmp_path / "reference")
+    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["meta.json"]
+    assert meta["precompute_ref"] is False and meta["rows"] == {}
+
+
+def test_train_refuses_the_marker(tmp_path, prepared_dir, tiny_base_dir, train_params):
+    from stages import reference, train
+    from stages.common import StageError
+
+    reference.run(
+        replace_params(train_params, train={"precompute_ref": False}),
+        tiny_base_dir,
+        prepared_dir,
+        tmp_path / "ref",
+    )
+    with pytest.raises(StageError, match="cached nothing"):
+        train.run(
+            train_params,
+            tiny_base_dir,
+            prepared_dir,
+            tmp_path / "ref",
+            tmp_path / "adapter",
+            tmp_path / "train.json",
+            tmp_path / "history.csv",
+            tmp_path / "ckpt",
+        )
+    assert not (tmp_path / "adapter").exists()

@@ -1,0 +1,437 @@
+"""train stage on the tiny 4-bit model: outputs, LoRA vs base weights, cached vs on-the-fly reference,
+determinism, resume after kill -9, NaN guard."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, replace_params
+
+ANSWER_END = "<|im_end|>\n"
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite store: creating one runs MLflow's migrations (seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fast_mlflow_store(tmp_path, mlflow_template, monkeypatch):
+    """Each test still gets its own store (conftest's rule), copied from the template instead of migrated."""
+    store = tmp_path / "mlflow-store.db"
+    shutil.copyfile(mlflow_template, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixture data: raw rows formatted as the prepare stage does (ChatML), written with pyarrow
+
+
+def chatml_prompt(system: str, question: str) -> str:
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return head + f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_prepared(out_dir: Path, rows: list[dict], tokenizer, max_length: int, n_test: int) -> Path:
+    """data/prepared-like {train,test}.parquet from raw rows (rows too long for max_length are skipped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    records = []
+    for i, row in enumerate(rows):
+        if not row["chosen"].strip() or not row["rejected"].strip() or row["chosen"] == row["rejected"]:
+            continue
+        prompt = chatml_prompt(row["system"], row["question"])
+        chosen, rejected = row["chosen"] + ANSWER_END, row["rejected"] + ANSWER_END
+        lengths = count(prompt), count(chosen), count(rejected)
+        if lengths[0] + max(lengths[1:]) > max_length:
+            continue
+        records.append(
+            {
+                "id": f"row{i:04d}",
+                "system": row["system"],
+                "question": row["question"],
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "prompt_tokens": lengths[0],
+                "chosen_tokens": lengths[1],
+                "rejected_tokens": lengths[2],
+            }
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"test": records[:n_test], "train": records[n_test:]}
+    for split, part in splits.items():
+        table = pa.Table.from_pylist(part)
+        table = table.set_column(6, "prompt_tokens", table.column("prompt_tokens").cast(pa.int32()))
+        for name in ("chosen_tokens", "rejected_tokens"):
+            table = table.set_column(
+                table.column_names.index(name), name, table.column(name).cast(pa.int32())
+            )
+        pq.write_table(table, out_dir / f"{split}.parquet")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def train_params(tiny_params):
+    return replace_params(tiny_params, train={"lora": {"r": 4, "alpha": 8}})
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
+    from stages.common import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_base_dir)
+    return write_prepared(
+        tmp_path_factory.mktemp("prepared") / "prepared",
+        raw_rows[:60],
+        tokenizer,
+        train_params.data.max_length,
+        12,
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory, train_params, tiny_base_dir, prepared_dir) -> Path:
+    from stages import reference
+
+    out = tmp_path_factory.mktemp("reference") / "reference"
+    reference.run(train_params, tiny_base_dir, prepared_dir, out)
+    return out
+
+
+def run_train(params, base_dir, prepared_dir, reference_dir, out: Path, **kwargs) -> dict:
+    from stages import train
+
+    return train.run(
+        params,
+        base_dir=base_dir,
+        prepared_dir=prepared_dir,
+        reference_dir=reference_dir,
+        adapter_dir=out / "adapter",
+        metrics_path=out / "metrics" / "train.json",
+        history_path=out / "metrics" / "train_history.csv",
+        checkpoint_dir=out / "checkpoints",
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(
+    tmp_path_factory, mlflow_template, train_params, tiny_base_dir, prepared_dir, reference_dir
+) -> Path:
+    """One uninterrupted run with the cached reference (the baseline other tests compare with), recorded in
+    its own MLflow store (`trained / "mlflow.db"`)."""
+    out = tmp_path_factory.mktemp("trained")
+    base_digest = hashlib.sha256((tiny_base_dir / "model.safetensors").read_bytes()).hexdigest()
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    shutil.copyfile(mlflow_template, out / "mlflow.db")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
+    try:
+        run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, out)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    (out / "base_digest_before").write_text(base_digest)
+    return out
+
+
+def train_runs(params, uri: str | None = None) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    return client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+
+
+def load_adapter(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def assert_adapters_close(a: dict, b: dict, atol: float = 1e-3, rtol: float = 1e-2) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=rtol), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_outputs_and_metrics(trained, train_params):
+    from stages import train
+
+    adapter = trained / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["base_model_name_or_path"] == "models/base"
+    assert sorted(config["target_modules"]) == sorted(train_params.train.lora.target_modules)
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+    assert not list(adapter.glob("*.bin")), "pickle weights must never be written"
+
+    metrics = json.loads((trained / "metrics" / "train.json").read_text())
+    assert set(metrics) == set(train.METRIC_KEYS)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["train_steps"] == train_params.train.max_steps
+    assert 0.0 <= metrics["eval_rewards_accuracies"] <= 1.0
+    assert metrics["pairs_per_s"] > 0 and metrics["tokens_per_s"] > metrics["pairs_per_s"]
+    assert 0.0 <= metrics["pad_fraction"] < 1.0
+    assert metrics["peak_memory_mb"] > 50
+
+    with open(trained / "metrics" / "train_history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(train.HISTORY_COLUMNS)
+    assert [int(r["step"]) for r in rows] == list(range(1, train_params.train.max_steps + 1))
+    assert float(rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
+
+    # A finished run deletes its checkpoints.
+    assert not any((trained / "checkpoints").glob("*/checkpoint-*"))
+
+
+def test_lora_weights_changed_and_base_did_not(trained, tiny_base_dir):
+    import torch
+    from peft import PeftModel
+
+    from stages.common import load_model
+
+    assert (
+        hashlib.sha256((tiny_base_dir / "model.safetensors").read_bytes()).hexdigest()
+        == (trained / "base_digest_before").read_text()
+    )
+    weights = load_adapter(trained / "adapter")
+    assert weights and all("lora_" in name for name in weights)
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(w.abs().max() > 0 for w in lora_b), "LoRA B starts at zero: training must move it"
+
+    base = load_model(tiny_base_dir)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(load_model(tiny_base_dir), str(trained / "adapter"))
+    for name, tensor in model.get_base_model().state_dict().items():
+        if "lora_" in name:
+            continue
+        clean = name.replace(".base_layer", "")
+        assert torch.equal(tensor, base_state[clean]), name
+    ids = torch.tensor([[4, 20, 30, 40, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)
+
+
+def test_mlflow_run(trained, train_params):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    (run,) = train_runs(train_params, uri)
+    assert run.info.status == "FINISHED"
+    assert len(run.data.tags["chat_template.sha256"]) == 16
+    assert run.data.tags["collapse_warning"] == "false"
+    assert run.data.tags["resumed_from"] == ""
+    assert run.data.params["train.beta"] == str(train_params.train.beta)
+    assert run.data.params["train.lora.r"] == "4"
+    steps = list(range(1, train_params.train.max_steps + 1))
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "rewards/margins")
+    assert [m.step for m in history] == steps, "transformers' MLflow callback logs every logging step"
+    metrics = json.loads((trained / "metrics" / "train.json").read_text())
+    for key, value in metrics.items():
+        assert run.data.metrics[f"final_{key}"] == pytest.approx(value), key
+    assert run.data.tags["output.adapter.sha256"]
+    assert run.data.tags["input.reference.sha256"] not in ("", "missing")
+    assert mlflow.active_run() is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference log-probs: cached stage vs trl on the fly
+
+
+def test_cached_reference_matches_on_the_fly(
+    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+):
+    import pyarrow.parquet as pq
+    import torch
+
+    from stages import train
+
+    # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled) ...
+    tokenizer = train.load_tokenizer(tiny_base_dir)
+    dataset = train.to_dataset(train.read_prepared(prepared_dir, "train"), tokenizer.eos_token)
+    params = replace_params(train_params, train={"precompute_ref": True})
+    trainer = train._trainer_class()(
+        model=train.load_policy(tiny_base_dir, params.train),
+        args=train.dpo_config(params, tmp_path / "ckpt"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=train.lora_config(params.train.lora),
+    )
+    on_the_fly = {
+        c: torch.tensor(trainer.train_dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")
+    }
+    cached = pq.read_table(reference_dir / "train.parquet")
+    assert cached.column("id").to_pylist() == dataset["id"]
+    for name, values in on_the_fly.items():
+        assert torch.allclose(torch.tensor(cached.column(name).to_pylist()), values, atol=1e-4), name
+
+    # ... and the trained adapters agree. This run also switches on gradient checkpointing (the 7B recipe's
+    # setting, otherwise untested on CPU), which recomputes the same activations and must not change the numbers.
+    uncached = replace_params(train_params, train={"precompute_ref": False, "gradient_checkpointing": True})
+    out = tmp_path / "uncached"
+    metrics = run_train(uncached, tiny_base_dir, prepared_dir, tmp_path / "no-reference-needed", out)
+    assert_adapters_close(load_adapter(out / "adapter"), load_adapter(trained / "adapter"))
+    baseline = json.loads((trained / "metrics" / "train.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(baseline["train_loss"], abs=1e-4)
+    assert metrics["eval_rewards_margins"] == pytest.approx(baseline["eval_rewards_margins"], abs=1e-4)
+
+
+def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir):
+    from stages.common import StageError
+
+    other = replace_params(train_params, seed=train_params.seed + 1)
+    with pytest.raises(StageError, match="meta.json: params"):
+        run_train(other, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism and resume
+
+
+def test_same_seed_gives_byte_identical_adapter(
+    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+):
+    run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "adapter" / name).read_bytes() == (trained / "adapter" / name).read_bytes(), name
+
+
+KILLABLE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from transformers import TrainerCallback
+from stages import config, train
+from tests.conftest import replace_params
+
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(1.0)  # leave time to kill the process between two checkpoints
+
+params = replace_params(config.load({repo!r} + "/params.yaml"), **{overrides!r})
+train.run(params, {base!r}, {prepared!r}, {reference!r}, {out!r} + "/adapter", {out!r} + "/train.json",
+          {out!r} + "/history.csv", {out!r} + "/checkpoints", extra_callbacks=[Slow()])
+"""
+
+
+def test_resume_after_kill_matches_uninterrupted(
+    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+):
+
+    overrides = {
+        name: (dataclasses.asdict(getattr(train_params, name)) if name != "seed" else train_params.seed)
+        for name in ("seed", "base", "data", "train")
+    }
+    script = KILLABLE.format(
+        repo=str(REPO),
+        overrides=overrides,
+        base=str(tiny_base_dir),
+        prepared=str(prepared_dir),
+        reference=str(reference_dir),
+        out=str(tmp_path),
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ))
+    first = None
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and child.poll() is None:
+            first = next(
+                (p for p in (tmp_path / "checkpoints").glob("*/checkpoint-2/trainer_state.json")), None
+            )
+            if first:
+                break
+            time.sleep(0.05)
+        assert first is not None, "the child never wrote its first checkpoint"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "adapter").exists(), "a killed run publishes nothing"
+
+    from stages import train
+
+    assert train.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
+    run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    resumed_history = (tmp_path / "metrics" / "train_history.csv").read_text()
+    assert resumed_history == (trained / "metrics" / "train_history.csv").read_text(), (
+        "history spans both attempts"
+    )
+    # Tighter than one bf16 ulp: a resume that changed the adapter dtype or the data order would fail.
+    assert_adapters_close(
+        load_adapter(tmp_path / "adapter"), load_adapter(trained / "adapter"), atol=1e-7, rtol=1e-4
+    )
+    assert not any((tmp_path / "checkpoints").glob("*/checkpoint-*"))
+
+    runs = train_runs(train_params)
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FINISHED", "KILLED"], "the killed attempt is closed by the next run"
+    resumed = next(r for r in runs if r.info.status == "FINISHED")
+    assert resumed.data.tags["resumed_from"].endswith("checkpoint-2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guards
+
+
+def test_nan_loss_stops_training_and_publishes_nothing(
+    tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir, monkeypatch
+):
+    from trl import DPOTrainer
+
+    from stages.common import StageError
+
+    original = DPOTrainer.compute_loss
+
+    def nan_on_second_step(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 1 else loss
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", nan_on_second_step)
+    with pytest.raises(StageError, match="training loss is nan at step 2"):
+        run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "metrics").exists()
+    (run,) = train_runs(train_params)
+    assert run.info.status == "FAILED"
+
+
+def test_missing_prepared_data_is_a_clear_error(tmp_path, train_params, tiny_base_dir, reference_dir):
+    from stages.common import StageError
+
+    with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
+        run_train(train_params, tiny_base_dir, tmp_path / "nowhere", reference_dir, tmp_path)

@@ -1,0 +1,316 @@
+"""Pure builders of the train and reference stages: no model, no training."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import replace_params
+
+
+def test_bnb_config(default_params):
+    import torch
+
+    from stages import train
+
+    config = train.bnb_config(default_params.train)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == default_params.train.bnb_4bit_quant_type
+    assert config.bnb_4bit_compute_dtype == torch.float32
+    assert config.bnb_4bit_use_double_quant is default_params.train.bnb_4bit_use_double_quant
+
+    other = replace_params(
+        default_params,
+        train={
+            "bnb_4bit_quant_type": "fp4",
+            "bnb_4bit_compute_dtype": "bfloat16",
+            "bnb_4bit_use_double_quant": False,
+        },
+    )
+    config = train.bnb_config(other.train)
+    assert config.bnb_4bit_quant_type == "fp4"
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_use_double_quant is False
+    assert train.bnb_config(replace_params(default_params, train={"load_in_4bit": False}).train) is None
+
+
+def test_lora_config(default_params):
+    from stages import train
+
+    lora = replace_params(
+        default_params, train={"lora": {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "lora_only"}}
+    ).train.lora
+    config = train.lora_config(lora)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 32, 0.1, "lora_only")
+    assert config.target_modules == set(default_params.train.lora.target_modules)
+    assert config.task_type == "CAUSAL_LM"
+
+
+def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
+    from stages import train
+
+    p = replace_params(
+        default_params,
+        seed=7,
+        data={"max_length": 300},
+        train={
+            "beta": 0.25,
+            "loss_type": "ipo",
+            "learning_rate": 1.0e-4,
+            "lr_scheduler_type": "linear",
+            "warmup_steps": 3,
+            "max_steps": 11,
+            "per_device_train_batch_size": 3,
+            "gradient_accumulation_steps": 2,
+            "gradient_checkpointing": True,
+            "optim": "adamw_torch",
+            "save_steps": 5,
+            "logging_steps": 2,
+            "precompute_ref": False,
+            "group_by_length": False,
+        },
+    )
+    config = train.dpo_config(p, tmp_path / "ckpt")
+    assert config.output_dir == str(tmp_path / "ckpt")
+    assert config.beta == 0.25 and config.loss_type == ["ipo"]
+    assert config.learning_rate == 1.0e-4 and config.lr_scheduler_type == "linear"
+    assert config.warmup_steps == 3 and config.max_steps == 11
+    assert config.per_device_train_batch_size == 3 and config.per_device_eval_batch_size == 3
+    assert config.gradient_accumulation_steps == 2 and config.gradient_checkpointing is True
+    assert config.optim == "adamw_torch"
+    assert (config.bf16, config.fp16, config.use_cpu) == (False, False, True)
+    assert config.seed == 7 and config.data_seed == 7 and config.max_length == 300
+    assert config.save_steps == 5 and config.logging_steps == 2 and config.save_total_limit == 1
+    assert config.precompute_ref_log_probs is False
+    assert config.train_sampling_strategy == "random"
+    assert config.disable_dropout is False, "the LoRA dropout of params.yaml must stay active"
+    assert config.report_to == [] or config.report_to == "none"
+
+    grouped = train.dpo_config(
+        replace_params(p, train={"group_by_length": True, "precompute_ref": True}), tmp_path
+    )
+    assert grouped.train_sampling_strategy == "group_by_length"
+    assert grouped.length_column_name == train.LENGTH_COLUMN
+    assert grouped.precompute_ref_log_probs is True
+
+
+def test_precision_flags(default_params):
+    from stages import train
+
+    assert (
+        train.precision_kwargs(replace_params(default_params, train={"precision": "bf16"}).train)["bf16"]
+        is True
+    )
+    flags = train.precision_kwargs(
+        replace_params(default_params, train={"precision": "fp16", "device": "cuda"}).train
+    )
+    assert flags == {"bf16": False, "fp16": True, "use_cpu": False}
+    assert train.model_dtype("bf16") == "bfloat16" and train.model_dtype("fp32") == "float32"
+
+
+def test_reference_config_reads_only_declared_params(default_params, tmp_path):
+    from trl import DPOConfig
+
+    from stages import reference
+
+    p = replace_params(default_params, train={"per_device_train_batch_size": 3, "beta": 0.9, "max_steps": 5})
+    config = reference.reference_config(p, tmp_path)
+    defaults = {name: field.default for name, field in DPOConfig.__dataclass_fields__.items()}
+    assert config.precompute_ref_log_probs is True
+    assert config.max_length == p.data.max_length and config.seed == p.seed
+    # Batch size, beta and steps are not reference params: trl's defaults, whatever train uses.
+    assert config.per_device_train_batch_size == defaults["per_device_train_batch_size"]
+    assert config.beta == defaults["beta"] and config.max_steps == defaults["max_steps"]
+
+
+def test_checkpoint_key(default_params):
+    from stages import train
+
+    inputs = {"base": "a" * 64, "prepared": "b" * 64, "reference": "c" * 64}
+    key = train.checkpoint_key(default_params, inputs)
+    assert key == train.checkpoint_key(default_params, dict(reversed(list(inputs.items()))))
+    assert key != train.checkpoint_key(replace_params(default_params, train={"beta": 0.2}), inputs)
+    assert key != train.checkpoint_key(replace_params(default_params, seed=1), inputs)
+    assert key != train.checkpoint_key(default_params, {**inputs, "prepared": "d" * 64})
+    # Params train does not read cannot make a checkpoint incompatible.
+    assert key == train.checkpoint_key(replace_params(default_params, eval={"batch_size": 1}), inputs)
+
+
+def test_latest_checkpoint_skips_incomplete(tmp_path):
+    from stages import train
+
+    assert train.latest_checkpoint(tmp_path / "none") is None
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-12").mkdir()  # killed before its trainer state was written
+    (tmp_path / "checkpoint-14").mkdir()
+    (tmp_path / "checkpoint-14" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    (tmp_path / "checkpoint-x").mkdir()
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_history_rows_and_csv():
+    from stages import train
+
+    log = [
+        {"loss": 0.69, "rewards/margins": 0.0, "learning_rate": 1e-4, "step": 1, "epoch": 0.1},
+        {"loss": 0.60, "rewards/margins": 0.3, "rewards/accuracies": 0.75, "learning_rate": 2e-4, "step": 2},
+        {"eval_loss": 0.5, "step": 2},
+        {"train_runtime": 1.0, "train_loss": 0.65, "step": 2},
+    ]
+    rows = train.history_rows(log)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert list(rows[0]) == list(train.HISTORY_COLUMNS)
+    text = train.history_csv(rows)
+    assert text.splitlines()[0] == ",".join(train.HISTORY_COLUMNS)
+    assert text.splitlines()[2] == "2,0.6,,,0.3,0.75,0.0002"
+
+
+def test_strip_turn_newline():
+    from stages import train
+
+    assert train.strip_turn_newline("Paris.<|im_end|>\n", "<|im_end|>") == "Paris.<|im_end|>"
+    assert train.strip_turn_newline("Paris.<|im_end|>", "<|im_end|>") == "Paris.<|im_end|>"
+    assert train.strip_turn_newline("Paris.\n", "<|im_end|>") == "Paris.\n"
+
+
+def test_collapse_rule():
+    from stages import train
+
+    collapsed = {"loss": 0.001, "rewards/accuracies": 1.0}
+    assert train.is_collapse(collapsed, step=10, max_steps=120)
+    assert not train.is_collapse(collapsed, step=13, max_steps=120), "only early in training"
+    assert not train.is_collapse({"loss": 0.02, "rewards/accuracies": 1.0}, step=5, max_steps=120)
+    assert not train.is_collapse({"loss": 0.001, "rewards/accuracies": 0.9}, step=5, max_steps=120)
+    assert not train.is_collapse({"eval_loss": 0.001}, step=5, max_steps=120)
+    assert train.is_collapse(collapsed, step=1, max_steps=4), "at least the first step counts"
+
+
+def test_collapse_callback_warns_and_tags(monkeypatch, caplog):
+    from stages import tracking, train
+
+    tags = {}
+    monkeypatch.setattr(tracking, "set_tags", tags.update)
+    callback = train._collapse_callback(max_steps=100)
+    callback.on_log(None, SimpleNamespace(global_step=5), None, logs={"loss": 0.5, "rewards/accuracies": 1.0})
+    assert tags == {}
+    callback.on_log(
+        None, SimpleNamespace(global_step=10), None, logs={"loss": 0.004, "rewards/accuracies": 1.0}
+    )
+    assert tags == {"collapse_warning": "true", "collapse_step": 10}
+    assert "collapse warning" in caplog.text
+
+
+def prepared_table(ids):
+    import pyarrow as pa
+
+    n = len(ids)
+    return pa.table(
+        {
+            "id": ids,
+            "prompt": ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * n,
+            "chosen": ["yes<|im_end|>\n"] * n,
+            "rejected": ["no way<|im_end|>\n"] * n,
+            "prompt_tokens": pa.array([10 + i for i in range(n)], pa.int32()),
+            "chosen_tokens": pa.array([3] * n, pa.int32()),
+            "rejected_tokens": pa.array([5] * n, pa.int32()),
+        }
+    )
+
+
+def test_attach_reference_joins_by_id_in_prepared_order():
+    import pyarrow as pa
+
+    from stages import train
+    from stages.common import StageError
+
+    table = prepared_table(["b", "a", "c"])
+    reference = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "ref_chosen_logps": [-1.0, -2.0, -3.0],
+            "ref_rejected_logps": [-4.0, -5.0, -6.0],
+        }
+    )
+    joined = train.attach_reference(table, reference, "ref/train.parquet")
+    assert joined.column("id").to_pylist() == ["b", "a", "c"]
+    assert joined.column("ref_chosen_logps").to_pylist() == [-2.0, -1.0, -3.0]
+    assert joined.schema.field("ref_rejected_logps").type == pa.float32()
+
+    with pytest.raises(StageError, match=r"ref/train\.parquet: no reference log-probs for 1 .* id 'c'"):
+        train.attach_reference(table, reference.slice(0, 2), "ref/train.parquet")
+
+
+def test_to_dataset():
+    from stages import train
+
+    dataset = train.to_dataset(prepared_table(["a", "b"]), "<|im_end|>")
+    assert dataset.column_names == ["id", "prompt", "chosen", "rejected", train.LENGTH_COLUMN]
+    assert dataset[0]["chosen"] == "yes<|im_end|>" and dataset[1]["rejected"] == "no way<|im_end|>"
+    assert dataset[train.LENGTH_COLUMN] == [15, 16]
+
+
+def test_read_prepared_errors(tmp_path):
+    import pyarrow.parquet as pq
+
+    from stages import train
+    from stages.common import StageError
+
+    with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
+        train.read_prepared(tmp_path, "train")
+    pq.write_table(prepared_table(["a", "b"]).drop_columns(["chosen_tokens"]), tmp_path / "train.parquet")
+    with pytest.raises(StageError, match=r"train\.parquet: missing column\(s\) chosen_tokens"):
+        train.read_prepared(tmp_path, "train")
+    pq.write_table(prepared_table(["a", "a"]), tmp_path / "train.parquet")
+    with pytest.raises(StageError, match="duplicate"):
+        train.read_prepared(tmp_path, "train")
+
+
+def test_read_reference_checks_meta(tmp_path):
+    from stages import train
+    from stages.common import StageError
+
+    with pytest.raises(StageError, match="meta.json: not found"):
+        train.read_reference(tmp_path, "train", {})
+    (tmp_path / "meta.json").write_text(json.dumps({"precompute_ref": True, "base_sha256": "old"}))
+    with pytest.raises(StageError, match="meta.json: base_sha256 is 'old', this run expects 'new'"):
+        train.read_reference(tmp_path, "train", {"base_sha256": "new"})
+
+
+def test_last_step_is_always_logged():
+    from transformers import TrainerControl
+
+    from stages import train
+
+    callback = train._collapse_callback(max_steps=7)
+    control = TrainerControl()
+    callback.on_step_end(None, SimpleNamespace(global_step=6, max_steps=7), control)
+    assert not control.should_log
+    callback.on_step_end(None, SimpleNamespace(global_step=7, max_steps=7), control)
+    assert control.should_log
+
+
+def test_recipe_builders(repo_root):
+    """The 7B recipe goes through the same builders: QLoRA NF4 with bf16 compute."""
+    import torch
+
+    from stages import config, train
+
+    recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
+    bnb = train.bnb_config(recipe.train)
+    assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert train.lora_config(recipe.train.lora).r == 16
+    assert train.precision_kwargs(recipe.train) == {"bf16": True, "fp16": False, "use_cpu": False}
+
+
+@pytest.mark.gpu
+def test_recipe_dpo_config_on_cuda(repo_root, tmp_path):
+    from stages import config, train
+
+    recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
+    args = train.dpo_config(recipe, tmp_path)
+    assert args.optim == "paged_adamw_32bit" and args.bf16 and args.gradient_checkpointing
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
