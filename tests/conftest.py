@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,10 +31,22 @@ os.environ.setdefault("GIT_COMMITTER_NAME", "test")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite store: creating one runs MLflow's migrations (seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(tmp_path, monkeypatch):
-    """Each test gets its own SQLite tracking store unless it sets MLFLOW_TRACKING_URI itself."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def _isolated_mlflow(tmp_path, monkeypatch, mlflow_template):
+    """Each test gets its own SQLite tracking store (copied from the template, not migrated again)."""
+    store = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     yield
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, replace_params
-from tests.stage.test_train import _fast_mlflow_store, mlflow_template, write_prepared  # noqa: F401 (fixtures)
+from tests.stage.test_train import write_prepared
 
 
 @pytest.fixture(scope="module")

@@ -22,24 +22,6 @@ from tests.conftest import REPO, replace_params
 ANSWER_END = "<|im_end|>\n"
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow SQLite store: creating one runs MLflow's migrations (seconds)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _fast_mlflow_store(tmp_path, mlflow_template, monkeypatch):
-    """Each test still gets its own store (conftest's rule), copied from the template instead of migrated."""
-    store = tmp_path / "mlflow-store.db"
-    shutil.copyfile(mlflow_template, store)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Fixture data: raw rows formatted as the prepare stage does (ChatML), written with pyarrow
 

@@ -1,0 +1,67 @@
+"""Issue 2: the stage graph and what a params edit invalidates, on the real `dvc` CLI."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = {"base", "prepare", "reference", "train", "merge", "evaluate_base", "evaluate"}
+
+
+def stages_in_status(output: str) -> set[str]:
+    """Stage names `dvc status` reports as changed (lines like `prepare:` at column 0)."""
+    return {m.group(1) for m in re.finditer(r"^([\w-]+):\s*$", output, re.MULTILINE)} & ALL_STAGES
+
+
+def test_session_repro_ran_every_stage(tiny_project):
+    ran = set(re.findall(r"Running stage '([\w-]+)'", tiny_project.repro_output))
+    assert ran == ALL_STAGES
+    assert tiny_project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+    # the outputs every later test relies on
+    for rel in ("models/base", "data/prepared", "models/adapter", "models/merged", "metrics/eval.json"):
+        assert (tiny_project.root / rel).exists(), rel
+
+
+def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
+    project = clone("dag", checkout=False)
+    dot = project.dvc("dag", "--dot").stdout
+    edges = set(re.findall(r'"([\w-]+)"\s*->\s*"([\w-]+)"', dot))
+    for edge in [
+        ("base", "prepare"),
+        ("prepare", "reference"),
+        ("reference", "train"),
+        ("train", "merge"),
+        ("merge", "evaluate"),
+        ("evaluate_base", "evaluate"),
+    ]:
+        assert edge in edges, f"{edge} missing from dvc dag:\n{dot}"
+    ascii_dag = project.dvc("dag").stdout
+    assert "base" in ascii_dag and "prepare" in ascii_dag
+
+
+def test_data_param_invalidates_prepare_and_downstream_only(clone):
+    project = clone("status-data")
+    assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+    project.set_params({"data.test_fraction": 0.2})
+    changed = stages_in_status(project.dvc("status").stdout)
+    assert changed == {"prepare"}, "dvc status lists the stages whose own deps/params changed"
+    # Re-running prepare changes data/prepared, which every later stage depends on: now they are stale,
+    # while base (upstream) stays up to date.
+    out = project.dvc("repro", "prepare").stdout
+    assert "Stage 'base' didn't change, skipping" in out
+    assert "Running stage 'prepare'" in out
+    changed = stages_in_status(project.dvc("status").stdout)
+    assert changed == {"reference", "train", "merge", "evaluate_base", "evaluate"}
+
+
+def test_eval_param_leaves_upstream_stages_up_to_date(clone):
+    project = clone("status-eval")
+    project.set_params({"eval.max_new_tokens": 4})
+    changed = stages_in_status(project.dvc("status").stdout)
+    assert changed == {"evaluate_base", "evaluate"}
+    dry = project.dvc("repro", "--dry").stdout
+    would_run = set(re.findall(r"Running stage '([\w-]+)'", dry))
+    assert would_run == {"evaluate_base", "evaluate"}
