@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup system-deps repro test test-fast lint format bench verify mlflow-server clean-venv
+.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv
 
 # Install the locked environment (torch CPU build from this machine's disk; constraints.txt pins all).
 setup: $(VENV)/.installed
@@ -32,6 +32,13 @@ test: setup system-deps
 test-fast: setup
 	$(PY) -m pytest -m "not gpu and not slow" -q
 
+test-e2e: setup system-deps
+	$(PY) -m pytest -m "slow and not gpu" -q
+
+# Metric differences between the latest MLflow runs of two commits/branches: make compare A=main B=beta-0.3
+compare: setup
+	$(PY) -m stages.compare $(A) $(B)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -49,7 +56,7 @@ verify: setup
 # A team tracking server on loopback: SQLite backend, artifacts under the ignored .mlflow/ folder.
 mlflow-server: setup
 	mkdir -p .mlflow/artifacts
-	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/.mlflow/server.db \
 	  --artifacts-destination $(CURDIR)/.mlflow/artifacts
 

@@ -50,6 +50,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_sibling(path)
     tmp.mkdir()
     try:
@@ -66,10 +67,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete temporary siblings left by a writer that was killed (SIGKILL skips every cleanup).
+
+    Only one writer per output runs at a time (DVC's repo lock), so any temp sibling seen here is dead;
+    for a 7B merged model each one is ~14.5 GB.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+    for leftover in stale:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file through a temporary sibling and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, "wb") as fh:

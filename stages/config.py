@@ -318,7 +318,9 @@ def _check(p: Params, source: str) -> None:
             p.data.max_length,
         )
     if p.base.builtin.hidden_size % p.base.builtin.num_attention_heads:
-        raise fail("base.builtin.hidden_size", "a multiple of num_attention_heads", p.base.builtin.hidden_size)
+        raise fail(
+            "base.builtin.hidden_size", "a multiple of num_attention_heads", p.base.builtin.hidden_size
+        )
     if p.base.builtin.num_attention_heads % p.base.builtin.num_key_value_heads:
         raise fail(
             "base.builtin.num_key_value_heads",
@@ -331,9 +333,7 @@ def _check(p: Params, source: str) -> None:
         if not _SHA.match(p.base.revision):
             raise fail("base.revision", "a 40-hex commit sha when base.source is hub", p.base.revision)
     if p.base.trust_remote_code and not _SHA.match(p.base.revision):
-        raise fail(
-            "base.trust_remote_code", "false unless base.revision pins a 40-hex commit sha", True
-        )
+        raise fail("base.trust_remote_code", "false unless base.revision pins a 40-hex commit sha", True)
     if p.data.source == "hub" and not _SHA.match(p.data.hub_revision):
         raise fail("data.hub_revision", "a 40-hex commit sha when data.source is hub", p.data.hub_revision)
     if not p.train.lora.target_modules:
@@ -342,7 +342,9 @@ def _check(p: Params, source: str) -> None:
         raise fail("eval.tasks", "a non-empty list of tasks", [])
     known = known_loss_types()
     if p.train.loss_type not in known:
-        raise fail("train.loss_type", f"a loss type the installed trl knows ({', '.join(known)})", p.train.loss_type)
+        raise fail(
+            "train.loss_type", f"a loss type the installed trl knows ({', '.join(known)})", p.train.loss_type
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,12 +50,25 @@ def test_at_least_the_7b_recipe_exists():
     # The article's hyperparameters.
     t = recipe.train
     assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 16, 0.05)
-    assert set(t.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(t.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert (t.beta, t.learning_rate, t.lr_scheduler_type) == (0.1, 5.0e-5, "cosine")
     assert (t.warmup_steps, t.max_steps) == (100, 200)
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (4, 4)
     assert (recipe.data.max_prompt_length, recipe.data.max_length) == (1024, 1536)
-    assert (t.optim, t.precision, t.gradient_checkpointing, t.load_in_4bit) == ("paged_adamw_32bit", "bf16", True, True)
+    assert (t.optim, t.precision, t.gradient_checkpointing, t.load_in_4bit) == (
+        "paged_adamw_32bit",
+        "bf16",
+        True,
+        True,
+    )
 
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
@@ -80,10 +93,18 @@ def test_every_key_line_has_a_comment(path):
         ("train.loss_type", "sigmod", r"train\.loss_type: expected a loss type the installed trl knows"),
         ("train.precision", "fp8", r"train\.precision: expected one of 'fp32' \| 'bf16' \| 'fp16'"),
         ("train.lora.target_modules", "q_proj", r"train\.lora\.target_modules: expected list of str"),
-        ("data.max_length", 100, r"data\.max_length: expected an integer greater than data\.max_prompt_length"),
+        (
+            "data.max_length",
+            100,
+            r"data\.max_length: expected an integer greater than data\.max_prompt_length",
+        ),
         ("data.test_fraction", 1.5, r"data\.test_fraction: expected a number strictly between 0 and 1"),
         ("base.source", "hub", r"base\.revision: expected a 40-hex commit sha"),
-        ("base.trust_remote_code", True, r"base\.trust_remote_code: expected false unless base\.revision pins"),
+        (
+            "base.trust_remote_code",
+            True,
+            r"base\.trust_remote_code: expected false unless base\.revision pins",
+        ),
         ("eval.tasks", [{"name": "x"}], r"eval\.tasks\[0\]\.num_fewshot: missing key"),
     ],
 )
