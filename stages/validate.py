@@ -1,0 +1,61 @@
+"""validate stage: check params.yaml and the raw data before any stage touches an output.
+
+Reads: params.yaml (the whole file), the raw data file `data.path` (when `data.source: local`) and the
+builtin base's corpus `base.builtin.corpus` (when `base.source: builtin`).
+Writes: data/validated.txt, a constant marker that every other stage depends on.
+
+Why a stage of its own: `dvc repro` removes a stage's outputs before it runs the stage's command, so a
+stage that found bad input only after starting would leave its old outputs deleted from the workspace.
+This stage runs first whenever params.yaml or the raw data change, fails in about a second with one
+message naming the file, row or key and what was expected, and DVC then stops before any output is
+touched or any expensive work starts. Its marker's content never changes, so a successful validation
+re-runs nothing downstream by itself: each stage still re-runs only for its own deps and params.
+The marker is `persist: true` in dvc.yaml, so even a failing validation leaves it in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from stages.common import atomic_write_bytes
+
+MARKER = Path("data/validated.txt")
+MARKER_TEXT = b"params.yaml and the raw data passed stages/validate.py\n"
+
+
+def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
+    """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
+    from stages import config
+    from stages.prepare import read_local
+
+    params = config.load(params_path)
+    report: dict[str, Any] = {"params": str(params_path)}
+    if params.data.source == "local":
+        table, schema = read_local(Path(params.data.path), params.data.columns)
+        report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
+    if params.base.source == "builtin" and params.base.builtin.corpus != params.data.path:
+        from stages.base import read_corpus
+
+        rows = read_corpus(params.base.builtin.corpus)
+        report.update(corpus=params.base.builtin.corpus, corpus_rows=len(rows))
+    marker = Path(marker)
+    if not marker.exists() or marker.read_bytes() != MARKER_TEXT:
+        atomic_write_bytes(marker, MARKER_TEXT)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("params", nargs="?", default="params.yaml", help="params file to check")
+    args = parser.parse_args()
+    report = run(args.params)
+    print("validate: ok " + " ".join(f"{k}={v}" for k, v in report.items()))
+
+
+if __name__ == "__main__":
+    from stages.common import run_main
+
+    run_main(main)
+
