@@ -16,6 +16,8 @@ Faults:
   recorded, never what a stage produces, so switching it must not re-run the pipeline.
 - A tracking error after the run started (server died mid-training) never fails the stage: the error
   is reported once on stderr, further logging is skipped, and the stage's outputs are still published.
+- With several processes (torchrun / accelerate launch set RANK), only rank 0 records: on other ranks
+  `stage_run` yields None and the logging functions do nothing.
 - SIGTERM / Ctrl-C end the run KILLED; an exception ends it FAILED. A run killed with SIGKILL cannot
   close itself: the next run of the same stage marks RUNNING runs whose process is gone as KILLED.
 """
@@ -39,7 +41,18 @@ from typing import Any
 
 from stages.common import StageError, sha256_tree
 
-LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "lm_eval", "dvc", "mlflow")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "lm_eval",
+    "dvc",
+    "mlflow",
+)
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3
 
 # Fail fast instead of retrying for minutes against a dead server (MLflow's defaults: 7 retries, 120 s).
@@ -51,6 +64,11 @@ _state: dict[str, Any] = {"broken": False}
 
 class StageKilled(SystemExit):
     """Raised from the SIGTERM handler so the run can be closed as KILLED on the way out."""
+
+
+def is_secondary_rank() -> bool:
+    """True in a worker of a multi-process launch other than rank 0: it leaves all tracking to rank 0."""
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 def default_uri() -> str:
@@ -96,7 +114,9 @@ def git_tags() -> dict[str, str]:
     branch = _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"
     # Untracked outputs are ignored by .gitignore/dvc; any tracked change (params, code) makes it dirty.
     # dvc.lock and the git-tracked metrics/ are written (or first removed) by `dvc repro` itself: not dirt.
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude)metrics")
+    dirty = _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude)metrics"
+    )
     return {
         "git.commit": commit,
         "git.branch": branch,
@@ -178,6 +198,21 @@ def _guarded(fn, *args: Any, **kwargs: Any) -> Any:
         return None
 
 
+def _set_experiment(mlflow: Any, name: str, attempts: int = 3) -> Any:
+    """set_experiment, retried: two stages creating a fresh SQLite store at once (dvc queue -j 2) race in
+    MLflow's schema migration, and the loser succeeds once the winner has finished it."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return mlflow.set_experiment(name)
+        except Exception:  # noqa: BLE001
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -214,6 +249,9 @@ def stage_run(
     tags: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run for one stage with params and lineage tags; close it with the right status."""
+    if is_secondary_rank():
+        yield None
+        return
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -221,7 +259,7 @@ def stage_run(
     uri = resolve_uri(params.tracking.on_unreachable)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.set_experiment(params.tracking.experiment)
+        experiment = _set_experiment(mlflow, params.tracking.experiment)
         client = MlflowClient(uri)
         close_stale_runs(client, experiment.experiment_id, stage)
     except Exception as err:  # noqa: BLE001
@@ -291,6 +329,8 @@ def _in_main_thread() -> bool:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if is_secondary_rank():
+        return
     import mlflow
 
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -298,16 +338,22 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def set_tags(tags: dict[str, Any]) -> None:
+    if is_secondary_rank():
+        return
     import mlflow
 
     _guarded(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
 
 def log_outputs(outputs: dict[str, str | Path]) -> None:
+    if is_secondary_rank():
+        return
     set_tags({f"output.{name}.sha256": sha256_tree(path) for name, path in outputs.items()})
 
 
 def log_artifact(path: str | Path) -> None:
+    if is_secondary_rank():
+        return
     import mlflow
 
     _guarded(mlflow.log_artifact, str(path))

@@ -9,14 +9,38 @@ metrics/train.json (flat final metrics), metrics/train_history.csv (one row per 
 metrics/train.json: train_loss and rewards_* are the last logged training values (trl's means over the
 last logging window); eval_* come from trainer.evaluate on the held-out test split after training
 (eval_rewards_accuracies: share of test pairs whose chosen reward beats the rejected one); pairs_per_s and
-tokens_per_s count what this process trained on (tokens: non-pad tokens of both prompt+answer sequences);
+tokens_per_s count what was trained on (tokens: non-pad tokens of both prompt+answer sequences);
 pad_fraction is the share of pad tokens in those batches; peak_memory_mb is the process's peak RSS on CPU,
-torch.cuda.max_memory_allocated on GPU.
+torch.cuda.max_memory_allocated on GPU (with several processes: counts summed, memory the largest process's).
 Scratch: .scratch/checkpoints/train/<fingerprint>/ holds checkpoints every `train.save_steps`; a later run
 with the same params and inputs resumes from the last complete one, and a finished run deletes them.
 
 The frozen base is loaded once (4-bit NF4 through bitsandbytes when `train.load_in_4bit`), LoRA is added by
 trl's DPOTrainer from `peft_config`, and the reference model is that same base with the adapter disabled.
+models/adapter/train_summary.json (read by the merge stage's model card) holds the declared params and the
+deterministic metrics only (losses, rewards, steps: no runtime, throughput or memory), so identical runs give
+a byte-identical adapter folder.
+
+Several processes (`train.num_processes` > 1): `python -m stages.train` re-launches itself as that many
+workers and exits with their exit code (see `launch_command`). On the CPU (`train.device: cpu`) the launcher
+is torchrun (`python -m torch.distributed.run`, gloo backend; `accelerate launch --cpu` started only one
+process here); on CUDA it is `accelerate launch --multi_gpu` (DDP, one GPU per process, `--mixed_precision`
+from `train.precision`). Each worker takes its own micro-batches of per_device_train_batch_size pairs, so
+the global batch is per_device_train_batch_size * num_processes * gradient_accumulation_steps. Only rank 0 opens the MLflow run
+and writes models/adapter, the metrics and the history; throughput counts are summed over the processes.
+DDP takes the 4-bit base and the LoRA layers as they are (checked with gloo on the CPU, with and without
+gradient checkpointing): only the LoRA weights require gradients and get synchronized, and the ranks end with
+identical adapters. `ddp_find_unused_parameters` is False because every LoRA weight is used in every step;
+the Trainer's default for a PEFT model (True) works too but searches the graph for unused weights each step.
+
+FSDP or DeepSpeed on several GPUs: write an accelerate config file (`accelerate config`, or a YAML with
+`distributed_type: FSDP` / `DEEPSPEED` and its `fsdp_config` / `deepspeed_config`) and point
+ACCELERATE_CONFIG_FILE at it; the stage then runs `accelerate launch --config_file $ACCELERATE_CONFIG_FILE`
+without `--multi_gpu`, so the file picks the distributed type, while `--num_processes` and
+`--mixed_precision` still come from params. The file changes how the work is spread, not what is computed,
+so it is not a DVC param. Only DDP is tested (on the CPU with gloo): a 4-bit 7B fits on one GPU, which DDP
+needs; sharding the 4-bit weights with FSDP / ZeRO-3 additionally needs bitsandbytes' `bnb_4bit_quant_storage`
+set to the compute dtype and a sharded save of the adapter, which this stage does not do.
 """
 
 from __future__ import annotations
@@ -28,9 +52,12 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +114,21 @@ METRIC_KEYS = (
     "pad_fraction",
     "peak_memory_mb",
 )
+# The metrics that are the same on every identical run (no timings, throughput or memory, and not
+# pad_fraction, which a resumed run counts over its own steps only): what train_summary.json carries.
+SUMMARY_METRIC_KEYS = (
+    "train_loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_margins",
+    "rewards_accuracies",
+    "eval_loss",
+    "eval_rewards_accuracies",
+    "eval_rewards_margins",
+    "train_steps",
+)
+TRAIN_SUMMARY = "train_summary.json"  # in models/adapter; stages/merge.py reads it for the model card
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's flag
 COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
 COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the preference was learnt too easily
 
@@ -188,6 +230,9 @@ def dpo_config(p: Any, out_dir: str | Path):
         report_to="none",
         run_name="train",
         dataloader_num_workers=0,
+        # Only used with several processes (DDP): every LoRA weight takes part in every step, so DDP need not
+        # search the graph for unused ones each step (the Trainer's default for a PEFT model would).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -204,7 +249,9 @@ def load_policy(base_dir: str | Path, t: Any):
     quantization = bnb_config(t)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # One whole model per process: under DDP, worker LOCAL_RANK owns GPU LOCAL_RANK.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": local_rank} if device == "cuda" else {"": "cpu"}
     model = load_model(base_dir, **kwargs)
     model.config.use_cache = False
     if quantization is not None:
@@ -280,6 +327,112 @@ def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
     early = step <= max(1, math.ceil(COLLAPSE_EARLY_FRACTION * max_steps))
     loss, accuracy = logs.get("loss"), logs.get("rewards/accuracies")
     return early and loss is not None and accuracy is not None and loss < COLLAPSE_LOSS and accuracy >= 1.0
+
+
+def train_summary(params: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """models/adapter/train_summary.json: the declared params and the deterministic metrics only."""
+    from stages import tracking
+
+    return {
+        "params": tracking.params_for(params, SECTIONS),
+        "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def is_distributed_worker(env: Mapping[str, str]) -> bool:
+    """True inside a process started by torchrun / accelerate launch (they set LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in env or "WORLD_SIZE" in env
+
+
+def launch_command(
+    params: Any, port: int, config_file: str | None = None, python: str = sys.executable
+) -> list[str]:
+    """argv that runs this stage as `train.num_processes` workers on one machine.
+
+    CPU: torchrun (gloo). CUDA: accelerate launch, DDP unless `config_file` (an accelerate config file,
+    e.g. FSDP or DeepSpeed) says otherwise. `port` is the rendezvous port on 127.0.0.1.
+    """
+    t = params.train
+    n = str(t.num_processes)
+    if resolve_device(t.device) == "cpu":
+        return [
+            python, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc_per_node", n,
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            "-m", "stages.train",
+        ]  # fmt: skip
+    distribution = (
+        ["--config_file", config_file] if config_file else ["--multi_gpu", "--dynamo_backend", "no"]
+    )
+    return [
+        python, "-m", "accelerate.commands.launch",
+        *distribution,
+        "--num_machines", "1", "--num_processes", n,
+        "--mixed_precision", MIXED_PRECISION[t.precision],
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+        "-m", "stages.train",
+    ]  # fmt: skip
+
+
+def _prepare_tracking_store(params: Any) -> None:
+    """Check the tracking server and create the store and experiment once, before the workers start.
+
+    An unreachable server then stops the stage before N processes load models. And rank 0 does not run MLflow's
+    database migrations while a worker that failed on bad input gets it stopped (torchrun stops the remaining
+    workers when one fails), which could leave a half-migrated SQLite store behind.
+    """
+    import mlflow
+
+    from stages import tracking
+
+    uri = tracking.resolve_uri(params.tracking.on_unreachable)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(params.tracking.experiment)
+    except Exception:  # noqa: BLE001 - rank 0's stage_run tries again and reports (or falls back) itself
+        pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(params: Any) -> int:
+    """Run the workers and wait for them; returns their launcher's exit code (128 + N when killed by signal N).
+
+    SIGTERM (e.g. from a CI timeout) is passed on to the launcher, which stops the workers; Ctrl-C reaches
+    the whole process group by itself, so this process only keeps waiting for the workers to go.
+    """
+    _prepare_tracking_store(params)
+    argv = launch_command(params, free_port(), os.environ.get("ACCELERATE_CONFIG_FILE") or None)
+    env = dict(os.environ)
+    if resolve_device(params.train.device) == "cpu":
+        # torchrun would pin every worker to 1 thread; share the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.num_processes)))
+    print(f"train: launching {params.train.num_processes} processes: {' '.join(argv)}", file=sys.stderr)
+    child = subprocess.Popen(argv, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        print(
+            f"error: the train workers failed (exit code {code}); see their messages above", file=sys.stderr
+        )
+    return 128 - code if code < 0 else code
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,6 +635,19 @@ def _input_hashes(run: Any, inputs: dict[str, Path]) -> dict[str, str]:
     return out
 
 
+def _across_processes(
+    accelerator: Any, counts: dict[str, int], peak_mb: float
+) -> tuple[dict[str, int], float]:
+    """Token/pair counts summed and the peak memory maxed over all processes (a collective: every rank calls)."""
+    import torch
+
+    names = sorted(counts)
+    local = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    peak = accelerator.gather(torch.tensor([peak_mb], dtype=torch.float64, device=accelerator.device))
+    return {n: int(v) for n, v in zip(names, total, strict=True)}, float(peak.max())
+
+
 def _last(log_history: list[dict[str, Any]], key: str) -> float:
     for entry in reversed(log_history):
         if key in entry and "loss" in entry:
@@ -510,10 +676,11 @@ def run(
 
     base_dir, prepared_dir, reference_dir = Path(base_dir), Path(prepared_dir), Path(reference_dir)
     t = params.train
-    if t.num_processes != 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != t.num_processes:
         raise StageError(
-            f"train.num_processes is {t.num_processes}: multi-process training is launched with torchrun, "
-            "which this stage does not do yet; set train.num_processes: 1"
+            f"train.num_processes is {t.num_processes} but this process runs in a group of {world_size}: "
+            "start the stage with `python -m stages.train`, which launches the processes itself"
         )
     inputs = {"base": base_dir, "prepared": prepared_dir, "reference": reference_dir}
     with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
@@ -560,6 +727,14 @@ def run(
             callbacks=[tracking.mlflow_callback(), collapse, *extra_callbacks],
         )
         trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
+        accelerator = trainer.accelerator
+        logger.info(
+            "process %d of %d (%s, %s)",
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.distributed_type.value,
+            accelerator.device,
+        )
 
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -572,7 +747,7 @@ def run(
 
         evaluation = trainer.evaluate()
         history = trainer.state.log_history
-        counts = trainer.pipeline_counts
+        counts, peak_mb = _across_processes(accelerator, trainer.pipeline_counts, peak_memory_mb(device))
         metrics = {
             "train_loss": _last(history, "loss"),
             "rewards_chosen": _last(history, "rewards/chosen"),
@@ -587,7 +762,7 @@ def run(
             "pairs_per_s": counts["pairs"] / runtime,
             "tokens_per_s": counts["tokens"] / runtime,
             "pad_fraction": 1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
-            "peak_memory_mb": peak_memory_mb(device),
+            "peak_memory_mb": peak_mb,
         }
         bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad_metrics:
@@ -595,6 +770,10 @@ def run(
                 f"metric {bad_metrics[0]} is not finite ({metrics[bad_metrics[0]]}); nothing was published"
             )
 
+        # Every process has finished training, evaluating and checkpointing; rank 0 alone publishes.
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return metrics
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -608,6 +787,7 @@ def run(
             readme = tmp / "README.md"
             if readme.exists():
                 readme.unlink()  # peft's generated model card has no content of ours and embeds versions
+            write_json(tmp / TRAIN_SUMMARY, train_summary(params, metrics))
         write_json(metrics_path, metrics)
         atomic_write_bytes(history_path, history_csv(history_rows(history)).encode("utf-8"))
 
@@ -622,9 +802,14 @@ def run(
 def main() -> None:
     from stages import config
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(config.load())
+    params = config.load()
+    if params.train.num_processes > 1 and not is_distributed_worker(os.environ):
+        sys.exit(launch(params))
+    run(params)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,13 @@ def test_outputs_and_metrics(trained, train_params):
     assert [int(r["step"]) for r in rows] == list(range(1, train_params.train.max_steps + 1))
     assert float(rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
 
+    # The merge stage's model card reads the params and the deterministic metrics from the adapter folder.
+    summary = json.loads((adapter / "train_summary.json").read_text())
+    assert summary["params"]["train"]["lora"]["r"] == 4 and summary["params"]["seed"] == train_params.seed
+    assert summary["params"]["data.max_length"] == train_params.data.max_length
+    assert summary["metrics"] == {k: metrics[k] for k in train.SUMMARY_METRIC_KEYS}
+    assert "train_runtime_s" not in summary["metrics"] and "mlflow_run_id" not in summary
+
     # A finished run deletes its checkpoints.
     assert not any((trained / "checkpoints").glob("*/checkpoint-*"))
 
@@ -308,7 +315,11 @@ def test_same_seed_gives_byte_identical_adapter(
     tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
 ):
     run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
+    # The whole folder, train_summary.json included: DVC hashes it, so identical runs must give identical bytes.
+    files = sorted(p.name for p in (trained / "adapter").iterdir())
+    assert {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"} <= set(files)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == files
+    for name in files:
         assert (tmp_path / "adapter" / name).read_bytes() == (trained / "adapter" / name).read_bytes(), name
 
 

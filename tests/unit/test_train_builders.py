@@ -314,3 +314,78 @@ def test_recipe_dpo_config_on_cuda(repo_root, tmp_path):
     args = train.dpo_config(recipe, tmp_path)
     assert args.optim == "paged_adamw_32bit" and args.bf16 and args.gradient_checkpointing
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
+
+
+def test_dpo_config_tells_ddp_every_lora_weight_is_used(default_params, tmp_path):
+    from stages import train
+
+    assert train.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
+
+
+def test_launch_command_cpu_is_torchrun(default_params):
+    import torch.distributed.run as torchrun
+
+    from stages import train
+
+    params = replace_params(default_params, train={"num_processes": 3, "device": "cpu"})
+    argv = train.launch_command(params, port=29123, python="/venv/bin/python")
+    assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    # Parsed by torchrun's own parser, so a renamed or misspelt flag fails here.
+    args = torchrun.get_args_parser().parse_args(argv[3:])
+    assert (args.nnodes, args.nproc_per_node) == ("1", "3")
+    assert (args.master_addr, args.master_port) == ("127.0.0.1", 29123)
+    assert args.module and args.training_script == "stages.train" and args.training_script_args == []
+
+
+@pytest.mark.parametrize(("precision", "flag"), [("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16")])
+def test_launch_command_cuda_is_accelerate_ddp(default_params, precision, flag):
+    from accelerate.commands.launch import launch_command_parser
+
+    from stages import train
+
+    params = replace_params(
+        default_params, train={"num_processes": 2, "device": "cuda", "precision": precision}
+    )
+    argv = train.launch_command(params, port=29124, python="py")
+    assert argv[:3] == ["py", "-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(argv[3:])
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed and args.config_file is None
+    assert (args.num_machines, args.num_processes, args.mixed_precision) == (1, 2, flag)
+    assert (args.main_process_ip, args.main_process_port) == ("127.0.0.1", 29124)
+    assert args.module and args.training_script == "stages.train"
+
+
+def test_launch_command_cuda_with_an_accelerate_config_file(default_params):
+    """FSDP / DeepSpeed: the config file picks the distributed type, so --multi_gpu must not override it."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from stages import train
+
+    params = replace_params(default_params, train={"num_processes": 4, "device": "cuda", "precision": "bf16"})
+    argv = train.launch_command(params, port=1, config_file="fsdp.yaml", python="py")
+    args = launch_command_parser().parse_args(argv[3:])
+    assert args.config_file == "fsdp.yaml" and not args.multi_gpu
+    assert (args.num_processes, args.mixed_precision) == (4, "bf16")
+
+
+def test_is_distributed_worker():
+    from stages import train
+
+    assert not train.is_distributed_worker({"PATH": "/bin", "RANK": "0"})
+    assert train.is_distributed_worker({"LOCAL_RANK": "1"})
+    assert train.is_distributed_worker({"WORLD_SIZE": "2"})
+
+
+def test_train_summary_holds_declared_params_and_deterministic_metrics(default_params):
+    from stages import tracking, train
+
+    metrics = {key: float(i) for i, key in enumerate(train.METRIC_KEYS)}
+    summary = train.train_summary(default_params, metrics)
+    assert set(summary) == {"params", "metrics"}
+    assert summary["params"] == tracking.params_for(default_params, train.SECTIONS)
+    assert set(summary["params"]) == {"seed", "data.max_length", "train"}
+    assert set(summary["metrics"]) == set(train.SUMMARY_METRIC_KEYS) <= set(train.METRIC_KEYS)
+    for varying in ("train_runtime_s", "pairs_per_s", "tokens_per_s", "peak_memory_mb", "pad_fraction"):
+        assert varying not in summary["metrics"]
+    assert summary["metrics"]["eval_loss"] == metrics["eval_loss"]
+    json.dumps(summary, allow_nan=False)
