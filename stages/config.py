@@ -368,6 +368,13 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: file not found") from err
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except yaml.YAMLError as err:  # one line: where it broke, what was expected, where the block began
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        began = getattr(err, "context_mark", None)
+        opened = (
+            f" ({context} at line {began.line + 1}, column {began.column + 1})" if context and began else ""
+        )
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}{opened}") from err
     return parse(data, str(path))

@@ -2,7 +2,7 @@
 
 Reads: params `seed`, `merge`; models/base/ (model + ChatML tokenizer, and pipeline_base.json when the base
 stage wrote it); models/adapter/ (adapter_model.safetensors + adapter_config.json + tokenizer, and the
-optional train_summary.json: {"params": ..., "metrics": ..., "mlflow_run_id": ...}); data/prepared/
+optional train_summary.json: {"params": ..., "metrics": ...}); data/prepared/
 (test.parquet for the fidelity prompts, train.parquet's schema metadata for the model card).
 Writes: models/merged/ (model.safetensors in `merge.dtype`, config, tokenizer with its chat template, the
 model card README.md and pipeline_merge.json with the lineage) and metrics/merge.json (flat numbers).
