@@ -58,4 +58,3 @@ if __name__ == "__main__":
     from stages.common import run_main
 
     run_main(main)
-
