@@ -122,36 +122,41 @@ def read_corpus(path: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise StageError(f"{path}: corpus file not found (base.builtin.corpus)")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise StageError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            answers = next((cols for cols in ANSWER_COLUMNS if all(c in row for c in cols)), None)
-            if answers is None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise StageError(
+            f"{path}: not UTF-8 text (byte {err.start}); base.builtin.corpus must be a JSON Lines file"
+        ) from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise StageError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        answers = next((cols for cols in ANSWER_COLUMNS if all(c in row for c in cols)), None)
+        if answers is None:
+            raise StageError(
+                f"{path}:{line_no}: expected columns system, question and chosen/rejected "
+                f"(or chatgpt/llama2-13b-chat), got {sorted(row)}"
+            )
+        picked = {}
+        for key, name in (
+            ("system", "system"),
+            ("question", "question"),
+            ("chosen", answers[0]),
+            ("rejected", answers[1]),
+        ):
+            value = row.get(name, "")
+            if not isinstance(value, str):
                 raise StageError(
-                    f"{path}:{line_no}: expected columns system, question and chosen/rejected "
-                    f"(or chatgpt/llama2-13b-chat), got {sorted(row)}"
+                    f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
                 )
-            picked = {}
-            for key, name in (
-                ("system", "system"),
-                ("question", "question"),
-                ("chosen", answers[0]),
-                ("rejected", answers[1]),
-            ):
-                value = row.get(name, "")
-                if not isinstance(value, str):
-                    raise StageError(
-                        f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
-                    )
-                picked[key] = value
-            rows.append(picked)
+            picked[key] = value
+        rows.append(picked)
     if not rows:
         raise StageError(f"{path}: corpus is empty")
     return rows

@@ -267,7 +267,7 @@ def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[str]]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             raise StageError(
-                f"{source}: line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                f"{source}: line {number}: not valid JSON ({err.msg}; column {err.colno})"
             ) from None
         if not isinstance(value, dict):
             raise StageError(f"{source}: line {number}: expected a JSON object, got {_type_name(value)}")
@@ -291,7 +291,7 @@ def read_json_rows(path: Path) -> tuple[list[dict], list[str]]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise StageError(
-                f"{source}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+                f"{source}: not valid JSON ({err.msg}; line {err.lineno}, column {err.colno})"
             ) from None
         rows, where = [], []
         for index, value in enumerate(data):

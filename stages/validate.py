@@ -35,11 +35,14 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
     if params.data.source == "local":
         table, schema = read_local(Path(params.data.path), params.data.columns)
         report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
-    if params.base.source == "builtin" and params.base.builtin.corpus != params.data.path:
+    if params.base.source == "builtin":
+        # Read even when it is the raw file: the base stage reads JSON Lines only (read_corpus), while the
+        # raw file may be .json or .parquet, which would pass read_local and then fail in `base`.
         from stages.base import read_corpus
 
-        rows = read_corpus(params.base.builtin.corpus)
-        report.update(corpus=params.base.builtin.corpus, corpus_rows=len(rows))
+        corpus = params.base.builtin.corpus
+        rows = read_corpus(corpus)
+        report.update(corpus=corpus, corpus_rows=len(rows))
     marker = Path(marker)
     if not marker.exists() or marker.read_bytes() != MARKER_TEXT:
         atomic_write_bytes(marker, MARKER_TEXT)

@@ -183,7 +183,7 @@ def test_json_lines_in_a_json_file_use_line_numbers(tmp_path):
 def test_json_array_unparseable_names_file_and_position(tmp_path):
     path = tmp_path / "raw.json"
     path.write_text('[\n  {"system": "", "question": "q",\n  oops}\n]', encoding="utf-8")
-    assert re.match(rf"{re.escape(str(path))}: not valid JSON \(.* at line 3, column \d+\)", error_of(path))
+    assert re.match(rf"{re.escape(str(path))}: not valid JSON \(.*; line 3, column \d+\)", error_of(path))
 
 
 def test_empty_json_array_is_an_error(tmp_path):
