@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"base", "prepare", "reference", "train", "merge", "evaluate_base", "evaluate"}
+ALL_STAGES = {"validate", "base", "prepare", "reference", "train", "merge", "evaluate_base", "evaluate"}
 
 
 def stages_in_status(output: str) -> set[str]:
@@ -30,6 +30,7 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
     dot = project.dvc("dag", "--dot").stdout
     edges = set(re.findall(r'"([\w-]+)"\s*->\s*"([\w-]+)"', dot))
     for edge in [
+        ("validate", "base"),
         ("base", "prepare"),
         ("prepare", "reference"),
         ("reference", "train"),
@@ -47,10 +48,12 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
     project.set_params({"data.test_fraction": 0.2})
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"prepare"}, "dvc status lists the stages whose own deps/params changed"
+    # validate re-checks params.yaml; prepare's own params changed. Nothing else is listed.
+    assert changed == {"validate", "prepare"}, "dvc status lists the stages whose own deps/params changed"
     # Re-running prepare changes data/prepared, which every later stage depends on: now they are stale,
     # while base (upstream) stays up to date.
     out = project.dvc("repro", "prepare").stdout
+    assert "Running stage 'validate'" in out
     assert "Stage 'base' didn't change, skipping" in out
     assert "Running stage 'prepare'" in out
     changed = stages_in_status(project.dvc("status").stdout)
@@ -61,7 +64,7 @@ def test_eval_param_leaves_upstream_stages_up_to_date(clone):
     project = clone("status-eval")
     project.set_params({"eval.max_new_tokens": 4})
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"evaluate_base", "evaluate"}
+    assert changed == {"validate", "evaluate_base", "evaluate"}
     dry = project.dvc("repro", "--dry").stdout
     would_run = set(re.findall(r"Running stage '([\w-]+)'", dry))
-    assert would_run == {"evaluate_base", "evaluate"}
+    assert would_run == {"validate", "evaluate_base", "evaluate"}
