@@ -1,0 +1,483 @@
+"""The benchmark suite (issue 7): our pipeline against the article's way, measured in one run on one machine.
+
+    python -m bench.run [--quick] [--full-repro] [--only prepare,small,large,dvc] [--keep]
+    make bench
+
+Writes metrics/bench.json (flat numeric keys, for `dvc metrics show/diff` and the README) and prints a table.
+
+Sections (every measured process is a fresh subprocess, so imports and memory peaks never mix):
+- prepare: 12,859 synthetic rows with orca_dpo_pairs' lengths (bench.synthetic) through the prepare stage's
+  functions, phase by phase, against the article's datasets.map + apply_chat_template; plus the measured
+  proposals for prepare's token counting (bench.preparebench, bench.tokcache).
+- small / large: DPO training of our train path (one 4-bit base + LoRA, cached reference log-probs from the
+  reference stage, length-grouped batches) against the article's (a second 4-bit model as ref_model, trl's
+  reference forward every step, random batches), same params, rows and steps (bench.training). small is the
+  profile's model; large a ~0.6B random-init Mistral (bench.models) where the weights dominate memory.
+- dvc: no-op `dvc status` / `dvc repro` in a copy of the reproduced checkout; with --full-repro, the whole
+  `dvc repro` of the small profile in a fresh copy first (minutes, opt-in), then the no-op figures there.
+  A dvc figure not measured in this run (no --full-repro, or the checkout not reproduced) is carried over
+  from the previous metrics file and flagged `<key>_carried_over: 1`.
+
+--quick: tiny sizes (2,000 prepare rows, 3 small steps, a 39M-parameter "large" model) for a smoke run.
+On a machine shared with other jobs, wall times are noisy: the `_cpu` figures (process CPU seconds) are the
+steadier comparison, and the load average at start and end is recorded (load_avg_1m_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import dvcbench, report, training
+from bench.report import fmt, speed
+from bench.synthetic import ORCA_ROWS, synthetic_rows
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS_PATH = Path("metrics/bench.json")
+SECTIONS = ("prepare", "small", "large", "dvc")
+DVC_KEYS = ("dvc_status_s", "dvc_status_cold_s", "dvc_repro_noop_s", "dvc_full_repro_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    prepare_rows: int
+    small_steps: int
+    small_batch: int | None  # None: the profile's train.per_device_train_batch_size
+    small_repeats: int  # runs of each side (alternating order); the fastest counts
+    small_rows: int | None  # train split size (None: just the trained rows); see bench.training.compare
+    large_model: str  # bench.models CLI name
+    large_steps: int
+    large_batch: int
+    large_repeats: int
+
+
+FULL = Plan(
+    prepare_rows=ORCA_ROWS,
+    small_steps=16,
+    small_batch=None,
+    small_repeats=2,
+    small_rows=1600,  # 200 x 8: the full 50-batch mega-batches of length grouping, as on the real split
+    large_model="large",
+    large_steps=3,
+    large_batch=2,
+    large_repeats=1,
+)
+QUICK = Plan(
+    prepare_rows=2000,
+    small_steps=3,
+    small_batch=4,
+    small_repeats=1,
+    small_rows=None,
+    large_model="large-quick",
+    large_steps=2,
+    large_batch=2,
+    large_repeats=1,
+)
+SYNTHETIC_SEED = 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_prepare(params: Any, base_dir: Path, plan: Plan, work: Path) -> tuple[dict, dict]:
+    work = work / "prepare"
+    work.mkdir(parents=True, exist_ok=True)
+    raw = work / "raw.jsonl"
+    with open(raw, "w", encoding="utf-8") as fh:
+        for row in synthetic_rows(plan.prepare_rows, SYNTHETIC_SEED):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    params_path = training.params_json(params, work / "params.json")
+    args = ["--raw", str(raw), "--base", str(base_dir), "--params", str(params_path)]
+    results = {}
+    for mode in ("ours", "article", "proposals"):
+        log(f"  prepare: {mode} ...")
+        results[mode] = training.run_worker(
+            "bench.preparebench",
+            mode,
+            [*args, "--work", str(work / mode)],
+            work / f"{mode}.json",
+            work / "logs" / f"{mode}.log",
+        )
+    return report.prepare_metrics(results["ours"], results["article"], results["proposals"]), results
+
+
+def run_training(size: str, params: Any, base_dir: Path, plan: Plan, device: str, work: Path):
+    steps = plan.small_steps if size == "small" else plan.large_steps
+    batch = plan.small_batch if size == "small" else plan.large_batch
+    batch = batch or params.train.per_device_train_batch_size
+    repeats = plan.small_repeats if size == "small" else plan.large_repeats
+    rows = plan.small_rows if size == "small" else None
+    return training.compare(
+        size, base_dir, params, steps, batch, device, work, repeats=repeats, rows=rows, log=log
+    )
+
+
+def build_large(plan: Plan, tokenizer_dir: Path, seed: int, work: Path) -> Path:
+    """The large model, built (or found in .scratch/bench) by a process of its own."""
+    out = work / "large-model.txt"
+    log_path = work / "logs" / "large-model.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    import subprocess
+
+    with open(out, "w", encoding="utf-8") as fh, open(log_path, "w", encoding="utf-8") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.models", plan.large_model, str(tokenizer_dir), str(seed)],
+            cwd=REPO,
+            env=training.worker_env(),
+            stdout=fh,
+            stderr=err,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise training.BenchError(f"building the large model failed; log {log_path}")
+    return Path(out.read_text(encoding="utf-8").strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+
+
+def training_rows(size: str, m: dict) -> list[tuple[str, str, str, str]]:
+    s = f"{size}_"
+
+    def row(label: str, ours: str, baseline: str, both_ratio: str) -> tuple[str, str, str, str]:
+        return (label, ours, baseline, both_ratio)
+
+    rows = [
+        row(
+            "pairs/s, steps after the 1st (wall)",
+            fmt(m.get(s + "ours_steady_pairs_per_s")),
+            fmt(m.get(s + "baseline_steady_pairs_per_s")),
+            speed(m.get(s + "steady_pairs_per_s_ratio")),
+        ),
+        row(
+            "  same, per CPU-second",
+            fmt(m.get(s + "ours_steady_pairs_per_cpu_s")),
+            fmt(m.get(s + "baseline_steady_pairs_per_cpu_s")),
+            speed(m.get(s + "steady_pairs_per_cpu_s_ratio")),
+        ),
+        row(
+            "pairs/s, whole train loop incl. 1st step (wall)",
+            fmt(m.get(s + "ours_pairs_per_s")),
+            fmt(m.get(s + "baseline_pairs_per_s")),
+            speed(m.get(s + "pairs_per_s_ratio")),
+        ),
+        row(
+            "tokens/s, whole train loop (wall)",
+            fmt(m.get(s + "ours_tokens_per_s")),
+            fmt(m.get(s + "baseline_tokens_per_s")),
+            speed(m.get(s + "tokens_per_s_ratio")),
+        ),
+        row(
+            "best step after the 1st, s",
+            fmt(m.get(s + "ours_best_step_s")),
+            fmt(m.get(s + "baseline_best_step_s")),
+            speed(m.get(s + "best_step_speedup")),
+        ),
+        row(
+            "pairs per CPU-s, ours charged its reference rows",
+            fmt(m.get(s + "ours_with_reference_pairs_per_cpu_s")),
+            fmt(m.get(s + "baseline_pairs_per_cpu_s")),
+            speed(m.get(s + "with_reference_pairs_per_cpu_s_ratio")),
+        ),
+        row(
+            "pad fraction",
+            fmt(m.get(s + "ours_pad_fraction")),
+            fmt(m.get(s + "baseline_pad_fraction")),
+            "",
+        ),
+        row(
+            "peak RSS of the training process, MB (ours/article)",
+            fmt(m.get(s + "ours_peak_rss_mb")),
+            fmt(m.get(s + "baseline_peak_rss_mb")),
+            fmt(m.get(s + "peak_memory_ratio"), "x"),
+        ),
+        row(
+            "  during training only (ours/article)",
+            fmt(m.get(s + "ours_train_peak_rss_mb")),
+            fmt(m.get(s + "baseline_train_peak_rss_mb")),
+            fmt(m.get(s + "train_peak_memory_ratio"), "x"),
+        ),
+        row(
+            "  whole process above the imported runtime",
+            fmt(_diff(m.get(s + "ours_peak_rss_mb"), m.get(s + "ours_rss_after_import_mb"))),
+            fmt(_diff(m.get(s + "baseline_peak_rss_mb"), m.get(s + "baseline_rss_after_import_mb"))),
+            fmt(m.get(s + "peak_memory_above_runtime_ratio"), "x"),
+        ),
+        *(
+            [
+                row(
+                    "peak CUDA memory allocated, MB (ours/article)",
+                    fmt(m.get(s + "ours_peak_cuda_mb")),
+                    fmt(m.get(s + "baseline_peak_cuda_mb")),
+                    fmt(m.get(s + "peak_memory_ratio"), "x"),
+                ),
+                row(
+                    "  during training only (ours/article)",
+                    fmt(m.get(s + "ours_train_peak_cuda_mb")),
+                    fmt(m.get(s + "baseline_train_peak_cuda_mb")),
+                    fmt(m.get(s + "train_peak_memory_ratio"), "x"),
+                ),
+            ]
+            if s + "ours_peak_cuda_mb" in m
+            else []
+        ),
+        row(
+            "reference stage, s per row of the split (ours only)",
+            fmt(m.get(s + "reference_s_per_row")),
+            "",
+            f"{fmt(m.get(s + 'reference_rows'))} rows",
+        ),
+        row(
+            "processes' wall time, s (ours: reference + train)",
+            fmt(m.get(s + "ours_process_s")),
+            fmt(m.get(s + "baseline_process_s")),
+            speed(m.get(s + "process_s_ratio")),
+        ),
+        row(
+            f"{report.SWEEP_RUNS}-run sweep, CPU (1 reference + runs)",
+            "",
+            "",
+            speed(m.get(s + f"sweep{report.SWEEP_RUNS}_cpu_speedup")),
+        ),
+    ]
+    return rows
+
+
+def _inverse(value):
+    return None if not value else 1.0 / value
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def render(metrics: dict, context: dict) -> str:
+    out = []
+    head = (
+        f"bench ({'quick' if context.get('quick') else 'full'}) on {context.get('device')}, "
+        f"{os.cpu_count()} CPU cores, load average {fmt(context.get('load_start'))} at start, "
+        f"{fmt(context.get('load_end'))} at end; {fmt(metrics.get('bench_wall_s'))} s"
+    )
+    out.append(head)
+    for size in ("small", "large"):
+        if f"{size}_pairs" not in metrics:
+            continue
+        out.append("")
+        out.append(
+            f"DPO training, {size} model ({context.get(size + '_model', '')}): "
+            f"{fmt(metrics.get(size + '_steps'))} steps x {fmt(metrics.get(size + '_batch_size'))} pairs, "
+            f"best of {fmt(metrics.get(size + '_ours_repeats'))} run(s) per side"
+        )
+        out.append(
+            report.format_table(training_rows(size, metrics), ("", "ours", "article", "ours vs article"))
+        )
+    if "prepare_rows" in metrics:
+        out.append("")
+        out.append(f"prepare, {fmt(metrics.get('prepare_rows'))} orca-sized rows (seconds after imports)")
+        rows = [
+            (
+                "ChatML formatting (pyarrow vs datasets.map)",
+                fmt(metrics.get("prepare_ours_format_s")),
+                fmt(metrics.get("prepare_article_map_s")),
+                speed(metrics.get("prepare_format_speedup")),
+            ),
+            (
+                "whole work (ours: +validation, filters, tokens, split, write)",
+                fmt(metrics.get("prepare_ours_work_s")),
+                fmt(metrics.get("prepare_article_work_s")),
+                speed(_inverse(metrics.get("prepare_work_ratio"))),
+            ),
+            ("  of which token counting", fmt(metrics.get("prepare_ours_token_count_s")), "", ""),
+            (
+                "  whole work without token counting",
+                fmt(metrics.get("prepare_ours_work_without_token_count_s")),
+                "",
+                speed(_inverse(metrics.get("prepare_work_without_token_count_ratio"))),
+            ),
+            (
+                "imports",
+                fmt(metrics.get("prepare_ours_import_s")),
+                fmt(metrics.get("prepare_article_import_s")),
+                "",
+            ),
+            (
+                "proposal: token-count cache, cold / +10% rows / warm",
+                f"{fmt(metrics.get('prepare_proposal_cache_cold_s'))} / "
+                f"{fmt(metrics.get('prepare_proposal_cache_new_rows_s'))} / "
+                f"{fmt(metrics.get('prepare_proposal_cache_warm_s'))}",
+                "",
+                "",
+            ),
+            (
+                "proposal: whole work with a warm cache",
+                fmt(metrics.get("prepare_proposal_work_with_warm_cache_s")),
+                "",
+                "",
+            ),
+        ]
+        out.append(report.format_table(rows, ("", "ours", "article", "ours vs article")))
+    dvc_rows = [
+        (label, fmt(metrics.get(key)))
+        for label, key in (
+            ("dvc status, no-op (warm median)", "dvc_status_s"),
+            ("dvc status, first call in a fresh copy", "dvc_status_cold_s"),
+            ("dvc repro, no-op (warm median)", "dvc_repro_noop_s"),
+            ("dvc repro, whole small profile", "dvc_full_repro_s"),
+        )
+        if key in metrics
+    ]
+    if dvc_rows or context.get("dvc_error"):
+        out.append("")
+        out.append("DVC wall times, s")
+        if dvc_rows:
+            out.append(report.format_table(dvc_rows, ("", "s")))
+        carried = [key for key in DVC_KEYS if metrics.get(f"{key}_carried_over")]
+        if carried:
+            out.append(
+                f"  carried over from the previous {METRICS_PATH} (not measured this run): {', '.join(carried)}"
+            )
+        if context.get("dvc_error"):
+            out.append(f"  not measured: {context['dvc_error']}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    parser.add_argument("--full-repro", action="store_true", help="also time the whole `dvc repro` (minutes)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--out", type=Path, default=METRICS_PATH, help="metrics file (default metrics/bench.json)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (worker logs and JSON)")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(
+            f"--only: unknown section(s) {', '.join(unknown)}; expected some of {', '.join(SECTIONS)}"
+        )
+
+    os.chdir(REPO)
+    from bench import models
+    from stages import config
+
+    started = time.perf_counter()
+    plan = QUICK if args.quick else FULL
+    params = config.load()
+    device = resolve_device(args.device)
+    context: dict[str, Any] = {"quick": args.quick, "device": device, "load_start": load_average()}
+    metrics: dict[str, Any] = {
+        "quick": float(args.quick),
+        "cpu_count": os.cpu_count(),
+        "gpu": float(device == "cuda"),
+    }
+    metrics["load_avg_1m_start"] = context["load_start"]
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    raw_results: dict[str, Any] = {}
+    failures = []
+    try:
+        small_dir, small_origin = models.small_base(params)
+        context["small_model"] = small_origin
+        log(f"bench: work folder {work}; small model {small_dir} ({small_origin}); device {device}")
+        if "prepare" in only:
+            log("bench: prepare")
+            try:
+                m, raw_results["prepare"] = run_prepare(params, small_dir, plan, work)
+                metrics.update(m)
+            except training.BenchError as err:
+                failures.append(f"prepare: {err}")
+        for size in ("small", "large"):
+            if size not in only:
+                continue
+            log(f"bench: training, {size} model")
+            try:
+                if size == "small":
+                    base_dir = small_dir
+                else:
+                    base_dir = build_large(plan, small_dir, params.seed, work)
+                    shape = models.LARGE if plan.large_model == "large" else models.LARGE_QUICK
+                    context["large_model"] = (
+                        f"random-init Mistral, {shape.parameters() / 1e6:.0f}M parameters, "
+                        f"hidden {shape.hidden_size} x {shape.num_hidden_layers} layers, vocab {shape.vocab_size}"
+                    )
+                    metrics["large_parameters"] = shape.parameters()
+                m, raw_results[size] = run_training(size, params, base_dir, plan, device, work)
+                metrics.update(m)
+            except training.BenchError as err:
+                failures.append(f"{size}: {err}")
+        if "dvc" in only:
+            log("bench: dvc")
+            result = dvcbench.measure(REPO, work, args.full_repro, log=log)
+            context["dvc_error"] = result.pop("error", None)
+            metrics.update(result)
+        previous = _previous(args.out)
+        for key in DVC_KEYS:  # not measured this time: keep the last measured figure, flagged
+            if key not in metrics and key in previous:
+                metrics[key] = previous[key]
+                metrics[f"{key}_carried_over"] = 1.0
+        context["load_end"] = load_average()
+        metrics["load_avg_1m_end"] = context["load_end"]
+        metrics["bench_wall_s"] = time.perf_counter() - started
+        from stages.common import write_json
+
+        write_json(args.out, report.flat_numeric(metrics))
+        (work / "raw_results.json").write_text(
+            json.dumps(raw_results, indent=1, sort_keys=True), encoding="utf-8"
+        )
+        print(render(metrics, context))
+        print(f"\nwrote {args.out}" + (f"; worker logs and raw results in {work}" if args.keep else ""))
+        for failure in failures:
+            print(f"FAILED {failure}", file=sys.stderr)
+        return 1 if failures else 0
+    finally:
+        if args.keep or failures:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _previous(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""One measured training (or reference pass) in a fresh process, so peak memories never mix.
+
+    python -m bench.trainbench MODE --params JSON --base DIR --prepared DIR --reference DIR --out JSON
+
+MODE
+  ours       the train stage's path: stages.train's builders (load_policy: one 4-bit base + LoRA, the
+             reference = the adapter disabled), cached reference log-probs read from --reference
+             (attach_reference), length-grouped batching (train.group_by_length), the stage's trainer class.
+  baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
+             ref_model so trl computes the reference log-probs on the fly every step, random batching;
+             every other setting is the same DPOConfig (stages.train.dpo_config).
+  reference  the reference stage's work (stages.reference.compute) for the same rows; writes the cached
+             log-probs to --reference for `ours`.
+
+The params file is a JSON dump of the (already overridden) params dataclasses. The process writes one JSON
+object: phase times (import, data, load, init, train) in wall-clock and process CPU seconds, pairs and tokens
+trained, and memory high-water marks: the whole process's peak RSS (VmHWM) and, reset just before
+trainer.train(), the training phase's own peak (the resident model plus what training adds, without the
+loading transients); on the GPU torch.cuda.max_memory_allocated likewise.
+Nothing is tracked in MLflow and nothing in the repo is written.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MODES = ("ours", "baseline", "reference")
+
+
+def rss_peak_mb() -> float:
+    """This process's resident-set high-water mark in MiB.
+
+    /proc/self/status VmHWM belongs to the process's own address space, so it starts from zero at exec.
+    ru_maxrss does not: Linux carries the parent's RSS at fork over the exec, so a worker started by a
+    parent that holds a big model would report at least the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_now_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is the training phase's alone."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+        return True
+    except OSError:
+        return False
+
+
+def load_params(path: str | Path):
+    from stages import config
+
+    return config.parse(json.loads(Path(path).read_text(encoding="utf-8")), source=str(path))
+
+
+def load_reference_model(base_dir: Path, t):
+    """The article's ref_model: a second 4-bit copy of the base (frozen, no k-bit training preparation).
+
+    Loaded with exactly load_policy's dtype/quantization/device, and with bitsandbytes' CPU bf16 repacking
+    switched off as load_policy does, so both sides multiply the same way.
+    """
+    from stages.common import load_model, torch_dtype
+    from stages.train import bnb_config, model_dtype, resolve_device
+
+    kwargs = {"dtype": torch_dtype(model_dtype(t.precision))}
+    quantization = bnb_config(t)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": 0} if resolve_device(t.device) == "cuda" else {"": "cpu"}
+    model = load_model(base_dir, **kwargs)
+    model.config.use_cache = False
+    if quantization is not None:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def counting_trainer_class():
+    """Plain trl DPOTrainer (the article's) with the same pair/token counters as the stage's trainer."""
+    from trl import DPOTrainer
+
+    class CountingDPOTrainer(DPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            self.pipeline_counts["pairs"] += mask.shape[0] // 2
+            self.pipeline_counts["tokens"] += int(mask.sum())
+            self.pipeline_counts["padded_tokens"] += mask.numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingDPOTrainer
+
+
+def step_timer():
+    """A TrainerCallback recording the wall-clock and process CPU time at every optimizer step's end."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.cpu_times: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
+
+    return StepTimer()
+
+
+def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from stages import train
+    from stages.common import load_tokenizer
+    from stages.train import resolve_device
+
+    if mode == "baseline":
+        # The article: the reference log-probs on the fly from ref_model, random batches. Nothing else differs.
+        params = dataclasses.replace(
+            params, train=dataclasses.replace(params.train, precompute_ref=False, group_by_length=False)
+        )
+    t = params.train
+    result: dict = {}
+    clock = time.perf_counter()
+    tokenizer = load_tokenizer(base_dir)
+    table = train.read_prepared(prepared_dir, "train")
+    if mode == "ours":
+        path = reference_dir / "train.parquet"
+        table = train.attach_reference(table, pq.read_table(path), path)
+        dataset = train.to_dataset(table, tokenizer.eos_token, train.REF_COLUMNS)
+    else:
+        # The article's dataset: prompt / chosen / rejected only (same strings as ours, so the same tokens).
+        dataset = train.to_dataset(table, tokenizer.eos_token).select_columns(
+            ["prompt", "chosen", "rejected"]
+        )
+    result["data_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    model = train.load_policy(base_dir, t)
+    ref_model = load_reference_model(base_dir, t) if mode == "baseline" else None
+    result["load_s"] = time.perf_counter() - clock
+    result["rss_after_load_mb"] = rss_peak_mb()
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out_dir:
+        clock = time.perf_counter()
+        args = train.dpo_config(params, out_dir)
+        if mode == "ours":
+            trainer = train._trainer_class()(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=train.lora_config(t.lora),
+            )
+        else:
+            trainer = counting_trainer_class()(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=train.lora_config(t.lora),
+            )
+        trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
+        timer = step_timer()
+        trainer.add_callback(timer)
+        result["init_s"] = time.perf_counter() - clock
+
+        import gc
+
+        gc.collect()
+        result["rss_before_train_mb"] = rss_now_mb()
+        result["peak_rss_before_train_mb"] = rss_peak_mb()
+        phase_peak = reset_rss_peak()
+        if resolve_device(t.device) == "cuda":
+            import torch
+
+            result["peak_cuda_before_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        clock, cpu_clock = time.perf_counter(), time.process_time()
+        trainer.train()
+        result["train_s"] = time.perf_counter() - clock
+        # CPU seconds of all this process's threads: far less sensitive than wall time to other processes
+        # competing for the cores.
+        result["train_cpu_s"] = time.process_time() - cpu_clock
+        if phase_peak:
+            # The training phase's own peak: the resident model plus what training adds; loading transients
+            # (weights read, converted and quantized) are excluded, like torch.cuda.max_memory_allocated after
+            # a reset on the GPU.
+            result["train_peak_rss_mb"] = rss_peak_mb()
+        if resolve_device(t.device) == "cuda":
+            import torch
+
+            result["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    for suffix, marks in (("", timer.times), ("_cpu", timer.cpu_times)):
+        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        result[f"step{suffix}_s"] = steps
+        if steps:
+            result[f"first_step{suffix}_s"] = steps[0]
+            later = sorted(steps[1:])
+            if later:
+                # After the first step, which carries one-off warm-up work (lazy initialisation) on both sides.
+                result[f"later_steps{suffix}_s"] = sum(later)
+                result[f"median_later_step{suffix}_s"] = later[len(later) // 2]
+                result[f"best_later_step{suffix}_s"] = later[0]
+    counts = trainer.pipeline_counts
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    steps_done = trainer.state.global_step
+    result.update(
+        later_pairs=counts["pairs"] * (steps_done - 1) / steps_done if steps_done > 1 else 0,
+        steps=steps_done,
+        pairs=counts["pairs"],
+        tokens=counts["tokens"],
+        padded_tokens=counts["padded_tokens"],
+        pad_fraction=1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
+        last_loss=float(losses[-1]) if losses else float("nan"),
+    )
+    return result
+
+
+def _reference(params, base_dir: Path, prepared_dir: Path, reference_dir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from stages import reference
+
+    clock, cpu_clock = time.perf_counter(), time.process_time()
+    tables = reference.compute(params, base_dir, prepared_dir)  # load + tokenize + forward, as the stage does
+    result = {"compute_s": time.perf_counter() - clock, "compute_cpu_s": time.process_time() - cpu_clock}
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    for split, table in tables.items():
+        pq.write_table(table, reference_dir / f"{split}.parquet")
+    result["rows"] = sum(table.num_rows for table in tables.values())
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--base", required=True, type=Path)
+    parser.add_argument("--prepared", required=True, type=Path)
+    parser.add_argument("--reference", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    clock = time.perf_counter()
+    import bitsandbytes  # noqa: F401 - the lazily imported libraries are timed with the imports,
+    import peft  # noqa: F401 - not with the first phase that happens to touch them
+    import torch
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+
+    from stages import reference, train  # noqa: F401
+
+    result: dict = {"mode": args.mode, "import_s": time.perf_counter() - clock}
+    result["rss_after_import_mb"] = rss_peak_mb()
+    params = load_params(args.params)
+    device = train.resolve_device(params.train.device)
+    result["device"] = device
+    if args.mode == "reference":
+        result.update(_reference(params, args.base, args.prepared, args.reference))
+    else:
+        result.update(_train(args.mode, params, args.base, args.prepared, args.reference))
+    # The whole process's peaks (the training phase's peak was reset, so take the larger of both phases).
+    result["peak_rss_mb"] = max(rss_peak_mb(), result.get("peak_rss_before_train_mb", 0.0))
+    if device == "cuda":
+        result["peak_cuda_mb"] = max(
+            torch.cuda.max_memory_allocated() / 2**20, result.get("peak_cuda_before_train_mb", 0.0)
+        )
+    result["process_s"] = time.perf_counter() - STARTED
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(json.dumps(result, sort_keys=True), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
