@@ -130,6 +130,8 @@ def step_timer():
         def __init__(self):
             self.times: list[float] = []
             self.cpu_times: list[float] = []
+            self.tokens: list[int] = []
+            self.counts: dict[str, int] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
@@ -138,6 +140,7 @@ def step_timer():
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
             self.cpu_times.append(time.process_time())
+            self.tokens.append(self.counts.get("tokens", 0))
 
     return StepTimer()
 
@@ -198,6 +201,7 @@ def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir:
             )
         trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
         timer = step_timer()
+        timer.counts = trainer.pipeline_counts
         trainer.add_callback(timer)
         result["init_s"] = time.perf_counter() - clock
 
@@ -243,6 +247,8 @@ def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir:
     steps_done = trainer.state.global_step
     result.update(
         later_pairs=counts["pairs"] * (steps_done - 1) / steps_done if steps_done > 1 else 0,
+        later_tokens=counts["tokens"] - timer.tokens[0] if timer.tokens else 0,
+        step_tokens=[b - a for a, b in zip([0, *timer.tokens], timer.tokens, strict=False)],
         steps=steps_done,
         pairs=counts["pairs"],
         tokens=counts["tokens"],

@@ -29,6 +29,7 @@ def test_flat_numeric_keeps_finite_numbers_only_sorted():
 def _worker(train_s, cpu_s, pairs=40, tokens=4000, peak=900.0, after_import=400.0, step=1.0, step_cpu=2.0):
     return {
         "later_pairs": pairs - 4,
+        "later_tokens": tokens - 400,
         "later_steps_s": train_s / 2,
         "later_steps_cpu_s": cpu_s / 2,
         "best_later_step_s": step / 2,
@@ -61,6 +62,8 @@ def test_training_metrics_ratios_and_reference_charging():
     assert m["small_ours_steady_pairs_per_s"] == pytest.approx(36 / 5)
     assert m["small_steady_pairs_per_s_ratio"] == pytest.approx(2.0)
     assert m["small_best_step_speedup"] == pytest.approx(2.0)
+    assert m["small_ours_steady_tokens_per_s"] == pytest.approx(3600 / 5)
+    assert m["small_steady_tokens_per_s_ratio"] == pytest.approx(2.0)
     # Ours pays the reference stage's compute per row for the 40 rows trained: 40 pairs / (5 + 10) s,
     # against the baseline's 2 pairs/s.
     assert m["small_ours_with_reference_pairs_per_s"] == pytest.approx(40 / 15)
@@ -267,6 +270,7 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
     metrics = json.loads(out.read_text(encoding="utf-8"))
     for key in (
         "small_pairs_per_s_ratio",
+        "small_steady_tokens_per_s_ratio",
         "small_pairs_per_cpu_s_ratio",
         "small_peak_memory_ratio",
         "large_pairs_per_s_ratio",
