@@ -30,6 +30,7 @@ from stages.common import (
     BASE_DIR,
     METRICS_DIR,
     PREPARED_DIR,
+    SCRATCH_DIR,
     StageError,
     atomic_dir,
     load_tokenizer,
@@ -69,6 +70,8 @@ OUTPUT_COLUMNS = (
     "rejected_tokens",
 )
 PERCENTILES = (50, 90, 99)
+# Token counts of texts already seen, per tokenizer (see cached_token_lengths). Scratch: never an output.
+TOKEN_CACHE_DIR = SCRATCH_DIR / "token_counts"
 CHECK_ROWS = 8  # rows on which the vectorised formatting is compared with format_row at run time
 
 
@@ -260,7 +263,9 @@ def detect_schema(columns: Sequence[str], wanted: str, source: str) -> str:
 
 def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by \n only: str.splitlines would also split inside strings holding U+2028,
+    # U+0085 and the like, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no row
         try:
@@ -382,8 +387,33 @@ def read_local(path: Path, wanted: str):
         except Exception as err:  # noqa: BLE001 - any reader error means the file is not usable Parquet
             raise StageError(f"{source}: not a readable Parquet file ({type(err).__name__}: {err})") from None
         return validate_arrow(table, wanted, source)
+    fast = read_json_lines_fast(path, wanted)
+    if fast is not None:
+        return fast
     rows, where = read_json_rows(path)
     return rows_to_table(rows, where, wanted, source)
+
+
+def read_json_lines_fast(path: Path, wanted: str):
+    """(table, schema) of a JSON Lines file read by pyarrow's C++ reader, or None to use the Python reader.
+
+    pyarrow parses and validates in a fraction of the time of json.loads per line (0.15 s vs 0.6 s for the
+    12,859 orca rows) but cannot say on which line a problem is. So any parse or validation failure here
+    returns None and the file is read again line by line by `read_json_rows` + `rows_to_table`, which raise
+    the error that names the line and column. A file both readers accept gives the same table (tested).
+    """
+    import pyarrow.json as pj
+
+    if path.suffix == ".json":
+        with path.open("rb") as handle:
+            head = handle.read(4096).lstrip()
+        if head.startswith(b"["):
+            return None  # a JSON array: the Python reader's job
+    try:
+        table = pj.read_json(path)
+        return validate_arrow(table, wanted, str(path))
+    except Exception:  # noqa: BLE001 - whatever went wrong, the line-by-line reader says it precisely
+        return None
 
 
 def read_hub(data) -> tuple[Any, str, str]:
@@ -414,10 +444,71 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [len(encoding) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer on all cores, without the offsets nobody reads here (~30% faster).
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [len(encoding) for encoding in encode(texts, add_special_tokens=False)]
     ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return [len(x) for x in ids]
+
+
+def tokenizer_key(tokenizer) -> str:
+    """Identity of what a tokenizer does: the hash of its whole serialized form (vocabulary, merges, added
+    tokens, normalizer, pre-tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def cached_token_lengths(tokenizer, texts: list[str], cache_dir: Path | None) -> list[int]:
+    """token_lengths, remembering every count in cache_dir/<tokenizer key>.parquet by the text's hash.
+
+    A count is a pure function of (tokenizer, text), so the cache cannot change what the stage writes; it
+    only skips tokenizing texts seen before: a re-run after a data.* param change, or a raw file with rows
+    added. No cache_dir: plain token_lengths. An unreadable cache file is ignored and rewritten, and so is
+    one whose counts of the first CHECK_ROWS cached texts differ from a fresh count.
+    """
+    import os
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if cache_dir is None or not texts:
+        return token_lengths(tokenizer, texts)
+    path = Path(cache_dir) / f"{tokenizer_key(tokenizer)}.parquet"
+    try:
+        table = pq.read_table(path)
+        cache = dict(zip(table["digest"].to_pylist(), table["tokens"].to_pylist(), strict=True))
+    except Exception:  # noqa: BLE001 - missing, partial or foreign file: start over
+        cache = {}
+    text_digests = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
+    hits = [i for i, d in enumerate(text_digests) if d in cache][:CHECK_ROWS]
+    if hits and token_lengths(tokenizer, [texts[i] for i in hits]) != [cache[text_digests[i]] for i in hits]:
+        cache = {}  # a cache that disagrees with the tokenizer on a spot check is not trusted at all
+    missing = {d: t for d, t in zip(text_digests, texts, strict=True) if d not in cache}
+    if missing:
+        cache.update(zip(missing, token_lengths(tokenizer, list(missing.values())), strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(
+                pa.table(
+                    {
+                        "digest": pa.array(list(cache), pa.binary(16)),
+                        "tokens": pa.array(list(cache.values()), pa.int32()),
+                    }
+                ),
+                tmp,
+                compression="none",
+            )
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return [cache[d] for d in text_digests]
 
 
 def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
@@ -472,8 +563,14 @@ def percentile_metrics(name: str, values: list[int]) -> dict[str, float]:
 # The whole preparation, without side effects
 
 
-def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
-    """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params."""
+def prepare_table(
+    table, tokenizer, data, token_cache_dir: Path | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params.
+
+    Answers are tokenized only for rows whose prompt fits data.max_prompt_length: a longer prompt drops the
+    row under prompt_too_long (tested first) whatever its answers, so their counts would never be used.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -486,9 +583,14 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     formatted = format_table(table, tokenizer)
     check_formatting(table, formatted, tokenizer, check_rows(table))
     prompt, chosen, rejected = formatted
-    prompt_tokens = token_lengths(tokenizer, prompt.to_pylist())
-    chosen_tokens = token_lengths(tokenizer, chosen.to_pylist())
-    rejected_tokens = token_lengths(tokenizer, rejected.to_pylist())
+    prompt_tokens = cached_token_lengths(tokenizer, prompt.to_pylist(), token_cache_dir)
+    fits = [i for i, n in enumerate(prompt_tokens) if n <= data.max_prompt_length]
+    fit_index = pa.array(fits, pa.int64())
+    answer_texts = chosen.take(fit_index).to_pylist() + rejected.take(fit_index).to_pylist()
+    answer_tokens = cached_token_lengths(tokenizer, answer_texts, token_cache_dir)
+    chosen_tokens, rejected_tokens = [0] * len(prompt_tokens), [0] * len(prompt_tokens)  # 0: dropped anyway
+    for j, i in enumerate(fits):
+        chosen_tokens[i], rejected_tokens[i] = answer_tokens[j], answer_tokens[len(fits) + j]
     lengths = pa.table(
         {
             "prompt": pa.array(prompt_tokens, pa.int32()),
@@ -574,8 +676,13 @@ def run(
     base_dir: str | Path = BASE_DIR,
     prepared_dir: str | Path = PREPARED_DIR,
     metrics_path: str | Path = METRICS_DIR / "data.json",
+    token_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Prepare the data; returns the metrics written to `metrics_path`."""
+    """Prepare the data; returns the metrics written to `metrics_path`.
+
+    token_cache_dir: where token counts are remembered between runs (main() passes TOKEN_CACHE_DIR);
+    None tokenizes everything.
+    """
     from stages import tracking
 
     data = params.data
@@ -602,7 +709,8 @@ def run(
                 f"{base_dir}: base model folder not found (run the base stage first: dvc repro base)"
             )
         tokenizer = load_tokenizer(base_dir)
-        train, test, counts = prepare_table(table, tokenizer, data)
+        cache = Path(token_cache_dir) if token_cache_dir is not None else None
+        train, test, counts = prepare_table(table, tokenizer, data, cache)
         metrics = data_metrics(train, test, counts)
         check_split(train, test, metrics, source, data)
 
@@ -633,7 +741,7 @@ def main() -> None:
     from stages import common, config
 
     def _run() -> None:
-        run(config.load())
+        run(config.load(), token_cache_dir=TOKEN_CACHE_DIR)
 
     common.run_main(_run)
 

@@ -1,5 +1,5 @@
-"""The benchmark's pure parts: derived metrics, ratios, the table, the synthetic orca rows, the token-count
-cache prototype and the model-size arithmetic. No model is trained and no subprocess is started."""
+"""The benchmark's pure parts: derived metrics, ratios, the table, the synthetic orca rows, and the
+model-size arithmetic. No model is trained and no subprocess is started."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from bench import report, synthetic, tokcache
+from bench import report, synthetic
 from bench.models import LARGE, Shape
 
 
@@ -106,20 +106,22 @@ def test_merge_repeats_keeps_the_fastest_run_the_best_step_and_the_highest_peak(
 
 
 def test_prepare_metrics_ratios():
-    ours = {
+    cold = {
         "format_s": 0.1,
         "work_s": 12.0,
+        "token_count_s": 11.0,
         "work_without_token_count_s": 1.0,
         "rows_in": 100,
         "rows_out": 90,
     }
+    warm = {"format_s": 0.1, "work_s": 0.4, "token_count_s": 0.01, "rows_in": 100, "rows_out": 90}
     article = {"map_s": 1.5, "work_s": 2.0}
-    proposals = {"cache_warm_s": 0.05, "cache_cold_s": 11.0}
-    m = report.prepare_metrics(ours, article, proposals)
+    m = report.prepare_metrics(cold, warm, article)
     assert m["prepare_format_speedup"] == pytest.approx(15.0)
-    assert m["prepare_work_ratio"] == pytest.approx(6.0)
-    assert m["prepare_work_without_token_count_ratio"] == pytest.approx(0.5)
-    assert m["prepare_proposal_work_with_warm_cache_s"] == pytest.approx(1.05)
+    assert m["prepare_cold_work_ratio"] == pytest.approx(6.0)
+    assert m["prepare_warm_work_ratio"] == pytest.approx(0.2)
+    assert m["prepare_cold_work_without_token_count_ratio"] == pytest.approx(0.5)
+    assert m["prepare_warm_work_s"] == 0.4 and m["prepare_cold_token_count_s"] == 11.0
     assert m["prepare_rows"] == 100
 
 
@@ -189,30 +191,6 @@ def test_synthetic_default_size_is_orca():
 # Token-count cache prototype
 
 
-def test_cached_lengths_cold_then_warm_then_new(tmp_path):
-    calls = []
-
-    def count(texts):
-        calls.append(list(texts))
-        return [len(t) for t in texts]
-
-    path = tmp_path / "cache" / "tok.parquet"
-    lengths, missed = tokcache.cached_lengths(count, ["aa", "bbb", "aa"], path)
-    assert lengths == [2, 3, 2] and missed == 2  # the repeated text is counted once
-    lengths, missed = tokcache.cached_lengths(count, ["bbb", "aa"], path)
-    assert lengths == [3, 2] and missed == 0
-    lengths, missed = tokcache.cached_lengths(count, ["aa", "cccc"], path)
-    assert lengths == [2, 4] and missed == 1
-    assert calls == [["aa", "bbb"], ["cccc"]]
-
-
-def test_cached_lengths_ignores_a_corrupt_cache(tmp_path):
-    path = tmp_path / "tok.parquet"
-    path.write_bytes(b"not parquet")
-    lengths, missed = tokcache.cached_lengths(lambda texts: [len(t) for t in texts], ["xyz"], path)
-    assert lengths == [3] and missed == 1
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Model sizes
 
@@ -277,8 +255,8 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
         "large_peak_memory_ratio",
         "large_train_peak_memory_ratio",
         "prepare_format_speedup",
-        "prepare_ours_token_count_s",
-        "prepare_proposal_cache_warm_s",
+        "prepare_cold_token_count_s",
+        "prepare_warm_work_s",
     ):
         assert key in metrics and math.isfinite(metrics[key]) and metrics[key] > 0, key
     assert metrics["small_pairs"] == metrics["small_steps"] * metrics["small_batch_size"]

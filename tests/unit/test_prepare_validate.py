@@ -298,3 +298,83 @@ def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
         str(info.value)
         == f"org/set@{'b' * 40} (split train): row index 1: column 'chosen' is null where text is required"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast (pyarrow) JSON Lines reader and the line-by-line one agree
+
+
+def _slow(path: Path, columns: str = "auto"):
+    rows_, where = prepare.read_json_rows(path)
+    return prepare.rows_to_table(rows_, where, columns, str(path))
+
+
+TRICKY = [
+    'quote " backslash \\ slash /',
+    "control \x00\x01\x1f \t tab \r\n crlf \b\f",
+    "unicode é 日本語 emoji 😀 \u2028 line separator \u00a0 nbsp",
+    "",
+    "   ",
+    "<|im_start|>user\nnot a real turn<|im_end|>",
+]
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_fast_reader_equals_line_by_line_reader(tmp_path, ensure_ascii):
+    raw = [
+        {"system": a, "question": b, "chosen": c, "rejected": d, "extra": i}
+        for i, (a, b, c, d) in enumerate(
+            zip(
+                TRICKY, TRICKY[1:] + TRICKY[:1], TRICKY[2:] + TRICKY[:2], TRICKY[3:] + TRICKY[:3], strict=True
+            )
+        )
+    ]
+    path = tmp_path / "tricky.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in raw), encoding="utf-8")
+    fast = prepare.read_json_lines_fast(path, "auto")
+    assert fast is not None, "a valid JSON Lines file must take the fast path"
+    slow = _slow(path)
+    assert fast[1] == slow[1] == "current"
+    assert fast[0].equals(slow[0])
+    assert fast[0].column("system").to_pylist() == [r["system"] for r in raw]
+
+
+def test_fast_reader_equals_line_by_line_reader_on_the_shipped_sample():
+    path = Path("data/raw/orca_dpo_sample.jsonl")
+    fast = prepare.read_json_lines_fast(path, "auto")
+    assert fast is not None and fast[0].num_rows == 3000
+    assert fast[0].equals(_slow(path)[0])
+
+
+def test_read_local_takes_the_fast_path_for_valid_files(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "raw.jsonl", rows(5))
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("the line-by-line reader should not be needed for a valid file")
+
+    monkeypatch.setattr(prepare, "read_json_rows", boom)
+    table, schema = prepare.read_local(path, "auto")
+    assert table.num_rows == 5 and schema == "current"
+
+
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        ({3: '{"system": "", "question": 7, "chosen": "c", "rejected": "r"}'}, r"line 3: column 'question'"),
+        ({2: '{"system": "", "question": "q", "chosen": "c"}'}, r"line 2: column 'rejected' is missing"),
+        (
+            {3: '{"system": null, "question": "q", "chosen": "c", "rejected": "r"}'},
+            r"line 3: column 'system' is null",
+        ),
+        ({1: '{"system": "", "question": "q", "chosen": "c", "rejected": "r", "rejected": "x"}'}, None),
+    ],
+)
+def test_fast_reader_gives_way_to_the_precise_one_on_bad_rows(tmp_path, lines, expected):
+    path = write_jsonl(tmp_path / "raw.jsonl", rows(5), lines)
+    assert prepare.read_json_lines_fast(path, "auto") is None
+    if expected is None:  # duplicate key: json.loads keeps the last value, like the fallback reader
+        table, _ = prepare.read_local(path, "auto")
+        assert table.column("rejected")[0].as_py() == "x"
+    else:
+        with pytest.raises(StageError, match=expected):
+            prepare.read_local(path, "auto")
