@@ -191,3 +191,13 @@ def run_main(fn, *args: Any) -> None:
     except (StageError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys ({"lora": {"r": 16}} -> {"lora.r": 16})."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}

@@ -41,6 +41,7 @@ from stages.common import (
     PREPARED_DIR,
     StageError,
     atomic_dir,
+    flatten,
     read_json,
     require_safetensors,
     sha256_tree,
@@ -102,15 +103,6 @@ def data_metadata(schema_metadata: dict[bytes, bytes] | None) -> dict[str, str]:
     return out
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
-
-
 def _table(rows: dict[str, Any]) -> str:
     if not rows:
         return "_not recorded_\n"
@@ -153,9 +145,9 @@ def model_card(info: dict[str, Any]) -> str:
         + _table(info.get("adapter", {}))
         + f"\nAdapter sha256 (models/adapter): `{info.get('adapter_sha256', '')}`\n\n"
         + "Training params (models/adapter/train_summary.json):\n\n"
-        + _table(_flatten(train_params))
+        + _table(flatten(train_params))
         + "\nTraining metrics (models/adapter/train_summary.json):\n\n"
-        + _table(_flatten(train_metrics))
+        + _table(flatten(train_metrics))
         + "\n## Merge\n\n"
         + _table({**info["merge"], **{f"fidelity.{k}": v for k, v in info.get("fidelity", {}).items()}})
         + f"\nChat template sha (16 hex): `{info.get('chat_template_sha', '')}`\n\n"

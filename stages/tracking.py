@@ -39,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.common import StageError, sha256_tree
+from stages.common import StageError, flatten, sha256_tree
 
 LIBRARIES = (
     "torch",
@@ -152,15 +152,6 @@ def dvc_lock_md5(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | 
             if Path(entry.get("path", "")).as_posix().rstrip("/") == wanted and entry.get("md5"):
                 return entry["md5"]
     return None
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
 
 
 def params_for(params: Any, sections: list[str]) -> dict[str, Any]:
