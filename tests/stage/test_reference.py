@@ -150,3 +150,39 @@ def test_train_refuses_the_marker(tmp_path, prepared_dir, tiny_base_dir, train_p
             tmp_path / "ckpt",
         )
     assert not (tmp_path / "adapter").exists()
+
+
+def test_longest_first_matches_the_prepared_order_row_by_row(
+    monkeypatch, reference_dir, prepared_dir, tiny_base_dir, train_params
+):
+    """The stage batches rows longest first (less padding); trl on the prepared order, batched as before that
+    change, gives the same log-probs for every id, and the output keeps the prepared row order either way."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from stages import reference, train
+    from stages.common import load_tokenizer
+
+    eos = load_tokenizer(tiny_base_dir).eos_token
+    prepared = train.to_dataset(train.read_prepared(prepared_dir, "train"), eos)
+    reordered = reference.longest_first(prepared)
+    lengths = reordered[train.LENGTH_COLUMN]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(reordered["id"]) == sorted(prepared["id"])
+    assert reordered["id"] != prepared["id"], (
+        "the fixture rows must come in another order, or this checks nothing"
+    )
+
+    monkeypatch.setattr(reference, "longest_first", lambda dataset: dataset)
+    in_prepared_order = reference.compute(train_params, tiny_base_dir, prepared_dir)
+    for split, table in in_prepared_order.items():
+        cached = pq.read_table(reference_dir / f"{split}.parquet")
+        assert cached.column("id").to_pylist() == table.column("id").to_pylist()
+        for name in train.REF_COLUMNS:
+            expected = torch.tensor(table.column(name).to_pylist())
+            actual = torch.tensor(cached.column(name).to_pylist())
+            assert torch.allclose(actual, expected, rtol=0, atol=1e-4), (
+                split,
+                name,
+                (actual - expected).abs().max(),
+            )
