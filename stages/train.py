@@ -98,6 +98,9 @@ HISTORY_COLUMNS = (
     "rewards/accuracies",
     "learning_rate",
 )
+# Metrics that differ between identical runs: timings, throughput, memory, and pad_fraction, which a
+# resumed run counts over its own steps only.
+RUN_DEPENDENT_KEYS = ("train_runtime_s", "pairs_per_s", "tokens_per_s", "pad_fraction", "peak_memory_mb")
 METRIC_KEYS = (
     "train_loss",
     "rewards_chosen",
@@ -107,26 +110,11 @@ METRIC_KEYS = (
     "eval_loss",
     "eval_rewards_accuracies",
     "eval_rewards_margins",
-    "train_runtime_s",
     "train_steps",
-    "pairs_per_s",
-    "tokens_per_s",
-    "pad_fraction",
-    "peak_memory_mb",
+    *RUN_DEPENDENT_KEYS,
 )
-# The metrics that are the same on every identical run (no timings, throughput or memory, and not
-# pad_fraction, which a resumed run counts over its own steps only): what train_summary.json carries.
-SUMMARY_METRIC_KEYS = (
-    "train_loss",
-    "rewards_chosen",
-    "rewards_rejected",
-    "rewards_margins",
-    "rewards_accuracies",
-    "eval_loss",
-    "eval_rewards_accuracies",
-    "eval_rewards_margins",
-    "train_steps",
-)
+# The metrics that are the same on every identical run: what train_summary.json carries.
+SUMMARY_METRIC_KEYS = tuple(key for key in METRIC_KEYS if key not in RUN_DEPENDENT_KEYS)
 TRAIN_SUMMARY = "train_summary.json"  # in models/adapter; stages/merge.py reads it for the model card
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's flag
 COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
@@ -614,10 +602,23 @@ def _collapse_callback(max_steps: int):
 
 
 def peak_memory_mb(device: str) -> float:
+    """This process's peak memory in MiB: torch.cuda.max_memory_allocated on CUDA, else the peak RSS.
+
+    The peak RSS is /proc/self/status VmHWM, which belongs to this process's own address space and starts
+    afresh at exec. ru_maxrss does not: Linux carries it over fork + exec, so under `dvc repro` it would
+    report at least dvc's own peak. ru_maxrss is only the fallback where /proc is missing.
+    """
     import torch
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
