@@ -60,6 +60,10 @@ def training_metrics(
       training processes; `train_peak_*`: the training phase's own peak (reset after loading, so the resident
       model(s) plus what training adds, without loading transients); `*_above_runtime` subtracts the RSS
       right after the imports (the Python runtime), leaving what the model, data and training add;
+      `load_peak_rss_mb`: the peak RSS up to the end of model loading (the policy, and for the baseline its
+      second model too), so the table shows whether loading or training sets a side's whole-process peak
+      (transformers maps the safetensors checkpoint for the whole load, so a load peak includes its full
+      size as file-backed RSS);
     - sweep: SWEEP_RUNS training runs sharing one reference (CPU seconds of the loops plus the reference's
       per-row cost for the rows trained).
     """
@@ -87,6 +91,7 @@ def training_metrics(
         m[f"{s}{name}_load_s"] = run.get("load_s")
         m[f"{s}{name}_peak_rss_mb"] = run.get("peak_rss_mb")
         m[f"{s}{name}_train_peak_rss_mb"] = run.get("train_peak_rss_mb")
+        m[f"{s}{name}_load_peak_rss_mb"] = run.get("rss_after_load_mb")
         m[f"{s}{name}_rss_after_import_mb"] = run.get("rss_after_import_mb")
         if "peak_cuda_mb" in run:
             m[f"{s}{name}_peak_cuda_mb"] = run.get("peak_cuda_mb")
@@ -132,6 +137,7 @@ def training_metrics(
     m[s + "peak_memory_ratio"] = ratio(ours.get(memory_key), baseline.get(memory_key))
     train_key = "train_peak_cuda_mb" if cuda else "train_peak_rss_mb"
     m[s + "train_peak_memory_ratio"] = ratio(ours.get(train_key), baseline.get(train_key))
+    m[s + "load_peak_memory_ratio"] = ratio(ours.get("rss_after_load_mb"), baseline.get("rss_after_load_mb"))
     m[s + "peak_memory_above_runtime_ratio"] = ratio(
         _diff(ours.get("peak_rss_mb"), ours.get("rss_after_import_mb")),
         _diff(baseline.get("peak_rss_mb"), baseline.get("rss_after_import_mb")),
@@ -154,7 +160,13 @@ def merge_repeats(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in runs if key in r]
         if values:
             merged[key] = min(values)
-    for key in ("peak_rss_mb", "train_peak_rss_mb", "peak_cuda_mb", "train_peak_cuda_mb"):
+    for key in (
+        "peak_rss_mb",
+        "train_peak_rss_mb",
+        "rss_after_load_mb",
+        "peak_cuda_mb",
+        "train_peak_cuda_mb",
+    ):
         values = [r[key] for r in runs if key in r]
         if values:
             merged[key] = max(values)

@@ -13,6 +13,10 @@ Sections (every measured process is a fresh subprocess, so imports and memory pe
   reference stage, length-grouped batches) against the article's (a second 4-bit model as ref_model, trl's
   reference forward every step, random batches), same params, rows and steps (bench.training). small is the
   profile's model; large a ~0.6B random-init Mistral (bench.models) where the weights dominate memory.
+  The large size stands in for the recipe (recipes/neuralhermes-2.5.yaml) and, like the recipe and the
+  article's script, trains with gradient checkpointing on, on both sides (Plan.large_gradient_checkpointing;
+  the small size keeps the profile's setting, off). Without it the ~2 GB of saved activations of a step,
+  equal on both sides, would bury the one thing the sides differ in: the article's second 4-bit model.
 - dvc: no-op `dvc status` / `dvc repro` in a copy of the reproduced checkout; with --full-repro, the whole
   `dvc repro` of the small profile in a fresh copy first (minutes, opt-in), then the no-op figures there.
   A dvc figure not measured in this run (no --full-repro, or the checkout not reproduced) is carried over
@@ -57,18 +61,25 @@ class Plan:
     large_steps: int
     large_batch: int
     large_repeats: int
+    # Both sides of the large size; None: the profile's train.gradient_checkpointing. True as in the recipe.
+    large_gradient_checkpointing: bool | None
 
 
 FULL = Plan(
     prepare_rows=ORCA_ROWS,
-    small_steps=16,
+    # One whole epoch of a 1,600-row split: both sides train exactly the same 1,600 pairs, so pairs/s compares
+    # equal work (a few steps would not: length grouping serves its longest mega-batch first), and 200 x 8
+    # rows give length grouping its full 50-batch mega-batches, as on the real split. 200 steps average
+    # out the noise of a shared machine, so each side runs once.
+    small_steps=200,
     small_batch=None,
-    small_repeats=2,
-    small_rows=1600,  # 200 x 8: the full 50-batch mega-batches of length grouping, as on the real split
+    small_repeats=1,
+    small_rows=1600,
     large_model="large",
     large_steps=3,
     large_batch=2,
     large_repeats=1,
+    large_gradient_checkpointing=True,
 )
 QUICK = Plan(
     prepare_rows=2000,
@@ -80,6 +91,7 @@ QUICK = Plan(
     large_steps=2,
     large_batch=2,
     large_repeats=1,
+    large_gradient_checkpointing=True,
 )
 SYNTHETIC_SEED = 0
 
@@ -145,8 +157,19 @@ def run_training(size: str, params: Any, base_dir: Path, plan: Plan, device: str
     batch = batch or params.train.per_device_train_batch_size
     repeats = plan.small_repeats if size == "small" else plan.large_repeats
     rows = plan.small_rows if size == "small" else None
+    checkpointing = None if size == "small" else plan.large_gradient_checkpointing
     return training.compare(
-        size, base_dir, params, steps, batch, device, work, repeats=repeats, rows=rows, log=log
+        size,
+        base_dir,
+        params,
+        steps,
+        batch,
+        device,
+        work,
+        repeats=repeats,
+        rows=rows,
+        gradient_checkpointing=checkpointing,
+        log=log,
     )
 
 
@@ -243,6 +266,12 @@ def training_rows(size: str, m: dict) -> list[tuple[str, str, str, str]]:
             fmt(m.get(s + "train_peak_memory_ratio"), "x"),
         ),
         row(
+            "  up to the end of loading the model(s) (ours/article)",
+            fmt(m.get(s + "ours_load_peak_rss_mb")),
+            fmt(m.get(s + "baseline_load_peak_rss_mb")),
+            fmt(m.get(s + "load_peak_memory_ratio"), "x"),
+        ),
+        row(
             "  whole process above the imported runtime",
             fmt(_diff(m.get(s + "ours_peak_rss_mb"), m.get(s + "ours_rss_after_import_mb"))),
             fmt(_diff(m.get(s + "baseline_peak_rss_mb"), m.get(s + "baseline_rss_after_import_mb"))),
@@ -311,7 +340,8 @@ def render(metrics: dict, context: dict) -> str:
         out.append(
             f"DPO training, {size} model ({context.get(size + '_model', '')}): "
             f"{fmt(metrics.get(size + '_steps'))} steps x {fmt(metrics.get(size + '_batch_size'))} pairs, "
-            f"best of {fmt(metrics.get(size + '_ours_repeats'))} run(s) per side"
+            f"best of {fmt(metrics.get(size + '_ours_repeats'))} run(s) per side, gradient checkpointing "
+            f"{'on' if metrics.get(size + '_gradient_checkpointing') else 'off'} on both sides"
         )
         out.append(
             report.format_table(training_rows(size, metrics), ("", "ours", "article", "ours vs article"))

@@ -26,8 +26,14 @@ class BenchError(RuntimeError):
     """A benchmark worker failed; the message names its log file."""
 
 
-def bench_params(params: Any, steps: int, batch_size: int, device: str) -> Any:
-    """The profile's params with the bench's steps, batch size and device; no checkpoint during the run."""
+def bench_params(
+    params: Any, steps: int, batch_size: int, device: str, gradient_checkpointing: bool | None = None
+) -> Any:
+    """The profile's params with the bench's steps, batch size and device; no checkpoint during the run.
+
+    gradient_checkpointing: None keeps the profile's `train.gradient_checkpointing`; True / False sets it.
+    The params are those of both sides (ours and the baseline), so an override never favours one of them.
+    """
     t = params.train
     train = dataclasses.replace(
         t,
@@ -37,6 +43,9 @@ def bench_params(params: Any, steps: int, batch_size: int, device: str) -> Any:
         save_steps=max(t.save_steps, steps + 1),
         logging_steps=min(t.logging_steps, steps),
         device=device,
+        gradient_checkpointing=(
+            t.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+        ),
     )
     return dataclasses.replace(params, train=train)
 
@@ -115,10 +124,13 @@ def compare(
     work: Path,
     repeats: int = 1,
     rows: int | None = None,
+    gradient_checkpointing: bool | None = None,
     log=print,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(flat metrics, raw worker results) of ours vs the baseline at one size, each side run `repeats`
     times (report.merge_repeats keeps the fastest run's figures and the highest memory peaks).
+
+    gradient_checkpointing: for both sides alike (None: the profile's setting); see bench_params.
 
     rows: size of the train split (at least steps x batch x accumulation). Length-grouped batching sorts
     mega-batches of min(50, rows // (4 x batch)) batches, so a split of only the trained rows groups far
@@ -127,7 +139,7 @@ def compare(
     """
     work = work / size
     work.mkdir(parents=True, exist_ok=True)
-    p = bench_params(params, steps, batch_size, device)
+    p = bench_params(params, steps, batch_size, device, gradient_checkpointing)
     trained = steps * batch_size * p.train.gradient_accumulation_steps
     n_train = max(rows or 0, trained)
     prepared = work / "prepared"
@@ -152,5 +164,6 @@ def compare(
     results = {mode: merge_repeats(found) for mode, found in runs.items()}
     metrics = training_metrics(size, results["ours"], results["baseline"], results["reference"])
     metrics[f"{size}_batch_size"] = batch_size
+    metrics[f"{size}_gradient_checkpointing"] = float(p.train.gradient_checkpointing)
     metrics[f"{size}_split_rows"] = n_train
     return metrics, runs

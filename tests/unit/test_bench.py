@@ -261,3 +261,16 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
         assert key in metrics and math.isfinite(metrics[key]) and metrics[key] > 0, key
     assert metrics["small_pairs"] == metrics["small_steps"] * metrics["small_batch_size"]
     assert "DPO training, small model" in proc.stdout and "prepare, 2000" in proc.stdout
+
+
+def test_bench_params_override_applies_to_the_one_params_both_sides_read():
+    from bench import training
+    from stages import config
+
+    params = config.load("params.yaml")
+    assert params.train.gradient_checkpointing is False  # the small profile's setting
+    kept = training.bench_params(params, steps=3, batch_size=2, device="cpu")
+    assert kept.train.gradient_checkpointing is False and kept.train.max_steps == 3
+    on = training.bench_params(params, steps=3, batch_size=2, device="cpu", gradient_checkpointing=True)
+    assert on.train.gradient_checkpointing is True
+    assert on.train.per_device_train_batch_size == 2 and on.train.save_steps > 3
