@@ -82,25 +82,12 @@ def load_params(path: str | Path):
 def load_reference_model(base_dir: Path, t):
     """The article's ref_model: a second 4-bit copy of the base (frozen, no k-bit training preparation).
 
-    Loaded with exactly load_policy's dtype/quantization/device, and with bitsandbytes' CPU bf16 repacking
-    switched off as load_policy does, so both sides multiply the same way.
+    Loaded by train.load_base, i.e. with exactly load_policy's dtype/quantization/device and bitsandbytes'
+    CPU bf16 repacking switched off, so both sides multiply the same way.
     """
-    from stages.common import load_model, torch_dtype
-    from stages.train import bnb_config, model_dtype, resolve_device
+    from stages.train import load_base
 
-    kwargs = {"dtype": torch_dtype(model_dtype(t.precision))}
-    quantization = bnb_config(t)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": 0} if resolve_device(t.device) == "cuda" else {"": "cpu"}
-    model = load_model(base_dir, **kwargs)
-    model.config.use_cache = False
-    if quantization is not None:
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+    model = load_base(base_dir, t)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

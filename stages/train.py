@@ -224,14 +224,11 @@ def dpo_config(p: Any, out_dir: str | Path):
     )
 
 
-def load_policy(base_dir: str | Path, t: Any):
-    """The frozen base for QLoRA: 4-bit through bitsandbytes when `train.load_in_4bit`, then k-bit preparation.
+def load_base(base_dir: str | Path, t: Any):
+    """The base as `train.*` loads it: dtype, 4-bit through bitsandbytes when `train.load_in_4bit`, device.
 
-    The reference stage loads the base through this same function, so cached and on-the-fly reference
-    log-probs come from the same weights and dtypes.
+    No k-bit training preparation (see load_policy); bench's article-style ref_model is this alone.
     """
-    from peft import prepare_model_for_kbit_training
-
     device = resolve_device(t.device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(model_dtype(t.precision))}
     quantization = bnb_config(t)
@@ -252,6 +249,19 @@ def load_policy(base_dir: str | Path, t: Any):
                 # whether they were computed in eval mode (reference stage, evaluation) or train mode (on the
                 # fly), and the repacking fails for layers narrower than its 64-wide blocks. One path for all.
                 module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_policy(base_dir: str | Path, t: Any):
+    """The frozen base for QLoRA: load_base, then k-bit preparation when it is 4-bit.
+
+    The reference stage loads the base through this same function, so cached and on-the-fly reference
+    log-probs come from the same weights and dtypes.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    model = load_base(base_dir, t)
+    if bnb_config(t) is not None:
         # Gradient checkpointing is switched on by the Trainer from `train.gradient_checkpointing`, not here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
