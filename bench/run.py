@@ -201,116 +201,78 @@ def build_large(plan: Plan, tokenizer_dir: Path, seed: int, work: Path) -> Path:
 def training_rows(size: str, m: dict) -> list[tuple[str, str, str, str]]:
     s = f"{size}_"
 
-    def row(label: str, ours: str, baseline: str, both_ratio: str) -> tuple[str, str, str, str]:
-        return (label, ours, baseline, both_ratio)
+    def sides(label: str, key: str, ratio: str, x_ratio: bool = False) -> tuple[str, str, str, str]:
+        """A measure of both sides (`<size>_ours_<key>`, `<size>_baseline_<key>`) and their ratio."""
+        value = m.get(s + ratio)
+        return (
+            label,
+            fmt(m.get(s + "ours_" + key)),
+            fmt(m.get(s + "baseline_" + key)),
+            fmt(value, "x") if x_ratio else speed(value),
+        )
+
+    def above_runtime(side: str):
+        return _diff(m.get(s + side + "_peak_rss_mb"), m.get(s + side + "_rss_after_import_mb"))
 
     # A whole epoch (split rows == trained pairs): both sides trained the same pairs, so pairs/s is equal work.
     epoch = m.get(s + "split_rows") is not None and m.get(s + "split_rows") == m.get(s + "pairs")
     rows_note = "same rows" if epoch else "unequal rows"
     rows = [
-        row(
-            "tokens/s, steps after the 1st (wall)",
-            fmt(m.get(s + "ours_steady_tokens_per_s")),
-            fmt(m.get(s + "baseline_steady_tokens_per_s")),
-            speed(m.get(s + "steady_tokens_per_s_ratio")),
-        ),
-        row(
-            "  same, per CPU-second",
-            fmt(m.get(s + "ours_steady_tokens_per_cpu_s")),
-            fmt(m.get(s + "baseline_steady_tokens_per_cpu_s")),
-            speed(m.get(s + "steady_tokens_per_cpu_s_ratio")),
-        ),
-        row(
-            "tokens/s, whole train loop incl. 1st step (wall)",
-            fmt(m.get(s + "ours_tokens_per_s")),
-            fmt(m.get(s + "baseline_tokens_per_s")),
-            speed(m.get(s + "tokens_per_s_ratio")),
-        ),
-        row(
+        sides("tokens/s, steps after the 1st (wall)", "steady_tokens_per_s", "steady_tokens_per_s_ratio"),
+        sides("  same, per CPU-second", "steady_tokens_per_cpu_s", "steady_tokens_per_cpu_s_ratio"),
+        sides("tokens/s, whole train loop incl. 1st step (wall)", "tokens_per_s", "tokens_per_s_ratio"),
+        sides(
             f"pairs/s, steps after the 1st (wall; {rows_note})",
-            fmt(m.get(s + "ours_steady_pairs_per_s")),
-            fmt(m.get(s + "baseline_steady_pairs_per_s")),
-            speed(m.get(s + "steady_pairs_per_s_ratio")),
+            "steady_pairs_per_s",
+            "steady_pairs_per_s_ratio",
         ),
-        row(
-            f"pairs/s, whole train loop (wall; {rows_note})",
-            fmt(m.get(s + "ours_pairs_per_s")),
-            fmt(m.get(s + "baseline_pairs_per_s")),
-            speed(m.get(s + "pairs_per_s_ratio")),
-        ),
-        row(
-            "best step after the 1st, s",
-            fmt(m.get(s + "ours_best_step_s")),
-            fmt(m.get(s + "baseline_best_step_s")),
-            speed(m.get(s + "best_step_speedup")),
-        ),
-        row(
+        sides(f"pairs/s, whole train loop (wall; {rows_note})", "pairs_per_s", "pairs_per_s_ratio"),
+        sides("best step after the 1st, s", "best_step_s", "best_step_speedup"),
+        (
             "pairs per CPU-s, ours charged its reference rows",
             fmt(m.get(s + "ours_with_reference_pairs_per_cpu_s")),
             fmt(m.get(s + "baseline_pairs_per_cpu_s")),
             speed(m.get(s + "with_reference_pairs_per_cpu_s_ratio")),
         ),
-        row(
+        (
             "pad fraction",
             fmt(m.get(s + "ours_pad_fraction")),
             fmt(m.get(s + "baseline_pad_fraction")),
             "",
         ),
-        row(
-            "peak RSS of the training process, MB (ours/article)",
-            fmt(m.get(s + "ours_peak_rss_mb")),
-            fmt(m.get(s + "baseline_peak_rss_mb")),
-            fmt(m.get(s + "peak_memory_ratio"), "x"),
+        sides(
+            "peak RSS of the training process, MB (ours/article)", "peak_rss_mb", "peak_memory_ratio", True
         ),
-        row(
-            "  during training only (ours/article)",
-            fmt(m.get(s + "ours_train_peak_rss_mb")),
-            fmt(m.get(s + "baseline_train_peak_rss_mb")),
-            fmt(m.get(s + "train_peak_memory_ratio"), "x"),
-        ),
-        row(
+        sides("  during training only (ours/article)", "train_peak_rss_mb", "train_peak_memory_ratio", True),
+        sides(
             "  up to the end of loading the model(s) (ours/article)",
-            fmt(m.get(s + "ours_load_peak_rss_mb")),
-            fmt(m.get(s + "baseline_load_peak_rss_mb")),
-            fmt(m.get(s + "load_peak_memory_ratio"), "x"),
+            "load_peak_rss_mb",
+            "load_peak_memory_ratio",
+            True,
         ),
-        row(
+        (
             "  whole process above the imported runtime",
-            fmt(_diff(m.get(s + "ours_peak_rss_mb"), m.get(s + "ours_rss_after_import_mb"))),
-            fmt(_diff(m.get(s + "baseline_peak_rss_mb"), m.get(s + "baseline_rss_after_import_mb"))),
+            fmt(above_runtime("ours")),
+            fmt(above_runtime("baseline")),
             fmt(m.get(s + "peak_memory_above_runtime_ratio"), "x"),
         ),
-        *(
-            [
-                row(
-                    "peak CUDA memory allocated, MB (ours/article)",
-                    fmt(m.get(s + "ours_peak_cuda_mb")),
-                    fmt(m.get(s + "baseline_peak_cuda_mb")),
-                    fmt(m.get(s + "peak_memory_ratio"), "x"),
-                ),
-                row(
-                    "  during training only (ours/article)",
-                    fmt(m.get(s + "ours_train_peak_cuda_mb")),
-                    fmt(m.get(s + "baseline_train_peak_cuda_mb")),
-                    fmt(m.get(s + "train_peak_memory_ratio"), "x"),
-                ),
-            ]
-            if s + "ours_peak_cuda_mb" in m
-            else []
-        ),
-        row(
+    ]
+    if s + "ours_peak_cuda_mb" in m:
+        rows += [
+            sides("peak CUDA memory allocated, MB (ours/article)", "peak_cuda_mb", "peak_memory_ratio", True),
+            sides(
+                "  during training only (ours/article)", "train_peak_cuda_mb", "train_peak_memory_ratio", True
+            ),
+        ]
+    rows += [
+        (
             "reference stage, s per row of the split (ours only)",
             fmt(m.get(s + "reference_s_per_row")),
             "",
             f"{fmt(m.get(s + 'reference_rows'))} rows",
         ),
-        row(
-            "processes' wall time, s (ours: reference + train)",
-            fmt(m.get(s + "ours_process_s")),
-            fmt(m.get(s + "baseline_process_s")),
-            speed(m.get(s + "process_s_ratio")),
-        ),
-        row(
+        sides("processes' wall time, s (ours: reference + train)", "process_s", "process_s_ratio"),
+        (
             f"{report.SWEEP_RUNS}-run sweep, CPU (1 reference + runs)",
             "",
             "",
