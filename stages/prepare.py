@@ -20,8 +20,10 @@ Steps:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,9 +226,94 @@ def is_test(digest: bytes, test_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
+# json.dumps(ensure_ascii=False) escapes exactly these: two-character forms, then \u00xx for other controls.
+_SHORT_ESCAPES = (
+    (b"\\", b"\\\\"),  # the backslash first, so the ones added below are not escaped again
+    (b'"', b'\\"'),
+    (b"\n", b"\\n"),
+    (b"\r", b"\\r"),
+    (b"\t", b"\\t"),
+    (b"\b", b"\\b"),
+    (b"\f", b"\\f"),
+)
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+@functools.cache
+def _escape_growth():
+    """Bytes that JSON-escaping adds to each byte value: 1 for the two-character escapes, 5 for \\u00xx."""
+    import numpy as np
+
+    growth = np.zeros(256, dtype=np.uint8)
+    growth[:0x20] = 5
+    for char, _escaped in _SHORT_ESCAPES:
+        growth[char[0]] = 1
+    return growth
+
+
+def _json_escaped(array) -> tuple[bytes, Any]:
+    """(UTF-8 bytes, offsets) of a string column with every value escaped as `json.dumps(ensure_ascii=False)`
+    escapes a string: backslash, double quote and the control characters U+0000-U+001F, nothing else.
+
+    UTF-8 encodes those characters as single bytes below 0x80, which never occur inside a multi-byte
+    sequence, so the column's whole data buffer is escaped at once with bytes.replace; each value's new
+    offset is its old one plus the bytes that the escapes before it added.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    array = array.cast(pa.large_string())  # int64 offsets
+    _validity, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    raw = np.frombuffer(data_buffer, dtype=np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
+    offsets = offsets - start
+    growth = _escape_growth()[raw]
+    where = np.flatnonzero(growth)
+    data = raw.tobytes()
+    if where.size == 0:
+        return data, offsets
+    growth = growth[where]
+    added = np.concatenate(([0], np.cumsum(growth, dtype=np.int64)))
+    offsets = offsets + added[np.searchsorted(where, offsets)]
+    for char, escaped in _SHORT_ESCAPES:
+        data = data.replace(char, escaped)
+    if (growth == 5).any():
+        data = _CONTROL.sub(lambda match: b"\\u%04x" % match.group()[0], data)
+    return data, offsets
+
+
 def digests(table) -> list[bytes]:
-    columns = [table[name].to_pylist() for name in TEXT_COLUMNS]
-    return [row_digest(*row) for row in zip(*columns, strict=True)]
+    """`row_digest` of every row, computed on the Arrow buffers (12,859 orca rows: 0.07 s instead of 0.22 s).
+
+    Gives the same bytes as `row_digest` (tests/unit/test_prepare_format.py checks it on every escape)."""
+    columns = [_json_escaped(table[name]) for name in TEXT_COLUMNS]
+    bounds = [offsets.tolist() for _data, offsets in columns]
+    views = [memoryview(data) for data, _offsets in columns]
+    (s, so), (q, qo), (c, co), (r, ro) = zip(views, bounds, strict=True)
+    sha256 = hashlib.sha256
+    out = []
+    for i in range(table.num_rows):
+        j = i + 1
+        out.append(
+            sha256(
+                b"".join(
+                    (
+                        b'["',
+                        s[so[i] : so[j]],
+                        b'", "',
+                        q[qo[i] : qo[j]],
+                        b'", "',
+                        c[co[i] : co[j]],
+                        b'", "',
+                        r[ro[i] : ro[j]],
+                        b'"]',
+                    )
+                )
+            ).digest()
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,38 +547,69 @@ def tokenizer_key(tokenizer) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def cached_token_lengths(tokenizer, texts: list[str], cache_dir: Path | None) -> list[int]:
-    """token_lengths, remembering every count in cache_dir/<tokenizer key>.parquet by the text's hash.
+class TokenCounter:
+    """token_lengths that remembers every count in cache_dir/<tokenizer key>.parquet by the text's hash.
 
     A count is a pure function of (tokenizer, text), so the cache cannot change what the stage writes; it
     only skips tokenizing texts seen before: a re-run after a data.* param change, or a raw file with rows
-    added. No cache_dir: plain token_lengths. An unreadable cache file is ignored and rewritten, and so is
-    one whose counts of the first CHECK_ROWS cached texts differ from a fresh count.
+    added. No cache_dir: plain token_lengths. The file is read once, on the first call, and written once,
+    by `save`. An unreadable cache file is ignored and rewritten, and so is one whose counts of the first
+    CHECK_ROWS cached texts differ from a fresh count.
     """
-    import os
-    import uuid
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    def __init__(self, tokenizer, cache_dir: Path | None):
+        self.tokenizer = tokenizer
+        self.path = Path(cache_dir) / f"{tokenizer_key(tokenizer)}.parquet" if cache_dir is not None else None
+        self.stored: dict[bytes, int] | None = None  # counts read from the file (None: not read yet)
+        self.new: dict[bytes, int] = {}  # counts made by this process
+        self.checked = False  # whether the stored counts passed the spot check
+        self.rewrite = False  # whether the file must be written even if nothing is new
 
-    if cache_dir is None or not texts:
-        return token_lengths(tokenizer, texts)
-    path = Path(cache_dir) / f"{tokenizer_key(tokenizer)}.parquet"
-    try:
-        table = pq.read_table(path)
-        cache = dict(zip(table["digest"].to_pylist(), table["tokens"].to_pylist(), strict=True))
-    except Exception:  # noqa: BLE001 - missing, partial or foreign file: start over
-        cache = {}
-    text_digests = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
-    hits = [i for i, d in enumerate(text_digests) if d in cache][:CHECK_ROWS]
-    if hits and token_lengths(tokenizer, [texts[i] for i in hits]) != [cache[text_digests[i]] for i in hits]:
-        cache = {}  # a cache that disagrees with the tokenizer on a spot check is not trusted at all
-    missing = {d: t for d, t in zip(text_digests, texts, strict=True) if d not in cache}
-    if missing:
-        cache.update(zip(missing, token_lengths(tokenizer, list(missing.values())), strict=True))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    def _load(self) -> dict[bytes, int]:
+        import pyarrow.parquet as pq
+
+        if self.stored is None:
+            try:
+                table = pq.read_table(self.path)
+                self.stored = dict(zip(table["digest"].to_pylist(), table["tokens"].to_pylist(), strict=True))
+            except Exception:  # noqa: BLE001 - missing, partial or foreign file: start over
+                self.stored = {}
+        return self.stored
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if self.path is None or not texts:
+            return token_lengths(self.tokenizer, texts)
+        stored, new = self._load(), self.new
+        text_digests = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
+        if not self.checked:
+            hits = [i for i, d in enumerate(text_digests) if d in stored][:CHECK_ROWS]
+            if hits:
+                self.checked = True
+                if token_lengths(self.tokenizer, [texts[i] for i in hits]) != [
+                    stored[text_digests[i]] for i in hits
+                ]:
+                    stored.clear()  # a cache that disagrees with the tokenizer on a spot check is not trusted
+                    self.rewrite = True
+        missing = {d: t for d, t in zip(text_digests, texts, strict=True) if d not in stored and d not in new}
+        if missing:
+            new.update(zip(missing, token_lengths(self.tokenizer, list(missing.values())), strict=True))
+        return [stored[d] if d in stored else new[d] for d in text_digests]
+
+    def save(self) -> None:
+        """Write the cache if this run added counts (atomically; a cache that cannot be written only costs
+        time)."""
+        import os
+        import uuid
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.path is None or not (self.new or self.rewrite):
+            return
+        cache = {**(self.stored or {}), **self.new}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(
                 pa.table(
                     {
@@ -502,13 +620,21 @@ def cached_token_lengths(tokenizer, texts: list[str], cache_dir: Path | None) ->
                 tmp,
                 compression="none",
             )
-            os.replace(tmp, path)
+            os.replace(tmp, self.path)
+            self.stored, self.new, self.rewrite = cache, {}, False
         except OSError:
-            pass  # a cache that cannot be written only costs time
+            pass
         finally:
             if tmp.exists():
                 tmp.unlink()
-    return [cache[d] for d in text_digests]
+
+
+def cached_token_lengths(tokenizer, texts: list[str], cache_dir: Path | None) -> list[int]:
+    """TokenCounter for one list of texts: the counts, with the cache in cache_dir read and written."""
+    counter = TokenCounter(tokenizer, cache_dir)
+    lengths = counter(texts)
+    counter.save()
+    return lengths
 
 
 def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
@@ -568,8 +694,10 @@ def prepare_table(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params.
 
-    Answers are tokenized only for rows whose prompt fits data.max_prompt_length: a longer prompt drops the
-    row under prompt_too_long (tested first) whatever its answers, so their counts would never be used.
+    Answers are tokenized only where their count can matter: chosen for rows whose prompt fits
+    data.max_prompt_length (a longer prompt drops the row under prompt_too_long, tested first, whatever its
+    answers), rejected only where prompt + chosen also fits data.max_length (else the row is too_long
+    whatever the rejected answer). Dropped rows never reach the outputs, so their uncounted answers do not.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -583,14 +711,19 @@ def prepare_table(
     formatted = format_table(table, tokenizer)
     check_formatting(table, formatted, tokenizer, check_rows(table))
     prompt, chosen, rejected = formatted
-    prompt_tokens = cached_token_lengths(tokenizer, prompt.to_pylist(), token_cache_dir)
-    fits = [i for i, n in enumerate(prompt_tokens) if n <= data.max_prompt_length]
-    fit_index = pa.array(fits, pa.int64())
-    answer_texts = chosen.take(fit_index).to_pylist() + rejected.take(fit_index).to_pylist()
-    answer_tokens = cached_token_lengths(tokenizer, answer_texts, token_cache_dir)
-    chosen_tokens, rejected_tokens = [0] * len(prompt_tokens), [0] * len(prompt_tokens)  # 0: dropped anyway
-    for j, i in enumerate(fits):
-        chosen_tokens[i], rejected_tokens[i] = answer_tokens[j], answer_tokens[len(fits) + j]
+    count = TokenCounter(tokenizer, token_cache_dir)
+    prompt_tokens = count(prompt.to_pylist())
+    # Answers only where they can matter: a prompt over max_prompt_length drops the row whatever its answers,
+    # and prompt + chosen over max_length drops it whatever the rejected answer.
+    n = len(prompt_tokens)
+    chosen_tokens, rejected_tokens = [0] * n, [0] * n  # 0 where never counted: those rows are dropped
+    fits = [i for i, tokens in enumerate(prompt_tokens) if tokens <= data.max_prompt_length]
+    for i, tokens in zip(fits, count(chosen.take(pa.array(fits, pa.int64())).to_pylist()), strict=True):
+        chosen_tokens[i] = tokens
+    fits = [i for i in fits if prompt_tokens[i] + chosen_tokens[i] <= data.max_length]
+    for i, tokens in zip(fits, count(rejected.take(pa.array(fits, pa.int64())).to_pylist()), strict=True):
+        rejected_tokens[i] = tokens
+    count.save()
     lengths = pa.table(
         {
             "prompt": pa.array(prompt_tokens, pa.int32()),

@@ -176,6 +176,39 @@ def test_row_id_is_16_hex_and_separates_columns():
     assert prepare.row_id(prepare.row_digest("", "q", "c", "r")) == "d856549446972b85"
 
 
+# Every character json.dumps escapes (ensure_ascii=False), and neighbours it must leave alone.
+ESCAPE_PROBES = [
+    "",
+    "plain",
+    '"quoted" and \\backslash\\',
+    "\n\r\t\b\f",
+    "".join(chr(c) for c in range(0x20)),
+    "\x7f DEL, é 日本 😀, \u2028 \u2029 \x85 (not escaped by json)",
+    "\\n is not a newline",
+    "\x1b[31mred\x1b[0m",
+]
+
+
+def test_vectorised_digests_equal_row_digest_on_every_escape():
+    rng = random.Random(11)
+    rows = [[rng.choice(ESCAPE_PROBES) + rng.choice(ESCAPE_PROBES) for _ in range(4)] for _ in range(400)]
+    rows += [list(r.values()) for r in random_rows(100, seed=12)]
+    table = pa.table(
+        {n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(prepare.TEXT_COLUMNS)}
+    )
+    expected = [prepare.row_digest(*r) for r in rows]
+    assert prepare.digests(table) == expected
+    # Sliced and multi-chunk columns (as filters and readers produce) give the same digests.
+    assert prepare.digests(table.slice(37, 200)) == expected[37:237]
+    chunked = pa.concat_tables([table.slice(0, 150), table.slice(150)])
+    assert chunked["question"].num_chunks == 2
+    assert prepare.digests(chunked) == expected
+    plain = pa.table(
+        {n: pa.array(["abc", ""], pa.string()) for n in prepare.TEXT_COLUMNS}
+    )  # nothing to escape
+    assert prepare.digests(plain) == [prepare.row_digest(*["abc"] * 4), prepare.row_digest(*[""] * 4)]
+
+
 def test_split_fraction_is_close_to_test_fraction():
     rows = random_rows(4000, seed=6)
     share = sum(prepare.is_test(prepare.row_digest(*r.values()), 0.1) for r in rows) / len(rows)

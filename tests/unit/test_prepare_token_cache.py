@@ -78,17 +78,34 @@ def test_outputs_identical_with_and_without_cache(tokenizer, tmp_path, max_promp
         assert other[0].equals(plain[0]) and other[1].equals(plain[1]) and other[2] == plain[2]
 
 
-def test_answers_are_counted_only_for_rows_whose_prompt_fits(tokenizer, monkeypatch):
+@pytest.mark.parametrize("slack", [1000, 25])
+def test_answers_are_counted_only_where_they_can_change_the_outcome(tokenizer, monkeypatch, slack):
     rows = random_rows(60, seed=4)
     table = table_of(rows)
-    prompts = [prepare.format_row(r, tokenizer)["prompt"] for r in rows]
-    lengths = prepare.token_lengths(tokenizer, prompts)
+    formatted = [prepare.format_row(r, tokenizer) for r in rows]
+    lengths = prepare.token_lengths(tokenizer, [f["prompt"] for f in formatted])
     limit = sorted(lengths)[len(lengths) // 2]
+    chosen = prepare.token_lengths(tokenizer, [f["chosen"] for f in formatted])
+    fitting = [i for i, n in enumerate(lengths) if n <= limit]
+    chosen_fits = [i for i in fitting if lengths[i] + chosen[i] <= limit + slack]
+    assert 0 < len(fitting) < len(rows)
+    if slack == 25:  # the tight limit really drops some rows on their chosen answer alone
+        assert len(chosen_fits) < len(fitting)
     counted = []
     real = prepare.token_lengths
     monkeypatch.setattr(
         prepare, "token_lengths", lambda tok, batch: counted.extend(batch) or real(tok, batch)
     )
-    prepare.prepare_table(table, tokenizer, data_params(max_prompt_length=limit, max_length=limit + 1000))
-    fitting = sum(n <= limit for n in lengths)
-    assert len(counted) == len(rows) + 2 * fitting
+    data = data_params(max_prompt_length=limit, max_length=limit + slack)
+    train, test, counts = prepare.prepare_table(table, tokenizer, data)
+    # Every prompt; chosen where the prompt fits; rejected where prompt + chosen fits too.
+    assert len(counted) == len(rows) + len(fitting) + len(chosen_fits)
+    monkeypatch.setattr(prepare, "token_lengths", real)
+    # Same outcome as counting everything: kept rows carry exact counts, drop reasons agree.
+    kept = pa.concat_tables([train, test])
+    for row in kept.to_pylist():
+        assert row["rejected_tokens"] == real(tokenizer, [row["rejected"]])[0]
+        assert row["prompt_tokens"] + max(row["chosen_tokens"], row["rejected_tokens"]) <= limit + slack
+    rejected = prepare.token_lengths(tokenizer, [f["rejected"] for f in formatted])
+    too_long = sum(lengths[i] + max(chosen[i], rejected[i]) > limit + slack for i in fitting)
+    assert counts["dropped"]["too_long"] == too_long
