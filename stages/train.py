@@ -792,6 +792,12 @@ def run(
             config_path = tmp / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
             adapter_config["base_model_name_or_path"] = BASE_DIR.as_posix()
+            # peft keeps target_modules as a set and writes it in hash-seed order, which differs between
+            # processes: sorted, a re-run with identical weights gives an identical adapter folder, so DVC
+            # does not re-run merge and evaluate for nothing.
+            for key in ("target_modules", "modules_to_save"):
+                if isinstance(adapter_config.get(key), list):
+                    adapter_config[key] = sorted(adapter_config[key])
             config_path.write_text(
                 json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
