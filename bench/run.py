@@ -147,6 +147,7 @@ def run_prepare(params: Any, base_dir: Path, plan: Plan, work: Path) -> tuple[di
             [*args, "--work", str(work / name), *extra],
             work / f"{name}.json",
             work / "logs" / f"{name}.log",
+            tokenizers_parallelism=True,
         )
     return report.prepare_metrics(results["ours_cold"], results["ours_warm"], results["article"]), results
 

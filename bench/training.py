@@ -78,21 +78,29 @@ def prepared_rows(params: Any, base_dir: Path, out_dir: Path, n_train: int, n_te
     return {"train": n_train, "test": n_test}
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(tokenizers_parallelism: bool = False) -> dict[str, str]:
+    """The workers' environment. Training workers run as the train and reference stages do, with
+    TOKENIZERS_PARALLELISM=false; prepare workers keep the Rust tokenizer's threads, as `dvc repro` runs the
+    prepare stage (stages/prepare.py does not turn them off)."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
         TQDM_DISABLE="1",
         DISABLE_MLFLOW_INTEGRATION="TRUE",
     )
+    if tokenizers_parallelism:
+        env.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        env["TOKENIZERS_PARALLELISM"] = "false"
     return env
 
 
-def run_worker(module: str, mode: str, args: list[str], out: Path, log: Path) -> dict[str, Any]:
+def run_worker(
+    module: str, mode: str, args: list[str], out: Path, log: Path, tokenizers_parallelism: bool = False
+) -> dict[str, Any]:
     """Run `python -m module mode args --out out` in a fresh process; its JSON result plus `wall_s`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -100,7 +108,7 @@ def run_worker(module: str, mode: str, args: list[str], out: Path, log: Path) ->
         proc = subprocess.run(
             [sys.executable, "-m", module, mode, *args, "--out", str(out)],
             cwd=REPO,
-            env=worker_env(),
+            env=worker_env(tokenizers_parallelism),
             stdout=fh,
             stderr=subprocess.STDOUT,
             check=False,
