@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,19 +38,11 @@ MODES = ("ours", "baseline", "reference")
 
 
 def rss_peak_mb() -> float:
-    """This process's resident-set high-water mark in MiB.
+    """This process's resident-set high-water mark in MiB: stages.train.rss_peak_mb, imported when first
+    called (after the timed imports, which include stages.train)."""
+    from stages.train import rss_peak_mb as peak
 
-    /proc/self/status VmHWM belongs to the process's own address space, so it starts from zero at exec.
-    ru_maxrss does not: Linux carries the parent's RSS at fork over the exec, so a worker started by a
-    parent that holds a big model would report at least the parent's size.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak()
 
 
 def rss_now_mb() -> float | None:

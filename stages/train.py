@@ -611,17 +611,13 @@ def _collapse_callback(max_steps: int):
     return CollapseWatch()
 
 
-def peak_memory_mb(device: str) -> float:
-    """This process's peak memory in MiB: torch.cuda.max_memory_allocated on CUDA, else the peak RSS.
+def rss_peak_mb() -> float:
+    """This process's resident-set high-water mark in MiB.
 
-    The peak RSS is /proc/self/status VmHWM, which belongs to this process's own address space and starts
-    afresh at exec. ru_maxrss does not: Linux carries it over fork + exec, so under `dvc repro` it would
-    report at least dvc's own peak. ru_maxrss is only the fallback where /proc is missing.
+    /proc/self/status VmHWM belongs to this process's own address space and starts afresh at exec.
+    ru_maxrss does not: Linux carries it over fork + exec, so under `dvc repro` (or in a bench worker) it
+    would report at least the parent's peak. ru_maxrss is only the fallback where /proc is missing.
     """
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -632,6 +628,15 @@ def peak_memory_mb(device: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory in MiB: torch.cuda.max_memory_allocated on CUDA, else rss_peak_mb."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_peak_mb()
 
 
 def _input_hashes(run: Any, inputs: dict[str, Path]) -> dict[str, str]:
