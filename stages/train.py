@@ -800,9 +800,8 @@ def run(
             # peft keeps target_modules as a set and writes it in hash-seed order, which differs between
             # processes: sorted, a re-run with identical weights gives an identical adapter folder, so DVC
             # does not re-run merge and evaluate for nothing.
-            for key in ("target_modules", "modules_to_save"):
-                if isinstance(adapter_config.get(key), list):
-                    adapter_config[key] = sorted(adapter_config[key])
+            if isinstance(adapter_config.get("target_modules"), list):  # a regex string stays as it is
+                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             config_path.write_text(
                 json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
