@@ -72,7 +72,7 @@ OUTPUT_COLUMNS = (
     "rejected_tokens",
 )
 PERCENTILES = (50, 90, 99)
-# Token counts of texts already seen, per tokenizer (see cached_token_lengths). Scratch: never an output.
+# Token counts of texts already seen, per tokenizer (see TokenCounter). Scratch: never an output.
 TOKEN_CACHE_DIR = SCRATCH_DIR / "token_counts"
 CHECK_ROWS = 8  # rows on which the vectorised formatting is compared with format_row at run time
 
@@ -627,14 +627,6 @@ class TokenCounter:
         finally:
             if tmp.exists():
                 tmp.unlink()
-
-
-def cached_token_lengths(tokenizer, texts: list[str], cache_dir: Path | None) -> list[int]:
-    """TokenCounter for one list of texts: the counts, with the cache in cache_dir read and written."""
-    counter = TokenCounter(tokenizer, cache_dir)
-    lengths = counter(texts)
-    counter.save()
-    return lengths
 
 
 def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:

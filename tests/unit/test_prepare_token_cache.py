@@ -21,10 +21,18 @@ def tokenizer():
     return base.build_tokenizer(texts, vocab_size=300)
 
 
+def cached_token_lengths(tokenizer, texts, cache_dir):
+    """One stage run's use of the cache: a TokenCounter that counts `texts`, then saves."""
+    counter = prepare.TokenCounter(tokenizer, cache_dir)
+    lengths = counter(texts)
+    counter.save()
+    return lengths
+
+
 def test_cached_counts_equal_fresh_counts_and_skip_seen_texts(tokenizer, tmp_path, monkeypatch):
     texts = [prepare.format_row(r, tokenizer)["prompt"] for r in random_rows(30, seed=2)]
     expected = prepare.token_lengths(tokenizer, texts)
-    assert prepare.cached_token_lengths(tokenizer, texts, tmp_path) == expected
+    assert cached_token_lengths(tokenizer, texts, tmp_path) == expected
     assert len(list(tmp_path.glob("*.parquet"))) == 1
 
     seen = []
@@ -35,7 +43,7 @@ def test_cached_counts_equal_fresh_counts_and_skip_seen_texts(tokenizer, tmp_pat
         return real(tok, batch)
 
     monkeypatch.setattr(prepare, "token_lengths", spy)
-    assert prepare.cached_token_lengths(tokenizer, texts + ["a new text"], tmp_path) == expected + real(
+    assert cached_token_lengths(tokenizer, texts + ["a new text"], tmp_path) == expected + real(
         tokenizer, ["a new text"]
     )
     # Only the spot check (at most CHECK_ROWS cached texts) and the one new text were tokenized.
@@ -45,18 +53,16 @@ def test_cached_counts_equal_fresh_counts_and_skip_seen_texts(tokenizer, tmp_pat
 
 def test_a_wrong_cache_is_not_trusted(tokenizer, tmp_path):
     texts = ["one two three", "four five"]
-    prepare.cached_token_lengths(tokenizer, texts, tmp_path)
+    cached_token_lengths(tokenizer, texts, tmp_path)
     path = next(tmp_path.glob("*.parquet"))
     digests = pq.read_table(path)["digest"]
     pq.write_table(pa.table({"digest": digests, "tokens": pa.array([999] * len(digests), pa.int32())}), path)
-    assert prepare.cached_token_lengths(tokenizer, texts, tmp_path) == prepare.token_lengths(tokenizer, texts)
+    assert cached_token_lengths(tokenizer, texts, tmp_path) == prepare.token_lengths(tokenizer, texts)
 
 
 def test_a_corrupt_cache_file_is_ignored(tokenizer, tmp_path):
     (tmp_path / f"{prepare.tokenizer_key(tokenizer)}.parquet").write_bytes(b"not parquet")
-    assert prepare.cached_token_lengths(tokenizer, ["abc"], tmp_path) == prepare.token_lengths(
-        tokenizer, ["abc"]
-    )
+    assert cached_token_lengths(tokenizer, ["abc"], tmp_path) == prepare.token_lengths(tokenizer, ["abc"])
 
 
 def test_tokenizer_key_changes_with_the_vocabulary(tokenizer):
