@@ -258,6 +258,81 @@ def test_mlflow_run(trained, train_params):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Tokenization: batched (stages.train.tokenize_pairs) vs trl's own row-by-row _prepare_dataset
+
+
+def test_batched_tokenization_equals_trl(tmp_path, train_params, tiny_base_dir, prepared_dir):
+    import types
+
+    import pyarrow as pa
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from stages import train
+
+    tokenizer = train.load_tokenizer(tiny_base_dir)
+    eos = tokenizer.eos_token
+    args = train.dpo_config(train_params, tmp_path / "ckpt")
+    prepared = train.to_dataset(train.read_prepared(prepared_dir, "train"), eos).to_dict()
+    n = len(prepared["id"])
+    # Rows trl treats specially, added to the prepared ones: answers without the eos (trl appends it), a
+    # prompt ending inside a word so that prompt+answer tokenizes across the boundary (the answer starts where
+    # the token sequences diverge), and a prompt that fills max_length (keep_start truncation drops the row).
+    long_prompt = chatml_prompt("", "word " * args.max_length)
+    extra = {
+        "id": ["no-eos", "mid-word", "too-long"],
+        "prompt": [prepared["prompt"][0], "Tell me about th", long_prompt],
+        "chosen": ["An answer without the end token", "e weather" + eos, "fine" + eos],
+        "rejected": ["Another one" + eos, "e answer" + eos, "also fine" + eos],
+        train.LENGTH_COLUMN: [10, 10, args.max_length + 10],
+    }
+    rows = {name: prepared[name] + extra[name] for name in prepared}
+    # Shuffled through an indices mapping, as the reference stage's longest_first order is.
+    dataset = Dataset(pa.table(rows)).shuffle(seed=3)
+    assert dataset._indices is not None and train.fast_tokenizable(dataset, tokenizer)
+
+    expected = DPOTrainer._prepare_dataset(
+        types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args, "t"
+    )
+    got = train.tokenize_pairs(dataset, tokenizer, eos, args.max_length, args.truncation_mode)
+
+    assert got.features == expected.features
+    assert got.num_rows == expected.num_rows == n + 2  # the too-long row is dropped
+    for name in expected.column_names:
+        assert list(got[name]) == list(expected[name]), name
+    by_id = {row["id"]: row for row in got}
+    assert by_id["no-eos"]["chosen"].endswith(eos)
+    mid_word = by_id["mid-word"]
+    assert len(mid_word["prompt_ids"]) < len(tokenizer(text=mid_word["prompt"])["input_ids"])  # diverged
+    assert (
+        tokenizer.decode(mid_word["prompt_ids"] + mid_word["chosen_ids"])
+        == mid_word["prompt"] + mid_word["chosen"]
+    )
+
+
+def test_batched_tokenization_leaves_other_data_to_trl(tiny_base_dir):
+    from datasets import Dataset
+
+    from stages import train
+
+    tokenizer = train.load_tokenizer(tiny_base_dir)
+    conversational = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello"}],
+                "rejected": [{"role": "assistant", "content": "Go away"}],
+            }
+        ]
+    )
+    text = Dataset.from_dict({"prompt": ["Hi"], "chosen": ["Hello"], "rejected": ["Go away"]})
+    assert not train.fast_tokenizable(conversational, tokenizer)
+    assert not train.fast_tokenizable(text.to_iterable_dataset(), tokenizer)
+    assert not train.fast_tokenizable(text.add_column("tools", ["[]"]), tokenizer)
+    assert train.fast_tokenizable(text, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Reference log-probs: cached stage vs trl on the fly
 
 
