@@ -14,6 +14,11 @@ MODE
   article   the article's way: datasets.load_dataset("json") then Dataset.map with a Python chatml_format
             calling tokenizer.apply_chat_template per row (formatting only: no validation, filters,
             token counts or split).
+  tokenize  what the train and reference stages do to the prepared rows before any model work: trl 1.16's
+            DPOTrainer._prepare_dataset, row by row through Dataset.map, against stages.train.tokenize_pairs
+            (batched), on the raw file's rows as prepare keeps them at the recipe's length limits
+            (recipes/neuralhermes-2.5.yaml data.max_prompt_length / max_length, the 7B run's rows; the small
+            profile's limits keep few orca-sized rows); checks that the two give the same columns.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-MODES = ("ours", "article")
+MODES = ("ours", "article", "tokenize")
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "neuralhermes-2.5.yaml"
 
 
 def _ours(args, params) -> dict:
@@ -134,6 +140,49 @@ def _article(args, params) -> dict:
     return out
 
 
+def _tokenize(args, params) -> dict:
+    clock = time.perf_counter()
+    import dataclasses
+    import types
+
+    import datasets
+    from trl import DPOTrainer
+
+    from stages import config, prepare, train
+
+    out: dict = {"import_s": time.perf_counter() - clock}
+    datasets.disable_progress_bars()
+    recipe = config.load(RECIPE).data
+    data = dataclasses.replace(
+        params.data, max_prompt_length=recipe.max_prompt_length, max_length=recipe.max_length
+    )
+    params = dataclasses.replace(params, data=data)
+    tokenizer = train.load_tokenizer(args.base)
+    table, _schema = prepare.read_local(args.raw, data.columns)
+    splits = prepare.prepare_table(table, tokenizer, data)[:2]
+    dataset = datasets.concatenate_datasets([train.to_dataset(t, tokenizer.eos_token) for t in splits])
+    trainer_args = train.dpo_config(params, args.work / "ckpt")
+    out["rows"] = dataset.num_rows
+    out["max_length"] = trainer_args.max_length
+    clock = time.perf_counter()
+    theirs = DPOTrainer._prepare_dataset(
+        types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, trainer_args, "bench"
+    )
+    out["trl_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    ours = train.tokenize_pairs(
+        dataset, tokenizer, tokenizer.eos_token, trainer_args.max_length, trainer_args.truncation_mode
+    )
+    out["ours_s"] = time.perf_counter() - clock
+    out["tokens"] = sum(
+        sum(len(ids) for ids in ours[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
+    differ = [name for name in theirs.column_names if list(theirs[name]) != list(ours[name])]
+    if differ or theirs.column_names != ours.column_names:
+        raise SystemExit(f"tokenize_pairs differs from trl's _prepare_dataset in {differ or 'the columns'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=MODES)
@@ -143,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cache", type=Path, default=None, help="ours: the token-count cache folder")
+    parser.add_argument(
+        "--prepared", type=Path, default=None, help="tokenize: the prepared folder ours wrote"
+    )
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -152,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     args.work.mkdir(parents=True, exist_ok=True)
-    result = {"ours": _ours, "article": _article}[args.mode](args, params)
+    result = {"ours": _ours, "article": _article, "tokenize": _tokenize}[args.mode](args, params)
     result["process_s"] = time.perf_counter() - STARTED
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(json.dumps(result, sort_keys=True), file=sys.stderr)

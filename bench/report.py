@@ -206,6 +206,18 @@ def prepare_metrics(
     return m
 
 
+def tokenize_metrics(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """Flat metrics of bench.preparebench's tokenize mode: trl's row-by-row tokenization of the prepared
+    rows against stages.train.tokenize_pairs (speedup > 1: ours faster)."""
+    return {
+        "tokenize_rows": result.get("rows"),
+        "tokenize_tokens": result.get("tokens"),
+        "tokenize_trl_s": result.get("trl_s"),
+        "tokenize_ours_s": result.get("ours_s"),
+        "tokenize_speedup": ratio(result.get("trl_s"), result.get("ours_s")),
+    }
+
+
 def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A plain-text table: columns padded to their widest cell, first column left-aligned, others right."""
     rows = [tuple(header), *[tuple(r) for r in rows]]

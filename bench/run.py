@@ -8,7 +8,9 @@ Writes metrics/bench.json (flat numeric keys, for `dvc metrics show/diff` and th
 Sections (every measured process is a fresh subprocess, so imports and memory peaks never mix):
 - prepare: 12,859 synthetic rows with orca_dpo_pairs' lengths (bench.synthetic) through the prepare stage's
   functions, phase by phase, against the article's datasets.map + apply_chat_template; plus the measured
-  token-count cache cold (first run) and warm (a re-run after a data.* change) (bench.preparebench).
+  token-count cache cold (first run) and warm (a re-run after a data.* change); and the tokenization the train
+  and reference stages do before any model work, trl's row-by-row _prepare_dataset against ours (batched),
+  on the rows prepare keeps at the 7B recipe's length limits (bench.preparebench).
 - small / large: DPO training of our train path (one 4-bit base + LoRA, cached reference log-probs from the
   reference stage, length-grouped batches) against the article's (a second 4-bit model as ref_model, trl's
   reference forward every step, random batches), same params, rows and steps (bench.training). small is the
@@ -149,7 +151,17 @@ def run_prepare(params: Any, base_dir: Path, plan: Plan, work: Path) -> tuple[di
             work / "logs" / f"{name}.log",
             tokenizers_parallelism=True,
         )
-    return report.prepare_metrics(results["ours_cold"], results["ours_warm"], results["article"]), results
+    log("  prepare: tokenizing for training (trl vs batched) ...")
+    results["tokenize"] = training.run_worker(
+        "bench.preparebench",
+        "tokenize",
+        [*args, "--work", str(work / "tokenize")],
+        work / "tokenize.json",
+        work / "logs" / "tokenize.log",
+        tokenizers_parallelism=True,
+    )
+    metrics = report.prepare_metrics(results["ours_cold"], results["ours_warm"], results["article"])
+    return metrics | report.tokenize_metrics(results["tokenize"]), results
 
 
 def run_training(size: str, params: Any, base_dir: Path, plan: Plan, device: str, work: Path):
@@ -333,6 +345,14 @@ def render(metrics: dict, context: dict) -> str:
                 ),
                 ("  of which tokenizing", fmt(metrics.get(f"prepare_{label}_token_count_s")), "", ""),
             ]
+        rows.append(
+            (
+                f"tokenizing for training, {fmt(metrics.get('tokenize_rows'))} rows at the recipe's limits (vs trl's map)",
+                fmt(metrics.get("tokenize_ours_s")),
+                fmt(metrics.get("tokenize_trl_s")),
+                speed(metrics.get("tokenize_speedup")),
+            )
+        )
         rows.append(
             (
                 "imports",

@@ -125,6 +125,13 @@ def test_prepare_metrics_ratios():
     assert m["prepare_rows"] == 100
 
 
+def test_tokenize_metrics_speedup():
+    m = report.tokenize_metrics({"rows": 10, "tokens": 500, "trl_s": 3.0, "ours_s": 1.5})
+    assert m["tokenize_speedup"] == pytest.approx(2.0)
+    assert m["tokenize_rows"] == 10 and m["tokenize_tokens"] == 500
+    assert report.tokenize_metrics({})["tokenize_speedup"] is None
+
+
 def test_format_table_aligns_columns():
     text = report.format_table([("pairs/s", "1.5", "12.25"), ("peak", "100", "7")], ("", "ours", "article"))
     lines = text.splitlines()
@@ -257,6 +264,8 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
         "prepare_format_speedup",
         "prepare_cold_token_count_s",
         "prepare_warm_work_s",
+        "tokenize_speedup",
+        "tokenize_tokens",
     ):
         assert key in metrics and math.isfinite(metrics[key]) and metrics[key] > 0, key
     assert metrics["small_pairs"] == metrics["small_steps"] * metrics["small_batch_size"]
