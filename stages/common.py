@@ -19,6 +19,7 @@ from typing import Any
 # The canonical output locations. dvc.yaml names the same paths; stage main()s pass these to run().
 BASE_DIR = Path("models/base")
 PREPARED_DIR = Path("data/prepared")
+TOKENIZED_DIR = Path("data/tokenized")
 REFERENCE_DIR = Path("data/reference")
 ADAPTER_DIR = Path("models/adapter")
 MERGED_DIR = Path("models/merged")

@@ -139,7 +139,9 @@ def model_card(info: dict[str, Any]) -> str:
         "(`<|im_start|>role\\n...<|im_end|>`); generation ends at `<|im_end|>` (eos).\n\n"
         "## Base model\n\n"
         + _table({"name": base_name, "source": source, "revision": revision or "(none)", **_rest(base)})
-        + "\n## Data\n\nFrom the Parquet schema metadata of data/prepared/train.parquet (prepare stage).\n\n"
+        + "\n## Data\n\nFrom the Parquet schema metadata of data/prepared/train.parquet (prepare stage). The "
+        "tokenize stage then drops the rows over the length limits (`data.max_prompt_length`, `data.max_length`); "
+        "metrics/tokens.json has the rows trained on.\n\n"
         + _table(info.get("data", {}))
         + "\n## Training\n\nAdapter (adapter_config.json):\n\n"
         + _table(info.get("adapter", {}))

@@ -1,18 +1,19 @@
 """reference stage: the reference model's log-probs of every training and held-out pair, computed once.
 
 Reads: params `seed`, `data.max_length`, the base-loading `train.*` keys (load_in_4bit, bnb_4bit_*, precision,
-device) and `train.precompute_ref`; models/base/; data/prepared/{train,test}.parquet.
+device) and `train.precompute_ref`; models/base/; data/tokenized/{train,test}.parquet (the token ids, written
+by stages/tokenize.py: this stage never tokenizes).
 Writes: data/reference/{train,test}.parquet (id, ref_chosen_logps, ref_rejected_logps as float32) and
 data/reference/meta.json (the inputs' hashes and the params they were made with, checked by train).
 
-DPO's reference model is the frozen base, so its log-probs depend only on the base, the prepared data and
-the length limit, never on beta, learning rate, LoRA or steps: a sweep over those re-runs train only and
-skips this forward pass. The numbers come from trl's own machinery (DPOTrainer tokenization, collator and
+DPO's reference model is the frozen base, so its log-probs depend only on the base and the tokenized data,
+never on beta, learning rate, LoRA or steps: a sweep over those re-runs train only and skips this forward
+pass. The numbers come from trl's own machinery (DPOTrainer collator and
 `precompute_ref_log_probs`) with the base loaded by `stages.train.load_policy`, i.e. exactly what train
 would compute on the fly. With `train.precompute_ref: false` only meta.json is written (a marker that keeps
 the DAG stable) and train computes the reference log-probs itself.
 
-The rows go through trl longest first and are put back into the prepared order by id afterwards: trl's collator
+The rows go through trl longest first and are put back into the tokenized order by id afterwards: trl's collator
 pads each batch to its longest row, so batches of similar lengths waste almost nothing on padding (about a third
 of the tokens on the small profile in prepared order). Each row's log-probs do not depend on its batch-mates
 (right padding under the attention mask), so the order changes the numbers only by float noise (~1e-5).
@@ -28,8 +29,8 @@ from typing import Any
 
 from stages.common import (
     BASE_DIR,
-    PREPARED_DIR,
     REFERENCE_DIR,
+    TOKENIZED_DIR,
     StageError,
     atomic_dir,
     load_tokenizer,
@@ -80,7 +81,7 @@ def placeholder_adapter():
 
 
 def longest_first(dataset):
-    """`dataset` reordered by the length column, longest first (stable: ties keep the prepared order).
+    """`dataset` reordered by the length column, longest first (stable: ties keep the tokenized order).
 
     Fixed, not a param: the order changes only how much padding the batches carry, never the output, which is
     joined back by id. Longest first, so a batch too large for the device fails at once, not at the end.
@@ -94,7 +95,7 @@ def longest_first(dataset):
     return dataset.select(order.to_pylist())
 
 
-def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict[str, Any]:
+def compute(params: Any, base_dir: str | Path, tokenized_dir: str | Path) -> dict[str, Any]:
     """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the train and test splits."""
     import pyarrow as pa
 
@@ -102,8 +103,8 @@ def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict
 
     require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
     tokenizer = load_tokenizer(base_dir)
-    prepared = {split: train.read_prepared(prepared_dir, split) for split in train.SPLITS}
-    datasets = {split: train.to_dataset(table, tokenizer.eos_token) for split, table in prepared.items()}
+    tokenized = {split: train.read_tokenized(tokenized_dir, split) for split in train.SPLITS}
+    datasets = {split: train.to_dataset(table) for split, table in tokenized.items()}
     model = train.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = train._trainer_class()(
@@ -117,11 +118,11 @@ def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict
         computed = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
         tables = {}
         for split, dataset in computed.items():
-            path = Path(prepared_dir) / f"{split}.parquet"
+            path = Path(tokenized_dir) / f"{split}.parquet"
             if dataset.num_rows != datasets[split].num_rows:
                 raise StageError(
                     f"{path}: trl dropped {datasets[split].num_rows - dataset.num_rows} row(s) whose prompt fills "
-                    f"data.max_length ({params.data.max_length}); prepare should have filtered them"
+                    f"data.max_length ({params.data.max_length}); the tokenize stage should have filtered them"
                 )
             in_computed_order = pa.table(
                 {
@@ -129,8 +130,8 @@ def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict
                     **{name: pa.array(dataset[name], pa.float32()) for name in train.REF_COLUMNS},
                 }
             )
-            # Back to the prepared row order (the order train reads them in), joined by id.
-            ids = pa.table({"id": prepared[split].column("id").cast(pa.string())})
+            # Back to the tokenized row order (the order train reads them in), joined by id.
+            ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
             tables[split] = train.attach_reference(ids, in_computed_order, path).combine_chunks()
     return tables
 
@@ -138,7 +139,7 @@ def compute(params: Any, base_dir: str | Path, prepared_dir: str | Path) -> dict
 def run(
     params: Any,
     base_dir: str | Path = BASE_DIR,
-    prepared_dir: str | Path = PREPARED_DIR,
+    tokenized_dir: str | Path = TOKENIZED_DIR,
     reference_dir: str | Path = REFERENCE_DIR,
 ) -> dict[str, Any]:
     """Write data/reference/; returns its meta.json content."""
@@ -146,16 +147,16 @@ def run(
 
     from stages import tracking, train
 
-    inputs = {"base": Path(base_dir), "prepared": Path(prepared_dir)}
+    inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir)}
     with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
         hashes = train._input_hashes(mlflow_run, inputs)
         meta: dict[str, Any] = {
             "precompute_ref": params.train.precompute_ref,
             "base_sha256": hashes["base"],
-            "prepared_sha256": hashes["prepared"],
+            "tokenized_sha256": hashes["tokenized"],
             "params": tracking.params_for(params, SECTIONS),
         }
-        tables = compute(params, base_dir, prepared_dir) if params.train.precompute_ref else {}
+        tables = compute(params, base_dir, tokenized_dir) if params.train.precompute_ref else {}
         meta["rows"] = {split: table.num_rows for split, table in tables.items()}
         with atomic_dir(reference_dir) as tmp:
             for split, table in tables.items():

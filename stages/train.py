@@ -1,8 +1,9 @@
-"""train stage: QLoRA DPO of the base model on the prepared preference pairs.
+"""train stage: QLoRA DPO of the base model on the tokenized preference pairs.
 
 Reads: params `seed`, `data.max_length`, `train`; models/base/ (model + ChatML tokenizer);
-data/prepared/{train,test}.parquet; data/reference/ (cached reference log-probs, written by
-stages/reference.py, used when `train.precompute_ref` is true).
+data/tokenized/{train,test}.parquet (the token ids of the prepared pairs, written by stages/tokenize.py and
+handed to trl as they are: this stage never tokenizes); data/reference/ (cached reference log-probs, written
+by stages/reference.py, used when `train.precompute_ref` is true).
 Writes: models/adapter/ (PEFT adapter as adapter_model.safetensors + adapter_config.json, and the tokenizer),
 metrics/train.json (flat final metrics), metrics/train_history.csv (one row per logging step, for DVC plots).
 
@@ -65,9 +66,9 @@ from stages.common import (
     ADAPTER_DIR,
     BASE_DIR,
     METRICS_DIR,
-    PREPARED_DIR,
     REFERENCE_DIR,
     SCRATCH_DIR,
+    TOKENIZED_DIR,
     StageError,
     atomic_dir,
     atomic_write_bytes,
@@ -80,15 +81,14 @@ from stages.common import (
     torch_dtype,
     write_json,
 )
+from stages.tokenize import IDS_COLUMNS, LENGTH_COLUMN, OUTPUT_COLUMNS, read_tokenized
 
 logger = logging.getLogger("stages.train")
 
 # The params this stage declares in dvc.yaml (also the MLflow params and the checkpoint fingerprint).
 SECTIONS = ["seed", "data.max_length", "train"]
 SPLITS = ("train", "test")
-PREPARED_COLUMNS = ("id", "prompt", "chosen", "rejected", "prompt_tokens", "chosen_tokens", "rejected_tokens")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-LENGTH_COLUMN = "length"  # tokens of prompt + longer answer: what length-grouped batching sorts on
 HISTORY_COLUMNS = (
     "step",
     "loss",
@@ -314,12 +314,6 @@ def history_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def strip_turn_newline(text: str, eos: str) -> str:
-    """Answers end with eos + "\\n" (the ChatML turn separator); trl appends eos to any answer that does not
-    end with eos, so the separator is dropped rather than getting a second eos after it."""
-    return text[:-1] if text.endswith(eos + "\n") else text
-
-
 def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
     """Loss near 0 with reward accuracy pinned at 1.0 early in training."""
     early = step <= max(1, math.ceil(COLLAPSE_EARLY_FRACTION * max_steps))
@@ -437,27 +431,6 @@ def launch(params: Any) -> int:
 # Data
 
 
-def read_prepared(prepared_dir: str | Path, split: str):
-    """data/prepared/<split>.parquet as a pyarrow Table, checked for the columns training needs."""
-    import pyarrow.parquet as pq
-
-    path = Path(prepared_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise StageError(f"{path}: prepared split not found (run the prepare stage first: dvc repro prepare)")
-    table = pq.read_table(path)
-    missing = [c for c in PREPARED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise StageError(
-            f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(PREPARED_COLUMNS)})"
-        )
-    if table.num_rows == 0:
-        raise StageError(f"{path}: no rows")
-    ids = table.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise StageError(f"{path}: column id has duplicate values (expected one row per id)")
-    return table
-
-
 def attach_reference(table, reference, reference_path: str | Path):
     """Add the cached ref_chosen_logps / ref_rejected_logps to `table` by id, keeping `table`'s row order."""
     import pyarrow.compute as pc
@@ -469,7 +442,7 @@ def attach_reference(table, reference, reference_path: str | Path):
     if index.null_count:
         first = table.column("id").filter(pc.is_null(index))[0].as_py()
         raise StageError(
-            f"{reference_path}: no reference log-probs for {index.null_count} prepared row(s), e.g. id {first!r}; "
+            f"{reference_path}: no reference log-probs for {index.null_count} tokenized row(s), e.g. id {first!r}; "
             "the reference is stale (run: dvc repro reference)"
         )
     for name in REF_COLUMNS:
@@ -477,119 +450,13 @@ def attach_reference(table, reference, reference_path: str | Path):
     return table
 
 
-def to_dataset(table, eos: str, keep: Sequence[str] = ()):
-    """Prepared rows -> a datasets.Dataset with what trl reads (prompt/chosen/rejected strings), the id, the
-    length used by length-grouped batching and any `keep` columns (cached reference log-probs)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from datasets import Dataset
-
-    strip = lambda col: pa.array([strip_turn_newline(s, eos) for s in table.column(col).to_pylist()])  # noqa: E731
-    length = pc.add(
-        table.column("prompt_tokens"), pc.max_element_wise(table["chosen_tokens"], table["rejected_tokens"])
-    )
-    columns = {
-        "id": table.column("id"),
-        "prompt": table.column("prompt"),
-        "chosen": strip("chosen"),
-        "rejected": strip("rejected"),
-        LENGTH_COLUMN: length.cast("int64"),
-    }
-    for name in keep:
-        columns[name] = table.column(name)
-    return Dataset(pa.table(columns))
-
-
-TOKENIZE_CHUNK_ROWS = 1024  # rows per batched tokenizer call: bounds the Python lists of ids held at once
-
-
-def fast_tokenizable(dataset, processing_class) -> bool:
-    """Whether tokenize_pairs gives what trl would: an in-memory Dataset of plain-text prompt/chosen/rejected
-    strings, not yet tokenized, with nothing trl's tokenization reads besides them (tools, chat template
-    arguments, images), and a text tokenizer (not a multimodal processor)."""
+def to_dataset(table, keep: Sequence[str] = ()):
+    """Tokenized rows -> a datasets.Dataset with what trl reads (the ids), the id, the length used by
+    length-grouped batching and any `keep` columns (cached reference log-probs)."""
     import pyarrow as pa
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerBase
 
-    if not isinstance(dataset, Dataset) or not isinstance(processing_class, PreTrainedTokenizerBase):
-        return False
-    schema = dataset.data.schema
-    if any(
-        name in schema.names for name in ("prompt_ids", "tools", "chat_template_kwargs", "images", "image")
-    ):
-        return False
-    return all(
-        name in schema.names and pa.types.is_string(schema.field(name).type)
-        for name in ("prompt", "chosen", "rejected")
-    )
-
-
-def tokenize_pairs(dataset, tokenizer, eos: str, max_length: int | None, truncation_mode: str):
-    """What trl 1.16's DPOTrainer._prepare_dataset makes of plain-text pairs, with batched tokenizer calls.
-
-    The same steps on the same strings: append `eos` to answers that lack it, tokenize prompt, prompt+chosen
-    and prompt+rejected with `tokenizer(text=...)` (special tokens added as trl adds them), split at the
-    common prefix of the prompt and both joint sequences, and drop rows whose prompt fills `max_length`
-    under keep_start truncation. trl does this one row at a time through `Dataset.map` (16.6 s for 10,563
-    orca-sized rows here); batches of TOKENIZE_CHUNK_ROWS rows let the Rust tokenizer use every core and
-    write the ids straight into Arrow (see README, Performance). tests/stage/test_train.py checks that the
-    result equals trl's own column by column.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from datasets import Dataset
-    from trl.data_utils import common_prefix_length
-
-    def prefix(ids: list[int], joint: list[int]) -> int:
-        n = len(ids)
-        return n if joint[:n] == ids else common_prefix_length(ids, joint)
-
-    def with_eos(texts: list[str]) -> list[str]:
-        return [t if t.endswith(eos) else t + eos for t in texts]
-
-    table = dataset.with_format("arrow")[:]  # the rows in the dataset's order (any indices mapping applied)
-    ids_type = pa.list_(pa.int64())
-    parts: dict[str, list] = {
-        name: [] for name in ("chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids")
-    }
-    diverged = 0  # rows whose tokenized prompt is not a prefix of prompt+answer (trl warns about those too)
-    for start in range(0, table.num_rows, TOKENIZE_CHUNK_ROWS):
-        chunk = table.slice(start, TOKENIZE_CHUNK_ROWS)
-        prompts = chunk.column("prompt").to_pylist()
-        chosen = with_eos(chunk.column("chosen").to_pylist())
-        rejected = with_eos(chunk.column("rejected").to_pylist())
-        prompt_ids = tokenizer(text=prompts)["input_ids"]
-        chosen_ids = tokenizer(text=[p + c for p, c in zip(prompts, chosen, strict=True)])["input_ids"]
-        rejected_ids = tokenizer(text=[p + r for p, r in zip(prompts, rejected, strict=True)])["input_ids"]
-        cut = [
-            min(prefix(p, c), prefix(p, r))
-            for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)
-        ]
-        diverged += sum(n < len(p) for p, n in zip(prompt_ids, cut, strict=True))
-        parts["chosen"].append(pa.array(chosen, pa.string()))
-        parts["rejected"].append(pa.array(rejected, pa.string()))
-        parts["prompt_ids"].append(pa.array([p[:n] for p, n in zip(prompt_ids, cut, strict=True)], ids_type))
-        parts["chosen_ids"].append(pa.array([c[n:] for c, n in zip(chosen_ids, cut, strict=True)], ids_type))
-        parts["rejected_ids"].append(
-            pa.array([r[n:] for r, n in zip(rejected_ids, cut, strict=True)], ids_type)
-        )
-    if diverged:
-        logger.warning(
-            "%d of %d rows: the tokenized prompt is not a prefix of the tokenized prompt+answer (the chat "
-            "template renders the prompt differently alone, or tokens merge across the boundary); as in trl, "
-            "the answer starts where they diverge and the rest of the prompt is left out of training",
-            diverged,
-            table.num_rows,
-        )
-    for name, arrays in parts.items():
-        column = pa.chunked_array(arrays, ids_type if name.endswith("_ids") else pa.string())
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, column)
-        else:
-            table = table.append_column(name, column)
-    if max_length is not None and truncation_mode == "keep_start":
-        table = table.filter(pc.less(pc.list_value_length(table["prompt_ids"]), max_length))
-    return Dataset(table)
+    return Dataset(pa.table({name: table.column(name) for name in (*OUTPUT_COLUMNS, *keep)}))
 
 
 def read_reference(reference_dir: str | Path, split: str, expected: dict[str, Any]):
@@ -629,16 +496,10 @@ def _trainer_class():
 
     class PipelineDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            # Plain-text pairs through batched tokenizer calls (tokenize_pairs: trl's result, faster); anything
-            # else (conversational rows, processors, streamed or already tokenized data) goes through trl.
-            if fast_tokenizable(dataset, processing_class):
-                return tokenize_pairs(
-                    dataset,
-                    processing_class,
-                    self._tokenizer.eos_token,
-                    args.max_length,
-                    args.truncation_mode,
-                )
+            # The tokenize stage's ids are what trl's own tokenization makes of the prepared strings (checked
+            # by a stage test), already within the length limits: trl 1.16 would tokenize them again.
+            if all(name in dataset.column_names for name in IDS_COLUMNS):
+                return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -783,7 +644,7 @@ def _last(log_history: list[dict[str, Any]], key: str) -> float:
 def run(
     params: Any,
     base_dir: str | Path = BASE_DIR,
-    prepared_dir: str | Path = PREPARED_DIR,
+    tokenized_dir: str | Path = TOKENIZED_DIR,
     reference_dir: str | Path = REFERENCE_DIR,
     adapter_dir: str | Path = ADAPTER_DIR,
     metrics_path: str | Path = METRICS_DIR / "train.json",
@@ -795,7 +656,7 @@ def run(
     from stages import reference as reference_stage
     from stages import tracking
 
-    base_dir, prepared_dir, reference_dir = Path(base_dir), Path(prepared_dir), Path(reference_dir)
+    base_dir, tokenized_dir, reference_dir = Path(base_dir), Path(tokenized_dir), Path(reference_dir)
     t = params.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != t.num_processes:
@@ -803,7 +664,7 @@ def run(
             f"train.num_processes is {t.num_processes} but this process runs in a group of {world_size}: "
             "start the stage with `python -m stages.train`, which launches the processes itself"
         )
-    inputs = {"base": base_dir, "prepared": prepared_dir, "reference": reference_dir}
+    inputs = {"base": base_dir, "tokenized": tokenized_dir, "reference": reference_dir}
     with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
         import torch
 
@@ -816,18 +677,18 @@ def run(
 
         datasets = {}
         for split in SPLITS:
-            table = read_prepared(prepared_dir, split)
+            table = read_tokenized(tokenized_dir, split)
             keep: tuple[str, ...] = ()
             if t.precompute_ref:
                 expected = {
                     "base_sha256": hashes["base"],
-                    "prepared_sha256": hashes["prepared"],
+                    "tokenized_sha256": hashes["tokenized"],
                     "params": tracking.params_for(params, reference_stage.SECTIONS),
                 }
                 cached = read_reference(reference_dir, split, expected)
                 table = attach_reference(table, cached, reference_dir / f"{split}.parquet")
                 keep = REF_COLUMNS
-            datasets[split] = to_dataset(table, tokenizer.eos_token, keep)
+            datasets[split] = to_dataset(table, keep)
 
         run_dir = Path(checkpoint_dir) / checkpoint_key(params, hashes)
         resume = latest_checkpoint(run_dir)

@@ -45,6 +45,7 @@ RAW_PATH = "data/raw/orca_dpo_sample.jsonl"
 EXCLUDED_PREFIXES = (
     "models/",
     "data/prepared/",
+    "data/tokenized/",
     "data/reference/",
     "metrics/",
     ".scratch/",

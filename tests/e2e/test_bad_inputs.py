@@ -3,7 +3,7 @@
 For each malformed raw file or params.yaml: `dvc repro` exits non-zero with one clear message naming the
 file / line / dotted key and what was expected; only the `validate` stage ran (it fails in about a second,
 before DVC removes any stage's outputs or any expensive work starts); and every output that existed before
-(models/, data/prepared, data/reference, metrics/, data/validated.txt, dvc.lock) is byte-identical and not
+(models/, data/prepared, data/tokenized, data/reference, metrics/, data/validated.txt, dvc.lock) is byte-identical and not
 even rewritten afterwards. Two cases are refused by DVC itself before any stage runs (params.yaml that is
 not YAML, a data.path that does not exist: DVC reads params.yaml to fill `${data.path}` into the deps);
 for those DVC's own message is accepted, as long as it names the file and where.
@@ -33,7 +33,15 @@ from tests.e2e.conftest import RAW_PATH, Project, project_env
 pytestmark = pytest.mark.slow
 
 UP_TO_DATE = "Data and pipelines are up to date."
-OUTPUTS = ("models", "data/prepared", "data/reference", "metrics", "data/validated.txt", "dvc.lock")
+OUTPUTS = (
+    "models",
+    "data/prepared",
+    "data/tokenized",
+    "data/reference",
+    "metrics",
+    "data/validated.txt",
+    "dvc.lock",
+)
 VALIDATE_FAILED = (
     "ERROR: failed to reproduce 'validate': failed to run: python -m stages.validate, exited with 1"
 )

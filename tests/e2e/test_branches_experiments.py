@@ -13,7 +13,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-METRIC_FILES = ("metrics/data.json", "metrics/train.json", "metrics/merge.json", "metrics/eval.json")
+METRIC_FILES = (
+    "metrics/data.json",
+    "metrics/tokens.json",
+    "metrics/train.json",
+    "metrics/merge.json",
+    "metrics/eval.json",
+)
 # validate re-checks params.yaml on every params edit (about a second); its marker never changes.
 DOWNSTREAM_OF_TRAIN = {"validate", "train", "merge", "evaluate"}
 
@@ -41,12 +47,12 @@ def test_two_branches_diff_params_metrics_plots(clone, tmp_path):
     project = clone("branches")
     project.git("checkout", "-q", "-b", "beta-0.3")
     project.set_params({"train.beta": 0.3})
-    # issue 3: only train and what follows it are stale; base, prepare and reference are not
+    # issue 3: only train and what follows it are stale; base, prepare, tokenize and reference are not
     status = project.dvc("status").stdout
-    assert "train:" in status and not re.search(r"^(base|prepare|reference):", status, re.MULTILINE)
+    assert "train:" in status and not re.search(r"^(base|prepare|tokenize|reference):", status, re.MULTILINE)
     out = project.dvc("repro").stdout
     assert ran_stages(out) == DOWNSTREAM_OF_TRAIN, out
-    assert {"base", "prepare", "reference", "evaluate_base"} <= skipped_stages(out)
+    assert {"base", "prepare", "tokenize", "reference", "evaluate_base"} <= skipped_stages(out)
     project.commit("train.beta 0.3")
     assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
 

@@ -25,7 +25,14 @@ REPO_LOCK_MESSAGE = (
 RWLOCK_MESSAGE = re.compile(
     r"ERROR: failed to reproduce '[\w-]+': '.+' is busy, it is being blocked by:\n\s+\(PID \d+\): .*dvc repro"
 )
-DIR_OUTS = ("models/base", "data/prepared", "data/reference", "models/adapter", "models/merged")
+DIR_OUTS = (
+    "models/base",
+    "data/prepared",
+    "data/tokenized",
+    "data/reference",
+    "models/adapter",
+    "models/merged",
+)
 
 
 def flip_byte(path: Path, offset: int | None = None, keep_stat: bool = False) -> None:
@@ -338,7 +345,7 @@ def test_kill_anywhere_then_repro_completes(clone, tiny_project, tmp_path):
     # every run a SIGKILL left RUNNING was closed by the next run of its stage
     assert running_runs(project) == []
 
-    for rel in ("data/prepared", "data/reference", "models/base"):
+    for rel in ("data/prepared", "data/tokenized", "data/reference", "models/base"):
         for name in listing(reference / rel):
             assert (project.root / rel / name).read_bytes() == (reference / rel / name).read_bytes(), (
                 f"{rel}/{name}"

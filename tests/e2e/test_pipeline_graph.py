@@ -8,7 +8,17 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = {"validate", "base", "prepare", "reference", "train", "merge", "evaluate_base", "evaluate"}
+ALL_STAGES = {
+    "validate",
+    "base",
+    "prepare",
+    "tokenize",
+    "reference",
+    "train",
+    "merge",
+    "evaluate_base",
+    "evaluate",
+}
 
 
 def stages_in_status(output: str) -> set[str]:
@@ -21,7 +31,14 @@ def test_session_repro_ran_every_stage(tiny_project):
     assert ran == ALL_STAGES
     assert tiny_project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
     # the outputs every later test relies on
-    for rel in ("models/base", "data/prepared", "models/adapter", "models/merged", "metrics/eval.json"):
+    for rel in (
+        "models/base",
+        "data/prepared",
+        "data/tokenized",
+        "models/adapter",
+        "models/merged",
+        "metrics/eval.json",
+    ):
         assert (tiny_project.root / rel).exists(), rel
 
 
@@ -32,7 +49,9 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
     for edge in [
         ("validate", "base"),
         ("base", "prepare"),
-        ("prepare", "reference"),
+        ("prepare", "tokenize"),
+        ("tokenize", "reference"),
+        ("tokenize", "train"),
         ("reference", "train"),
         ("train", "merge"),
         ("merge", "evaluate"),
@@ -50,14 +69,29 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     changed = stages_in_status(project.dvc("status").stdout)
     # validate re-checks params.yaml; prepare's own params changed. Nothing else is listed.
     assert changed == {"validate", "prepare"}, "dvc status lists the stages whose own deps/params changed"
-    # Re-running prepare changes data/prepared, which every later stage depends on: now they are stale,
-    # while base (upstream) stays up to date.
+    # Re-running prepare changes data/prepared: the stages that read it are now stale (tokenize, and merge and
+    # the evaluations, which read the prepared strings), while base (upstream) stays up to date. reference and
+    # train read data/tokenized, which goes stale when tokenize re-runs.
     out = project.dvc("repro", "prepare").stdout
     assert "Running stage 'validate'" in out
     assert "Stage 'base' didn't change, skipping" in out
     assert "Running stage 'prepare'" in out
     changed = stages_in_status(project.dvc("status").stdout)
+    assert changed == {"tokenize", "merge", "evaluate_base", "evaluate"}
+    out = project.dvc("repro", "tokenize").stdout
+    assert "Running stage 'tokenize'" in out
+    changed = stages_in_status(project.dvc("status").stdout)
     assert changed == {"reference", "train", "merge", "evaluate_base", "evaluate"}
+
+
+def test_length_limit_reruns_tokenize_not_prepare(clone):
+    project = clone("status-length")
+    project.set_params({"data.max_length": 300})
+    changed = stages_in_status(project.dvc("status").stdout)
+    # The limits are tokenize's (and the trainer's max_length): prepare does not read them.
+    assert changed == {"validate", "tokenize", "reference", "train"}
+    dry = project.dvc("repro", "--dry").stdout
+    assert "Running stage 'prepare'" not in dry and "Running stage 'tokenize'" in dry
 
 
 def test_eval_param_leaves_upstream_stages_up_to_date(clone):

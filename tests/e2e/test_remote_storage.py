@@ -12,7 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 UP_TO_DATE = "Data and pipelines are up to date."
-PULLED_OUTPUTS = ("models/base", "data/prepared", "data/reference", "models/adapter", "models/merged")
+PULLED_OUTPUTS = (
+    "models/base",
+    "data/prepared",
+    "data/tokenized",
+    "data/reference",
+    "models/adapter",
+    "models/merged",
+)
 
 
 def remote_objects(store: Path) -> list[Path]:
@@ -29,7 +36,7 @@ def assert_nothing_reruns(project) -> None:
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
     out = project.dvc("repro").stdout
     assert "Running stage" not in out, out
-    for stage in ("base", "prepare", "train", "merge", "evaluate"):
+    for stage in ("base", "prepare", "tokenize", "reference", "train", "merge", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in out
 
 

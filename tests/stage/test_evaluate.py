@@ -71,9 +71,6 @@ def write_split(prepared: Path, raw_rows, tokenizer) -> tuple[int, int]:
             "prompt": prompt,
             "chosen": answer(good),
             "rejected": answer(bad),
-            "prompt_tokens": len(_encode(tokenizer, prompt)),
-            "chosen_tokens": 0,
-            "rejected_tokens": 0,
         }
         for i, (r, prompt) in enumerate(zip(picked, prompts, strict=True))
     ]

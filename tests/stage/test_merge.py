@@ -32,9 +32,6 @@ def write_prepared(out: Path, raw_rows, tokenizer, n_test: int = 6) -> Path:
             "prompt": prompt,
             "chosen": r["chosen"] + "<|im_end|>\n",
             "rejected": r["rejected"] + "<|im_end|>\n",
-            "prompt_tokens": 0,
-            "chosen_tokens": 0,
-            "rejected_tokens": 0,
         }
 
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, replace_params
-from tests.stage.test_train import write_prepared
+from tests.stage.test_train import write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -19,23 +19,23 @@ def train_params(tiny_params):
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
+def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
     from stages.common import load_tokenizer
 
-    out = tmp_path_factory.mktemp("ref_prepared") / "prepared"
-    return write_prepared(out, raw_rows[:40], load_tokenizer(tiny_base_dir), train_params.data.max_length, 10)
+    root = tmp_path_factory.mktemp("ref_pairs")
+    return write_pairs(root, raw_rows[:40], load_tokenizer(tiny_base_dir), train_params, 10)
 
 
 @pytest.fixture(scope="module")
-def reference_dir(tmp_path_factory, train_params, tiny_base_dir, prepared_dir) -> Path:
+def reference_dir(tmp_path_factory, train_params, tiny_base_dir, tokenized_dir) -> Path:
     from stages import reference
 
     out = tmp_path_factory.mktemp("reference") / "reference"
-    reference.run(train_params, tiny_base_dir, prepared_dir, out)
+    reference.run(train_params, tiny_base_dir, tokenized_dir, out)
     return out
 
 
-def test_writes_logps_for_every_prepared_row(reference_dir, prepared_dir, train_params):
+def test_writes_logps_for_every_prepared_row(reference_dir, tokenized_dir, train_params):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -54,7 +54,7 @@ def test_writes_logps_for_every_prepared_row(reference_dir, prepared_dir, train_
     }
     for split in ("train", "test"):
         table = pq.read_table(reference_dir / f"{split}.parquet")
-        prepared = pq.read_table(prepared_dir / f"{split}.parquet")
+        prepared = pq.read_table(tokenized_dir / f"{split}.parquet")
         assert table.column_names == ["id", "ref_chosen_logps", "ref_rejected_logps"]
         assert table.schema.field("ref_chosen_logps").type == pa.float32()
         assert table.column("id").to_pylist() == prepared.column("id").to_pylist()
@@ -64,23 +64,27 @@ def test_writes_logps_for_every_prepared_row(reference_dir, prepared_dir, train_
             assert all(v < 0 for v in values), "log-probs of whole answers are negative"
 
 
-def test_reference_is_the_base_model_alone(reference_dir, prepared_dir, tiny_base_dir, train_params):
+def test_reference_is_the_base_model_alone(reference_dir, tokenized_dir, tiny_base_dir, train_params):
     """Independent check: a plain forward of the 4-bit base (no PEFT wrapper, no trl) gives the same sums."""
     import pyarrow.parquet as pq
     import torch
 
-    from stages import train
+    from stages import tokenize, train
     from stages.common import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
     model = train.load_policy(tiny_base_dir, train_params.train).eval()
-    prepared = pq.read_table(prepared_dir / "test.parquet").to_pylist()
+    prepared = {
+        row["id"]: row
+        for row in pq.read_table(tokenized_dir.parent / "prepared" / "test.parquet").to_pylist()
+    }
     cached = pq.read_table(reference_dir / "test.parquet").to_pylist()
     eos = tokenizer.eos_token
-    for row, ref in zip(prepared[:6], cached[:6], strict=True):
+    for ref in cached[:6]:
+        row = prepared[ref["id"]]
         prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         for answer, key in (("chosen", "ref_chosen_logps"), ("rejected", "ref_rejected_logps")):
-            text = train.strip_turn_newline(row[answer], eos)
+            text = tokenize.strip_turn_newline(row[answer], eos)
             ids = tokenizer(row["prompt"] + text, add_special_tokens=False)["input_ids"]
             assert ids[: len(prompt_ids)] == prompt_ids
             with torch.no_grad():
@@ -91,7 +95,7 @@ def test_reference_is_the_base_model_alone(reference_dir, prepared_dir, tiny_bas
 
 
 def test_undeclared_params_do_not_change_the_output(
-    tmp_path, reference_dir, prepared_dir, tiny_base_dir, train_params
+    tmp_path, reference_dir, tokenized_dir, tiny_base_dir, train_params
 ):
     from stages import reference
 
@@ -105,44 +109,47 @@ def test_undeclared_params_do_not_change_the_output(
             "per_device_train_batch_size": 2,
         },
     )
-    reference.run(other, tiny_base_dir, prepared_dir, tmp_path / "reference")
+    reference.run(other, tiny_base_dir, tokenized_dir, tmp_path / "reference")
     for name in ("train.parquet", "test.parquet", "meta.json"):
         assert (tmp_path / "reference" / name).read_bytes() == (reference_dir / name).read_bytes(), name
 
 
 def test_declared_params_match_dvc_yaml():
-    from stages import reference, train
+    from stages import prepare, reference, tokenize, train
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["reference"]["params"] == reference.SECTIONS
     assert stages["train"]["params"] == train.SECTIONS
+    assert stages["tokenize"]["params"] == tokenize.SECTIONS
+    assert stages["prepare"]["params"] == prepare.SECTIONS
     assert "data/reference" in stages["train"]["deps"]
+    assert "data/tokenized" in stages["train"]["deps"] and "data/prepared" not in stages["train"]["deps"]
 
 
-def test_precompute_off_writes_only_a_marker(tmp_path, prepared_dir, tiny_base_dir, train_params):
+def test_precompute_off_writes_only_a_marker(tmp_path, tokenized_dir, tiny_base_dir, train_params):
     from stages import reference
 
     params = replace_params(train_params, train={"precompute_ref": False})
-    meta = reference.run(params, tiny_base_dir, prepared_dir, tmp_path / "reference")
+    meta = reference.run(params, tiny_base_dir, tokenized_dir, tmp_path / "reference")
     assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["meta.json"]
     assert meta["precompute_ref"] is False and meta["rows"] == {}
 
 
-def test_train_refuses_the_marker(tmp_path, prepared_dir, tiny_base_dir, train_params):
+def test_train_refuses_the_marker(tmp_path, tokenized_dir, tiny_base_dir, train_params):
     from stages import reference, train
     from stages.common import StageError
 
     reference.run(
         replace_params(train_params, train={"precompute_ref": False}),
         tiny_base_dir,
-        prepared_dir,
+        tokenized_dir,
         tmp_path / "ref",
     )
     with pytest.raises(StageError, match="cached nothing"):
         train.run(
             train_params,
             tiny_base_dir,
-            prepared_dir,
+            tokenized_dir,
             tmp_path / "ref",
             tmp_path / "adapter",
             tmp_path / "train.json",
@@ -153,7 +160,7 @@ def test_train_refuses_the_marker(tmp_path, prepared_dir, tiny_base_dir, train_p
 
 
 def test_longest_first_matches_the_prepared_order_row_by_row(
-    monkeypatch, reference_dir, prepared_dir, tiny_base_dir, train_params
+    monkeypatch, reference_dir, tokenized_dir, tiny_base_dir, train_params
 ):
     """The stage batches rows longest first (less padding); trl on the prepared order, batched as before that
     change, gives the same log-probs for every id, and the output keeps the prepared row order either way."""
@@ -161,10 +168,8 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     import torch
 
     from stages import reference, train
-    from stages.common import load_tokenizer
 
-    eos = load_tokenizer(tiny_base_dir).eos_token
-    prepared = train.to_dataset(train.read_prepared(prepared_dir, "train"), eos)
+    prepared = train.to_dataset(train.read_tokenized(tokenized_dir, "train"))
     reordered = reference.longest_first(prepared)
     lengths = reordered[train.LENGTH_COLUMN]
     assert lengths == sorted(lengths, reverse=True)
@@ -174,7 +179,7 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     )
 
     monkeypatch.setattr(reference, "longest_first", lambda dataset: dataset)
-    in_prepared_order = reference.compute(train_params, tiny_base_dir, prepared_dir)
+    in_prepared_order = reference.compute(train_params, tiny_base_dir, tokenized_dir)
     for split, table in in_prepared_order.items():
         cached = pq.read_table(reference_dir / f"{split}.parquet")
         assert cached.column("id").to_pylist() == table.column("id").to_pylist()

@@ -31,47 +31,37 @@ def chatml_prompt(system: str, question: str) -> str:
     return head + f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def write_prepared(out_dir: Path, rows: list[dict], tokenizer, max_length: int, n_test: int) -> Path:
-    """data/prepared-like {train,test}.parquet from raw rows (rows too long for max_length are skipped)."""
+def write_pairs(root: Path, rows: list[dict], tokenizer, params, n_test: int) -> Path:
+    """data/prepared-like and data/tokenized-like folders under `root` from raw rows: the ChatML strings as
+    prepare writes them, the ids by the tokenize stage's own function (rows over the length limits dropped
+    there). Returns root / "tokenized"."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from stages import tokenize
 
     records = []
     for i, row in enumerate(rows):
         if not row["chosen"].strip() or not row["rejected"].strip() or row["chosen"] == row["rejected"]:
-            continue
-        prompt = chatml_prompt(row["system"], row["question"])
-        chosen, rejected = row["chosen"] + ANSWER_END, row["rejected"] + ANSWER_END
-        lengths = count(prompt), count(chosen), count(rejected)
-        if lengths[0] + max(lengths[1:]) > max_length:
             continue
         records.append(
             {
                 "id": f"row{i:04d}",
                 "system": row["system"],
                 "question": row["question"],
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "prompt_tokens": lengths[0],
-                "chosen_tokens": lengths[1],
-                "rejected_tokens": lengths[2],
+                "prompt": chatml_prompt(row["system"], row["question"]),
+                "chosen": row["chosen"] + ANSWER_END,
+                "rejected": row["rejected"] + ANSWER_END,
             }
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    splits = {"test": records[:n_test], "train": records[n_test:]}
-    for split, part in splits.items():
+    for name in ("prepared", "tokenized"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for split, part in {"test": records[:n_test], "train": records[n_test:]}.items():
         table = pa.Table.from_pylist(part)
-        table = table.set_column(6, "prompt_tokens", table.column("prompt_tokens").cast(pa.int32()))
-        for name in ("chosen_tokens", "rejected_tokens"):
-            table = table.set_column(
-                table.column_names.index(name), name, table.column(name).cast(pa.int32())
-            )
-        pq.write_table(table, out_dir / f"{split}.parquet")
-    return out_dir
+        pq.write_table(table, root / "prepared" / f"{split}.parquet")
+        tokenized, _counts = tokenize.tokenize_split(table, tokenizer, params.data)
+        pq.write_table(tokenized, root / "tokenized" / f"{split}.parquet")
+    return root / "tokenized"
 
 
 @pytest.fixture(scope="session")
@@ -80,35 +70,29 @@ def train_params(tiny_params):
 
 
 @pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
+def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
     from stages.common import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
-    return write_prepared(
-        tmp_path_factory.mktemp("prepared") / "prepared",
-        raw_rows[:60],
-        tokenizer,
-        train_params.data.max_length,
-        12,
-    )
+    return write_pairs(tmp_path_factory.mktemp("pairs"), raw_rows[:60], tokenizer, train_params, 12)
 
 
 @pytest.fixture(scope="session")
-def reference_dir(tmp_path_factory, train_params, tiny_base_dir, prepared_dir) -> Path:
+def reference_dir(tmp_path_factory, train_params, tiny_base_dir, tokenized_dir) -> Path:
     from stages import reference
 
     out = tmp_path_factory.mktemp("reference") / "reference"
-    reference.run(train_params, tiny_base_dir, prepared_dir, out)
+    reference.run(train_params, tiny_base_dir, tokenized_dir, out)
     return out
 
 
-def run_train(params, base_dir, prepared_dir, reference_dir, out: Path, **kwargs) -> dict:
+def run_train(params, base_dir, tokenized_dir, reference_dir, out: Path, **kwargs) -> dict:
     from stages import train
 
     return train.run(
         params,
         base_dir=base_dir,
-        prepared_dir=prepared_dir,
+        tokenized_dir=tokenized_dir,
         reference_dir=reference_dir,
         adapter_dir=out / "adapter",
         metrics_path=out / "metrics" / "train.json",
@@ -120,7 +104,7 @@ def run_train(params, base_dir, prepared_dir, reference_dir, out: Path, **kwargs
 
 @pytest.fixture(scope="session")
 def trained(
-    tmp_path_factory, mlflow_template, train_params, tiny_base_dir, prepared_dir, reference_dir
+    tmp_path_factory, mlflow_template, train_params, tiny_base_dir, tokenized_dir, reference_dir
 ) -> Path:
     """One uninterrupted run with the cached reference (the baseline other tests compare with), recorded in
     its own MLflow store (`trained / "mlflow.db"`)."""
@@ -130,7 +114,7 @@ def trained(
     shutil.copyfile(mlflow_template, out / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
     try:
-        run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, out)
+        run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, out)
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -258,86 +242,11 @@ def test_mlflow_run(trained, train_params):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenization: batched (stages.train.tokenize_pairs) vs trl's own row-by-row _prepare_dataset
-
-
-def test_batched_tokenization_equals_trl(tmp_path, train_params, tiny_base_dir, prepared_dir):
-    import types
-
-    import pyarrow as pa
-    from datasets import Dataset
-    from trl import DPOTrainer
-
-    from stages import train
-
-    tokenizer = train.load_tokenizer(tiny_base_dir)
-    eos = tokenizer.eos_token
-    args = train.dpo_config(train_params, tmp_path / "ckpt")
-    prepared = train.to_dataset(train.read_prepared(prepared_dir, "train"), eos).to_dict()
-    n = len(prepared["id"])
-    # Rows trl treats specially, added to the prepared ones: answers without the eos (trl appends it), a
-    # prompt ending inside a word so that prompt+answer tokenizes across the boundary (the answer starts where
-    # the token sequences diverge), and a prompt that fills max_length (keep_start truncation drops the row).
-    long_prompt = chatml_prompt("", "word " * args.max_length)
-    extra = {
-        "id": ["no-eos", "mid-word", "too-long"],
-        "prompt": [prepared["prompt"][0], "Tell me about th", long_prompt],
-        "chosen": ["An answer without the end token", "e weather" + eos, "fine" + eos],
-        "rejected": ["Another one" + eos, "e answer" + eos, "also fine" + eos],
-        train.LENGTH_COLUMN: [10, 10, args.max_length + 10],
-    }
-    rows = {name: prepared[name] + extra[name] for name in prepared}
-    # Shuffled through an indices mapping, as the reference stage's longest_first order is.
-    dataset = Dataset(pa.table(rows)).shuffle(seed=3)
-    assert dataset._indices is not None and train.fast_tokenizable(dataset, tokenizer)
-
-    expected = DPOTrainer._prepare_dataset(
-        types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args, "t"
-    )
-    got = train.tokenize_pairs(dataset, tokenizer, eos, args.max_length, args.truncation_mode)
-
-    assert got.features == expected.features
-    assert got.num_rows == expected.num_rows == n + 2  # the too-long row is dropped
-    for name in expected.column_names:
-        assert list(got[name]) == list(expected[name]), name
-    by_id = {row["id"]: row for row in got}
-    assert by_id["no-eos"]["chosen"].endswith(eos)
-    mid_word = by_id["mid-word"]
-    assert len(mid_word["prompt_ids"]) < len(tokenizer(text=mid_word["prompt"])["input_ids"])  # diverged
-    assert (
-        tokenizer.decode(mid_word["prompt_ids"] + mid_word["chosen_ids"])
-        == mid_word["prompt"] + mid_word["chosen"]
-    )
-
-
-def test_batched_tokenization_leaves_other_data_to_trl(tiny_base_dir):
-    from datasets import Dataset
-
-    from stages import train
-
-    tokenizer = train.load_tokenizer(tiny_base_dir)
-    conversational = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": "Hi"}],
-                "chosen": [{"role": "assistant", "content": "Hello"}],
-                "rejected": [{"role": "assistant", "content": "Go away"}],
-            }
-        ]
-    )
-    text = Dataset.from_dict({"prompt": ["Hi"], "chosen": ["Hello"], "rejected": ["Go away"]})
-    assert not train.fast_tokenizable(conversational, tokenizer)
-    assert not train.fast_tokenizable(text.to_iterable_dataset(), tokenizer)
-    assert not train.fast_tokenizable(text.add_column("tools", ["[]"]), tokenizer)
-    assert train.fast_tokenizable(text, tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reference log-probs: cached stage vs trl on the fly
 
 
 def test_cached_reference_matches_on_the_fly(
-    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+    tmp_path, trained, train_params, tiny_base_dir, tokenized_dir, reference_dir
 ):
     import pyarrow.parquet as pq
     import torch
@@ -346,7 +255,7 @@ def test_cached_reference_matches_on_the_fly(
 
     # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled) ...
     tokenizer = train.load_tokenizer(tiny_base_dir)
-    dataset = train.to_dataset(train.read_prepared(prepared_dir, "train"), tokenizer.eos_token)
+    dataset = train.to_dataset(train.read_tokenized(tokenized_dir, "train"))
     params = replace_params(train_params, train={"precompute_ref": True})
     trainer = train._trainer_class()(
         model=train.load_policy(tiny_base_dir, params.train),
@@ -367,19 +276,19 @@ def test_cached_reference_matches_on_the_fly(
     # setting, otherwise untested on CPU), which recomputes the same activations and must not change the numbers.
     uncached = replace_params(train_params, train={"precompute_ref": False, "gradient_checkpointing": True})
     out = tmp_path / "uncached"
-    metrics = run_train(uncached, tiny_base_dir, prepared_dir, tmp_path / "no-reference-needed", out)
+    metrics = run_train(uncached, tiny_base_dir, tokenized_dir, tmp_path / "no-reference-needed", out)
     assert_adapters_close(load_adapter(out / "adapter"), load_adapter(trained / "adapter"))
     baseline = json.loads((trained / "metrics" / "train.json").read_text())
     assert metrics["train_loss"] == pytest.approx(baseline["train_loss"], abs=1e-4)
     assert metrics["eval_rewards_margins"] == pytest.approx(baseline["eval_rewards_margins"], abs=1e-4)
 
 
-def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir):
+def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir):
     from stages.common import StageError
 
     other = replace_params(train_params, seed=train_params.seed + 1)
     with pytest.raises(StageError, match="meta.json: params"):
-        run_train(other, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+        run_train(other, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     assert not (tmp_path / "adapter").exists()
 
 
@@ -388,9 +297,9 @@ def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, prepa
 
 
 def test_same_seed_gives_byte_identical_adapter(
-    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+    tmp_path, trained, train_params, tiny_base_dir, tokenized_dir, reference_dir
 ):
-    run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     # The whole folder, train_summary.json included: DVC hashes it, so identical runs must give identical bytes.
     files = sorted(p.name for p in (trained / "adapter").iterdir())
     assert {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"} <= set(files)
@@ -411,13 +320,13 @@ class Slow(TrainerCallback):
         time.sleep(1.0)  # leave time to kill the process between two checkpoints
 
 params = replace_params(config.load({repo!r} + "/params.yaml"), **{overrides!r})
-train.run(params, {base!r}, {prepared!r}, {reference!r}, {out!r} + "/adapter", {out!r} + "/train.json",
+train.run(params, {base!r}, {tokenized!r}, {reference!r}, {out!r} + "/adapter", {out!r} + "/train.json",
           {out!r} + "/history.csv", {out!r} + "/checkpoints", extra_callbacks=[Slow()])
 """
 
 
 def test_resume_after_kill_matches_uninterrupted(
-    tmp_path, trained, train_params, tiny_base_dir, prepared_dir, reference_dir
+    tmp_path, trained, train_params, tiny_base_dir, tokenized_dir, reference_dir
 ):
 
     overrides = {
@@ -428,7 +337,7 @@ def test_resume_after_kill_matches_uninterrupted(
         repo=str(REPO),
         overrides=overrides,
         base=str(tiny_base_dir),
-        prepared=str(prepared_dir),
+        tokenized=str(tokenized_dir),
         reference=str(reference_dir),
         out=str(tmp_path),
     )
@@ -455,7 +364,7 @@ def test_resume_after_kill_matches_uninterrupted(
     from stages import train
 
     assert train.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
-    run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+    run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     resumed_history = (tmp_path / "metrics" / "train_history.csv").read_text()
     assert resumed_history == (trained / "metrics" / "train_history.csv").read_text(), (
         "history spans both attempts"
@@ -478,7 +387,7 @@ def test_resume_after_kill_matches_uninterrupted(
 
 
 def test_nan_loss_stops_training_and_publishes_nothing(
-    tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir, monkeypatch
+    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir, monkeypatch
 ):
     from trl import DPOTrainer
 
@@ -492,15 +401,15 @@ def test_nan_loss_stops_training_and_publishes_nothing(
 
     monkeypatch.setattr(DPOTrainer, "compute_loss", nan_on_second_step)
     with pytest.raises(StageError, match="training loss is nan at step 2"):
-        run_train(train_params, tiny_base_dir, prepared_dir, reference_dir, tmp_path)
+        run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     assert not (tmp_path / "adapter").exists()
     assert not (tmp_path / "metrics").exists()
     (run,) = train_runs(train_params)
     assert run.info.status == "FAILED"
 
 
-def test_missing_prepared_data_is_a_clear_error(tmp_path, train_params, tiny_base_dir, reference_dir):
+def test_missing_tokenized_data_is_a_clear_error(tmp_path, train_params, tiny_base_dir, reference_dir):
     from stages.common import StageError
 
-    with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
+    with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found"):
         run_train(train_params, tiny_base_dir, tmp_path / "nowhere", reference_dir, tmp_path)

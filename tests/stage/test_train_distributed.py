@@ -18,9 +18,9 @@ from tests.conftest import REPO, replace_params
 from tests.stage import test_train as single_process
 from tests.stage.test_train import load_adapter, train_runs
 
-# The single-process tests' fixtures (the tiny prepared data and its cached reference log-probs).
+# The single-process tests' fixtures (the tiny tokenized data and its cached reference log-probs).
 train_params = single_process.train_params
-prepared_dir = single_process.prepared_dir
+tokenized_dir = single_process.tokenized_dir
 reference_dir = single_process.reference_dir
 
 STEPS = 3
@@ -33,10 +33,10 @@ def params_yaml(params) -> str:
     return yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
 
 
-def repo_layout(root: Path, params, tiny_base_dir: Path, prepared_dir: Path, reference_dir: Path) -> Path:
-    """A working directory laid out like the repo: params.yaml, models/base, data/prepared, data/reference."""
+def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> Path:
+    """A working directory laid out like the repo: params.yaml, models/base, data/tokenized, data/reference."""
     shutil.copytree(tiny_base_dir, root / "models" / "base")
-    shutil.copytree(prepared_dir, root / "data" / "prepared")
+    shutil.copytree(tokenized_dir, root / "data" / "tokenized")
     shutil.copytree(reference_dir, root / "data" / "reference")
     (root / "params.yaml").write_text(params_yaml(params), encoding="utf-8")
     return root
@@ -44,12 +44,12 @@ def repo_layout(root: Path, params, tiny_base_dir: Path, prepared_dir: Path, ref
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_one_adapter(
-    tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir
+    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir
 ):
     from mlflow.tracking import MlflowClient
 
     params = replace_params(train_params, train={"num_processes": PROCESSES, "max_steps": STEPS})
-    work = repo_layout(tmp_path / "work", params, tiny_base_dir, prepared_dir, reference_dir)
+    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir, reference_dir)
     # OMP_NUM_THREADS keeps two workers from fighting over the cores of a small CI machine.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -104,10 +104,12 @@ def test_two_cpu_processes_train_one_adapter(
 
 
 @pytest.mark.slow
-def test_a_failing_worker_fails_the_stage(tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir):
+def test_a_failing_worker_fails_the_stage(
+    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir
+):
     """The launcher exits with the workers' failure, their one-line error is in the log, nothing is published."""
     params = replace_params(train_params, train={"num_processes": PROCESSES, "max_steps": STEPS})
-    work = repo_layout(tmp_path / "work", params, tiny_base_dir, prepared_dir, reference_dir)
+    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir, reference_dir)
     (work / "data" / "reference" / "meta.json").unlink()
     # A store that does not exist yet: the launcher creates it before the workers start, so a failing worker
     # cannot get rank 0 stopped in the middle of MLflow's database migrations.
@@ -129,7 +131,7 @@ def test_a_failing_worker_fails_the_stage(tmp_path, train_params, tiny_base_dir,
 
 
 def test_run_refuses_a_process_group_of_another_size(
-    tmp_path, train_params, tiny_base_dir, prepared_dir, reference_dir, monkeypatch
+    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir, monkeypatch
 ):
     """run() called directly (not through main's launcher) must not train 2-process params in 1 process."""
     from stages import train
@@ -139,7 +141,7 @@ def test_run_refuses_a_process_group_of_another_size(
     params = replace_params(train_params, train={"num_processes": PROCESSES})
     with pytest.raises(StageError, match=r"train\.num_processes is 2 but this process runs in a group of 1"):
         train.run(
-            params, tiny_base_dir, prepared_dir, reference_dir, tmp_path / "adapter", tmp_path / "t.json"
+            params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path / "adapter", tmp_path / "t.json"
         )
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "t.json").exists()
     from mlflow.tracking import MlflowClient

@@ -106,29 +106,20 @@ def test_merge_repeats_keeps_the_fastest_run_the_best_step_and_the_highest_peak(
 
 
 def test_prepare_metrics_ratios():
-    cold = {
-        "format_s": 0.1,
-        "work_s": 12.0,
-        "token_count_s": 11.0,
-        "work_without_token_count_s": 1.0,
-        "rows_in": 100,
-        "rows_out": 90,
-    }
-    warm = {"format_s": 0.1, "work_s": 0.4, "token_count_s": 0.01, "rows_in": 100, "rows_out": 90}
+    ours = {"format_s": 0.1, "work_s": 0.4, "rows_in": 100, "rows_out": 90}
     article = {"map_s": 1.5, "work_s": 2.0}
-    m = report.prepare_metrics(cold, warm, article)
+    m = report.prepare_metrics(ours, article)
     assert m["prepare_format_speedup"] == pytest.approx(15.0)
-    assert m["prepare_cold_work_ratio"] == pytest.approx(6.0)
-    assert m["prepare_warm_work_ratio"] == pytest.approx(0.2)
-    assert m["prepare_cold_work_without_token_count_ratio"] == pytest.approx(0.5)
-    assert m["prepare_warm_work_s"] == 0.4 and m["prepare_cold_token_count_s"] == 11.0
-    assert m["prepare_rows"] == 100
+    assert m["prepare_work_ratio"] == pytest.approx(0.2)
+    assert m["prepare_work_s"] == 0.4 and m["prepare_article_map_s"] == 1.5
+    assert m["prepare_rows"] == 100 and m["prepare_rows_out"] == 90
+    assert report.prepare_metrics({}, article)["prepare_work_ratio"] is None
 
 
 def test_tokenize_metrics_speedup():
-    m = report.tokenize_metrics({"rows": 10, "tokens": 500, "trl_s": 3.0, "ours_s": 1.5})
+    m = report.tokenize_metrics({"rows_in": 12, "rows": 10, "tokens": 500, "trl_s": 3.0, "ours_s": 1.5})
     assert m["tokenize_speedup"] == pytest.approx(2.0)
-    assert m["tokenize_rows"] == 10 and m["tokenize_tokens"] == 500
+    assert m["tokenize_rows"] == 10 and m["tokenize_rows_in"] == 12 and m["tokenize_tokens"] == 500
     assert report.tokenize_metrics({})["tokenize_speedup"] is None
 
 
@@ -262,9 +253,10 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
         "large_peak_memory_ratio",
         "large_train_peak_memory_ratio",
         "prepare_format_speedup",
-        "prepare_cold_token_count_s",
-        "prepare_warm_work_s",
+        "prepare_work_s",
+        "prepare_work_ratio",
         "tokenize_speedup",
+        "tokenize_ours_s",
         "tokenize_tokens",
     ):
         assert key in metrics and math.isfinite(metrics[key]) and metrics[key] > 0, key

@@ -169,14 +169,6 @@ def test_history_rows_and_csv():
     assert text.splitlines()[2] == "2,0.6,,,0.3,0.75,0.0002"
 
 
-def test_strip_turn_newline():
-    from stages import train
-
-    assert train.strip_turn_newline("Paris.<|im_end|>\n", "<|im_end|>") == "Paris.<|im_end|>"
-    assert train.strip_turn_newline("Paris.<|im_end|>", "<|im_end|>") == "Paris.<|im_end|>"
-    assert train.strip_turn_newline("Paris.\n", "<|im_end|>") == "Paris.\n"
-
-
 def test_collapse_rule():
     from stages import train
 
@@ -204,30 +196,29 @@ def test_collapse_callback_warns_and_tags(monkeypatch, caplog):
     assert "collapse warning" in caplog.text
 
 
-def prepared_table(ids):
+def tokenized_table(ids):
     import pyarrow as pa
 
     n = len(ids)
+    ids32 = pa.list_(pa.int32())
     return pa.table(
         {
             "id": ids,
-            "prompt": ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * n,
-            "chosen": ["yes<|im_end|>\n"] * n,
-            "rejected": ["no way<|im_end|>\n"] * n,
-            "prompt_tokens": pa.array([10 + i for i in range(n)], pa.int32()),
-            "chosen_tokens": pa.array([3] * n, pa.int32()),
-            "rejected_tokens": pa.array([5] * n, pa.int32()),
+            "prompt_ids": pa.array([[1] * (10 + i) for i in range(n)], ids32),
+            "chosen_ids": pa.array([[2, 3, 4]] * n, ids32),
+            "rejected_ids": pa.array([[5, 6, 7, 8, 9]] * n, ids32),
+            "length": pa.array([15 + i for i in range(n)], pa.int32()),
         }
     )
 
 
-def test_attach_reference_joins_by_id_in_prepared_order():
+def test_attach_reference_joins_by_id_in_tokenized_order():
     import pyarrow as pa
 
     from stages import train
     from stages.common import StageError
 
-    table = prepared_table(["b", "a", "c"])
+    table = tokenized_table(["b", "a", "c"])
     reference = pa.table(
         {
             "id": ["a", "b", "c"],
@@ -245,28 +236,44 @@ def test_attach_reference_joins_by_id_in_prepared_order():
 
 
 def test_to_dataset():
+    import pyarrow as pa
+
     from stages import train
 
-    dataset = train.to_dataset(prepared_table(["a", "b"]), "<|im_end|>")
-    assert dataset.column_names == ["id", "prompt", "chosen", "rejected", train.LENGTH_COLUMN]
-    assert dataset[0]["chosen"] == "yes<|im_end|>" and dataset[1]["rejected"] == "no way<|im_end|>"
-    assert dataset[train.LENGTH_COLUMN] == [15, 16]
+    table = tokenized_table(["a", "b"]).append_column(
+        "ref_chosen_logps", pa.array([-1.0, -2.0], pa.float32())
+    )
+    dataset = train.to_dataset(table, ("ref_chosen_logps",))
+    assert dataset.column_names == [
+        "id",
+        "prompt_ids",
+        "chosen_ids",
+        "rejected_ids",
+        "length",
+        "ref_chosen_logps",
+    ]
+    assert dataset[1]["prompt_ids"] == [1] * 11 and dataset[0]["rejected_ids"] == [5, 6, 7, 8, 9]
+    assert list(dataset[train.LENGTH_COLUMN]) == [15, 16]
+    assert train.to_dataset(table).column_names == list(train.OUTPUT_COLUMNS)
 
 
-def test_read_prepared_errors(tmp_path):
+def test_read_tokenized_errors(tmp_path):
     import pyarrow.parquet as pq
 
     from stages import train
     from stages.common import StageError
 
-    with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
-        train.read_prepared(tmp_path, "train")
-    pq.write_table(prepared_table(["a", "b"]).drop_columns(["chosen_tokens"]), tmp_path / "train.parquet")
-    with pytest.raises(StageError, match=r"train\.parquet: missing column\(s\) chosen_tokens"):
-        train.read_prepared(tmp_path, "train")
-    pq.write_table(prepared_table(["a", "a"]), tmp_path / "train.parquet")
+    with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found .*dvc repro tokenize"):
+        train.read_tokenized(tmp_path, "train")
+    pq.write_table(tokenized_table(["a", "b"]).drop_columns(["chosen_ids"]), tmp_path / "train.parquet")
+    with pytest.raises(StageError, match=r"train\.parquet: missing column\(s\) chosen_ids"):
+        train.read_tokenized(tmp_path, "train")
+    pq.write_table(tokenized_table(["a", "a"]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match="duplicate"):
-        train.read_prepared(tmp_path, "train")
+        train.read_tokenized(tmp_path, "train")
+    pq.write_table(tokenized_table([]), tmp_path / "train.parquet")
+    with pytest.raises(StageError, match=r"train\.parquet: no rows"):
+        train.read_tokenized(tmp_path, "train")
 
 
 def test_read_reference_checks_meta(tmp_path):
