@@ -1,24 +1,20 @@
-"""Prepare on orca-sized data, measured in a fresh process (imports timed apart from the work).
+"""Prepare and tokenize on orca-sized data, measured in a fresh process (imports timed apart from the work).
 
     python -m bench.preparebench MODE --raw ROWS.jsonl --base DIR --params JSON --work DIR --out JSON
 
-    python -m bench.preparebench ours ... --cache DIR   (the stage's token-count cache folder)
-
 MODE
   ours      the prepare stage's own functions on the raw file, phase by phase: tokenizer load, read and
-            validate (read_local), prepare_table (filters, vectorised ChatML formatting, token counts with
-            the stage's token-count cache in --cache, split; token counting timed on its own),
-            data_metrics, write_prepared. No MLflow run. Run it with an empty --cache folder for a first
-            run (every text tokenized) and again with the same folder for a re-run (e.g. after a data.*
-            param change, when DVC re-runs prepare on the same raw rows and base tokenizer).
+            validate (read_local), prepare_table (filters, vectorised ChatML formatting, split),
+            data_metrics, write_prepared. No MLflow run.
   article   the article's way: datasets.load_dataset("json") then Dataset.map with a Python chatml_format
-            calling tokenizer.apply_chat_template per row (formatting only: no validation, filters,
-            token counts or split).
-  tokenize  what the train and reference stages do to the prepared rows before any model work: trl 1.16's
-            DPOTrainer._prepare_dataset, row by row through Dataset.map, against stages.train.tokenize_pairs
-            (batched), on the raw file's rows as prepare keeps them at the recipe's length limits
-            (recipes/neuralhermes-2.5.yaml data.max_prompt_length / max_length, the 7B run's rows; the small
-            profile's limits keep few orca-sized rows); checks that the two give the same columns.
+            calling tokenizer.apply_chat_template per row (formatting only: no validation, filters or split).
+  tokenize  the tokenize stage's work (stages.tokenize.tokenize_split on both splits: trl's ids, length
+            limits, int32 columns) against what trl 1.16's DPOTrainer._prepare_dataset does to the same
+            strings, row by row through Dataset.map, inside every train run and the reference pass when it
+            is handed text (the article's way); on the raw file's rows as prepare keeps them, at the recipe's
+            length limits (recipes/neuralhermes-2.5.yaml data.max_prompt_length / max_length: the 7B run's
+            rows; the small profile's limits keep few orca-sized rows). Fails if stages.tokenize's ids differ
+            from trl's in any column.
 """
 
 from __future__ import annotations
@@ -49,18 +45,8 @@ def _ours(args, params) -> dict:
     pa.array([""])  # pyarrow imports pandas lazily on its first array: an import, counted as one
     out: dict = {"import_s": time.perf_counter() - clock}
 
-    token_time = [0.0]
-    original = prepare.token_lengths
-
-    def timed_token_lengths(tokenizer, texts):
-        start = time.perf_counter()
-        try:
-            return original(tokenizer, texts)
-        finally:
-            token_time[0] += time.perf_counter() - start
-
-    prepare.token_lengths = timed_token_lengths
     work = time.perf_counter()
+    prepare.use_system_allocator()  # as prepare.run() does first
     clock = work
     tokenizer = load_tokenizer(args.base)
     out["tokenizer_load_s"] = time.perf_counter() - clock
@@ -72,9 +58,8 @@ def _ours(args, params) -> dict:
     out["format_s"] = time.perf_counter() - clock  # also inside prepare_table; timed alone for the ratio
     del formatted
     clock = time.perf_counter()
-    train, test, counts = prepare.prepare_table(table, tokenizer, params.data, args.cache)
+    train, test, counts = prepare.prepare_table(table, tokenizer, params.data)
     out["prepare_table_s"] = time.perf_counter() - clock
-    out["token_count_s"] = token_time[0]
     clock = time.perf_counter()
     metrics = prepare.data_metrics(train, test, counts)
     out["metrics_s"] = time.perf_counter() - clock
@@ -84,10 +69,8 @@ def _ours(args, params) -> dict:
     prepare.write_prepared(target, train, test, {"bench": "1"})
     out["write_s"] = time.perf_counter() - clock
     out["work_s"] = time.perf_counter() - work - out["format_s"]
-    out["work_without_token_count_s"] = out["work_s"] - out["token_count_s"]
     out["rows_in"] = metrics["rows_in"]
     out["rows_out"] = metrics["rows_out"]
-    out["dropped_too_long"] = metrics["dropped_too_long"] + metrics["dropped_prompt_too_long"]
     return out
 
 
@@ -146,9 +129,11 @@ def _tokenize(args, params) -> dict:
     import types
 
     import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from trl import DPOTrainer
 
-    from stages import config, prepare, train
+    from stages import config, prepare, tokenize, train
 
     out: dict = {"import_s": time.perf_counter() - clock}
     datasets.disable_progress_bars()
@@ -158,28 +143,30 @@ def _tokenize(args, params) -> dict:
     )
     params = dataclasses.replace(params, data=data)
     tokenizer = train.load_tokenizer(args.base)
+    eos = tokenizer.eos_token
     table, _schema = prepare.read_local(args.raw, data.columns)
     splits = prepare.prepare_table(table, tokenizer, data)[:2]
-    dataset = datasets.concatenate_datasets([train.to_dataset(t, tokenizer.eos_token) for t in splits])
+    out["rows_in"] = sum(split.num_rows for split in splits)
+
+    clock = time.perf_counter()
+    tokenized = [tokenize.tokenize_split(split, tokenizer, data) for split in splits]
+    out["ours_s"] = time.perf_counter() - clock
+    kept = pa.concat_tables([t for t, _counts in tokenized])
+    out["rows"] = kept.num_rows
+    out["tokens"] = sum(pc.sum(v).as_py() for v in tokenize.token_lengths(kept).values())
+
+    # trl on the same strings (the rows tokenize kept, so trl's max_length filter drops none).
+    texts = pa.concat_tables([tokenize.trl_texts(split, eos) for split in splits])
+    texts = texts.filter(pc.is_in(texts["id"], value_set=kept["id"]))
     trainer_args = train.dpo_config(params, args.work / "ckpt")
-    out["rows"] = dataset.num_rows
-    out["max_length"] = trainer_args.max_length
     clock = time.perf_counter()
     theirs = DPOTrainer._prepare_dataset(
-        types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, trainer_args, "bench"
+        types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset(texts), tokenizer, trainer_args, "bench"
     )
     out["trl_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    ours = train.tokenize_pairs(
-        dataset, tokenizer, tokenizer.eos_token, trainer_args.max_length, trainer_args.truncation_mode
-    )
-    out["ours_s"] = time.perf_counter() - clock
-    out["tokens"] = sum(
-        sum(len(ids) for ids in ours[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")
-    )
-    differ = [name for name in theirs.column_names if list(theirs[name]) != list(ours[name])]
-    if differ or theirs.column_names != ours.column_names:
-        raise SystemExit(f"tokenize_pairs differs from trl's _prepare_dataset in {differ or 'the columns'}")
+    for name in tokenize.IDS_COLUMNS:
+        if list(theirs[name]) != kept.column(name).to_pylist():
+            raise SystemExit(f"stages.tokenize's {name} differs from trl's _prepare_dataset")
     return out
 
 
@@ -191,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--cache", type=Path, default=None, help="ours: the token-count cache folder")
     parser.add_argument(
         "--prepared", type=Path, default=None, help="tokenize: the prepared folder ours wrote"
     )

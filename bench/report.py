@@ -173,43 +173,36 @@ def merge_repeats(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def prepare_metrics(
-    cold: Mapping[str, Any], warm: Mapping[str, Any], article: Mapping[str, Any]
-) -> dict[str, float | None]:
-    """Flat metrics of the prepare comparison (bench.preparebench JSON of ours with an empty token-count
-    cache (cold: a first run), ours again with the cache it left (warm: a re-run), and the article's way)."""
+def prepare_metrics(ours: Mapping[str, Any], article: Mapping[str, Any]) -> dict[str, float | None]:
+    """Flat metrics of the prepare comparison (bench.preparebench JSON of ours and of the article's way)."""
     m: dict[str, float | None] = {
-        "prepare_rows": cold.get("rows_in"),
-        "prepare_rows_out": cold.get("rows_out"),
+        "prepare_rows": ours.get("rows_in"),
+        "prepare_rows_out": ours.get("rows_out"),
     }
-    for label, ours in (("cold", cold), ("warm", warm)):
-        for key in (
-            "import_s",
-            "read_validate_s",
-            "format_s",
-            "token_count_s",
-            "prepare_table_s",
-            "write_s",
-            "work_s",
-            "work_without_token_count_s",
-        ):
-            m[f"prepare_{label}_{key}"] = ours.get(key)
-        # Whole work after imports. Ours does more (validation, filters, token counts, split, Parquet).
-        m[f"prepare_{label}_work_ratio"] = ratio(ours.get("work_s"), article.get("work_s"))
+    for key in (
+        "import_s",
+        "tokenizer_load_s",
+        "read_validate_s",
+        "format_s",
+        "prepare_table_s",
+        "write_s",
+        "work_s",
+    ):
+        m[f"prepare_{key}"] = ours.get(key)
     for key in ("import_s", "load_s", "map_s", "work_s"):
         m[f"prepare_article_{key}"] = article.get(key)
+    # Whole work after imports. Ours does more (validation, filters, split, Parquet); ratio < 1: ours faster.
+    m["prepare_work_ratio"] = ratio(ours.get("work_s"), article.get("work_s"))
     # Same scope: ChatML formatting of every row (ours: pyarrow joins; the article: datasets.map).
-    m["prepare_format_speedup"] = ratio(article.get("map_s"), cold.get("format_s"))
-    m["prepare_cold_work_without_token_count_ratio"] = ratio(
-        cold.get("work_without_token_count_s"), article.get("work_s")
-    )
+    m["prepare_format_speedup"] = ratio(article.get("map_s"), ours.get("format_s"))
     return m
 
 
 def tokenize_metrics(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """Flat metrics of bench.preparebench's tokenize mode: trl's row-by-row tokenization of the prepared
-    rows against stages.train.tokenize_pairs (speedup > 1: ours faster)."""
+    """Flat metrics of bench.preparebench's tokenize mode: the tokenize stage's work against trl's row-by-row
+    tokenization of the same strings (speedup > 1: ours faster)."""
     return {
+        "tokenize_rows_in": result.get("rows_in"),
         "tokenize_rows": result.get("rows"),
         "tokenize_tokens": result.get("tokens"),
         "tokenize_trl_s": result.get("trl_s"),

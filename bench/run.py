@@ -7,10 +7,9 @@ Writes metrics/bench.json (flat numeric keys, for `dvc metrics show/diff` and th
 
 Sections (every measured process is a fresh subprocess, so imports and memory peaks never mix):
 - prepare: 12,859 synthetic rows with orca_dpo_pairs' lengths (bench.synthetic) through the prepare stage's
-  functions, phase by phase, against the article's datasets.map + apply_chat_template; plus the measured
-  token-count cache cold (first run) and warm (a re-run after a data.* change); and the tokenization the train
-  and reference stages do before any model work, trl's row-by-row _prepare_dataset against ours (batched),
-  on the rows prepare keeps at the 7B recipe's length limits (bench.preparebench).
+  functions, phase by phase, against the article's datasets.map + apply_chat_template; and the tokenize
+  stage's work on the rows prepare keeps, at the 7B recipe's length limits, against trl's row-by-row
+  _prepare_dataset, which the article's way runs inside every training (bench.preparebench).
 - small / large: DPO training of our train path (one 4-bit base + LoRA, cached reference log-probs from the
   reference stage, length-grouped batches) against the article's (a second 4-bit model as ref_model, trl's
   reference forward every step, random batches), same params, rows and steps (bench.training). small is the
@@ -133,34 +132,17 @@ def run_prepare(params: Any, base_dir: Path, plan: Plan, work: Path) -> tuple[di
     params_path = training.params_json(params, work / "params.json")
     args = ["--raw", str(raw), "--base", str(base_dir), "--params", str(params_path)]
     results = {}
-    cache = work / "token-cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    # ours_cold: a first run (empty token-count cache); ours_warm: DVC re-running prepare on the same rows
-    # and tokenizer (a data.* param changed), which finds every count in the cache the cold run left.
-    for name, mode, extra in (
-        ("ours_cold", "ours", ["--cache", str(cache)]),
-        ("article", "article", []),
-        ("ours_warm", "ours", ["--cache", str(cache)]),
-    ):
+    for name in ("ours", "article", "tokenize"):
         log(f"  prepare: {name} ...")
         results[name] = training.run_worker(
             "bench.preparebench",
-            mode,
-            [*args, "--work", str(work / name), *extra],
+            name,
+            [*args, "--work", str(work / name)],
             work / f"{name}.json",
             work / "logs" / f"{name}.log",
             tokenizers_parallelism=True,
         )
-    log("  prepare: tokenizing for training (trl vs batched) ...")
-    results["tokenize"] = training.run_worker(
-        "bench.preparebench",
-        "tokenize",
-        [*args, "--work", str(work / "tokenize")],
-        work / "tokenize.json",
-        work / "logs" / "tokenize.log",
-        tokenizers_parallelism=True,
-    )
-    metrics = report.prepare_metrics(results["ours_cold"], results["ours_warm"], results["article"])
+    metrics = report.prepare_metrics(results["ours"], results["article"])
     return metrics | report.tokenize_metrics(results["tokenize"]), results
 
 
@@ -330,37 +312,37 @@ def render(metrics: dict, context: dict) -> str:
         rows = [
             (
                 "ChatML formatting (pyarrow vs datasets.map)",
-                fmt(metrics.get("prepare_cold_format_s")),
+                fmt(metrics.get("prepare_format_s")),
                 fmt(metrics.get("prepare_article_map_s")),
                 speed(metrics.get("prepare_format_speedup")),
             ),
-        ]
-        for label, what in (("cold", "first run"), ("warm", "re-run, token-count cache warm")):
-            rows += [
-                (
-                    f"whole work, {what} (ours: +validation, filters, tokens, split, write)",
-                    fmt(metrics.get(f"prepare_{label}_work_s")),
-                    fmt(metrics.get("prepare_article_work_s")),
-                    speed(_inverse(metrics.get(f"prepare_{label}_work_ratio"))),
-                ),
-                ("  of which tokenizing", fmt(metrics.get(f"prepare_{label}_token_count_s")), "", ""),
-            ]
-        rows.append(
             (
-                f"tokenizing for training, {fmt(metrics.get('tokenize_rows'))} rows at the recipe's limits (vs trl's map)",
+                "whole work (ours: +validation, filters, split, write)",
+                fmt(metrics.get("prepare_work_s")),
+                fmt(metrics.get("prepare_article_work_s")),
+                speed(_inverse(metrics.get("prepare_work_ratio"))),
+            ),
+            (
+                "imports",
+                fmt(metrics.get("prepare_import_s")),
+                fmt(metrics.get("prepare_article_import_s")),
+                "",
+            ),
+        ]
+        out.append(report.format_table(rows, ("", "ours", "article", "ours vs article")))
+        out.append("")
+        out.append(
+            f"tokenize, {fmt(metrics.get('tokenize_rows_in'))} prepared rows at the recipe's length limits, "
+            f"{fmt(metrics.get('tokenize_rows'))} kept, {fmt(metrics.get('tokenize_tokens'))} tokens (seconds)"
+        )
+        rows = [
+            (
+                "token ids trl trains on (ours: the tokenize stage, once; article: trl's map, every run)",
                 fmt(metrics.get("tokenize_ours_s")),
                 fmt(metrics.get("tokenize_trl_s")),
                 speed(metrics.get("tokenize_speedup")),
             )
-        )
-        rows.append(
-            (
-                "imports",
-                fmt(metrics.get("prepare_cold_import_s")),
-                fmt(metrics.get("prepare_article_import_s")),
-                "",
-            )
-        )
+        ]
         out.append(report.format_table(rows, ("", "ours", "article", "ours vs article")))
     dvc_rows = [
         (label, fmt(metrics.get(key)))

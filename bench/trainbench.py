@@ -1,14 +1,17 @@
 """One measured training (or reference pass) in a fresh process, so peak memories never mix.
 
-    python -m bench.trainbench MODE --params JSON --base DIR --prepared DIR --reference DIR --out JSON
+    python -m bench.trainbench MODE --params JSON --base DIR --prepared DIR --tokenized DIR --reference DIR
+                               --out JSON
 
 MODE
   ours       the train stage's path: stages.train's builders (load_policy: one 4-bit base + LoRA, the
-             reference = the adapter disabled), cached reference log-probs read from --reference
-             (attach_reference), length-grouped batching (train.group_by_length), the stage's trainer class.
+             reference = the adapter disabled), the tokenize stage's ids from --tokenized, cached reference
+             log-probs read from --reference (attach_reference), length-grouped batching
+             (train.group_by_length), the stage's trainer class.
   baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
-             ref_model so trl computes the reference log-probs on the fly every step, random batching;
-             every other setting is the same DPOConfig (stages.train.dpo_config).
+             ref_model so trl computes the reference log-probs on the fly every step, random batching, the
+             prepared strings from --prepared tokenized by trl (same rows, same ids); every other setting is
+             the same DPOConfig (stages.train.dpo_config).
   reference  the reference stage's work (stages.reference.compute) for the same rows; writes the cached
              log-probs to --reference for `ours`.
 
@@ -123,7 +126,9 @@ def step_timer():
     return StepTimer()
 
 
-def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir: Path) -> dict:
+def _train(
+    mode: str, params, base_dir: Path, prepared_dir: Path, tokenized_dir: Path, reference_dir: Path
+) -> dict:
     import pyarrow.parquet as pq
 
     from stages import train
@@ -139,16 +144,19 @@ def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir:
     result: dict = {}
     clock = time.perf_counter()
     tokenizer = load_tokenizer(base_dir)
-    table = train.read_prepared(prepared_dir, "train")
     if mode == "ours":
+        table = train.read_tokenized(tokenized_dir, "train")
         path = reference_dir / "train.parquet"
         table = train.attach_reference(table, pq.read_table(path), path)
-        dataset = train.to_dataset(table, tokenizer.eos_token, train.REF_COLUMNS)
+        dataset = train.to_dataset(table, train.REF_COLUMNS)
     else:
-        # The article's dataset: prompt / chosen / rejected only (same strings as ours, so the same tokens).
-        dataset = train.to_dataset(table, tokenizer.eos_token).select_columns(
-            ["prompt", "chosen", "rejected"]
-        )
+        # The article's dataset: prompt / chosen / rejected strings (the ones tokenize made ours from).
+        from datasets import Dataset
+
+        from stages import tokenize
+
+        table = tokenize.trl_texts(pq.read_table(prepared_dir / "train.parquet"), tokenizer.eos_token)
+        dataset = Dataset(table.select(["prompt", "chosen", "rejected"]))
     result["data_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -237,13 +245,13 @@ def _train(mode: str, params, base_dir: Path, prepared_dir: Path, reference_dir:
     return result
 
 
-def _reference(params, base_dir: Path, prepared_dir: Path, reference_dir: Path) -> dict:
+def _reference(params, base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
     from stages import reference
 
     clock, cpu_clock = time.perf_counter(), time.process_time()
-    tables = reference.compute(params, base_dir, prepared_dir)  # load + tokenize + forward, as the stage does
+    tables = reference.compute(params, base_dir, tokenized_dir)  # load + forward, as the stage does
     result = {"compute_s": time.perf_counter() - clock, "compute_cpu_s": time.process_time() - cpu_clock}
     reference_dir.mkdir(parents=True, exist_ok=True)
     for split, table in tables.items():
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", required=True)
     parser.add_argument("--base", required=True, type=Path)
     parser.add_argument("--prepared", required=True, type=Path)
+    parser.add_argument("--tokenized", required=True, type=Path)
     parser.add_argument("--reference", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -282,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     device = train.resolve_device(params.train.device)
     result["device"] = device
     if args.mode == "reference":
-        result.update(_reference(params, args.base, args.prepared, args.reference))
+        result.update(_reference(params, args.base, args.tokenized, args.reference))
     else:
-        result.update(_train(args.mode, params, args.base, args.prepared, args.reference))
+        result.update(_train(args.mode, params, args.base, args.prepared, args.tokenized, args.reference))
     # The whole process's peaks (the training phase's peak was reset, so take the larger of both phases).
     result["peak_rss_mb"] = max(rss_peak_mb(), result.get("peak_rss_before_train_mb", 0.0))
     if device == "cuda":

@@ -1,9 +1,9 @@
 """Training comparison of one model size: the reference stage, our train path and the article's baseline,
 each in its own subprocess (bench.trainbench), on the same base model, rows, params and number of steps.
 
-The rows: the profile's raw sample through the prepare stage's own functions (with the model's tokenizer
-and params `data`): the first `rows` kept rows as the train split (see compare) and one batch as the test
-split (the reference stage always scores both splits).
+The rows: the profile's raw sample through the prepare and tokenize stages' own functions (with the model's
+tokenizer and params `data`): the first `rows` kept rows as the train split (see compare) and one batch as
+the test split (the reference stage always scores both splits).
 """
 
 from __future__ import annotations
@@ -56,25 +56,32 @@ def params_json(params: Any, path: Path) -> Path:
 
 
 def prepared_rows(params: Any, base_dir: Path, out_dir: Path, n_train: int, n_test: int) -> dict[str, int]:
-    """data/prepared-like Parquet for the bench: the first n_train / n_test kept rows of the raw sample."""
-    from stages import prepare
+    """data/prepared-like and data/tokenized-like Parquet for the bench (out_dir/prepared, out_dir/tokenized):
+    the first n_train / n_test rows of the raw sample that prepare and tokenize keep, the same rows in both
+    (the article's side trains on the prepared strings, ours on the tokenize stage's ids of them)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from stages import prepare, tokenize
     from stages.common import load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)
     table, _schema = prepare.read_local(Path(params.data.path), params.data.columns)
-    train, test, _counts = prepare.prepare_table(table, tokenizer, params.data)
-    if train.num_rows < n_train + n_test:
+    train, _test, _counts = prepare.prepare_table(table, tokenizer, params.data)
+    tokenized, _dropped = tokenize.tokenize_split(train, tokenizer, params.data)
+    if tokenized.num_rows < n_train + n_test:
         raise BenchError(
-            f"{params.data.path}: {train.num_rows} prepared train rows, the bench needs {n_train + n_test}"
+            f"{params.data.path}: {tokenized.num_rows} tokenized train rows, the bench needs {n_train + n_test}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     # The test split is taken from the train rows too, so both splits have what the bench asks for.
-    prepare.write_prepared(
-        out_dir,
-        train.slice(0, n_train),
-        train.slice(n_train, n_test),
-        {"bench": "train rows of the raw sample"},
-    )
+    splits = {"train": tokenized.slice(0, n_train), "test": tokenized.slice(n_train, n_test)}
+    for name in ("prepared", "tokenized"):
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        texts = train.filter(pc.is_in(train["id"], value_set=rows["id"]))
+        order = pc.index_in(rows["id"], value_set=texts["id"])
+        pq.write_table(texts.take(order), out_dir / "prepared" / f"{split}.parquet")
+        pq.write_table(rows, out_dir / "tokenized" / f"{split}.parquet")
     return {"train": n_train, "test": n_test}
 
 
@@ -150,10 +157,10 @@ def compare(
     p = bench_params(params, steps, batch_size, device, gradient_checkpointing)
     trained = steps * batch_size * p.train.gradient_accumulation_steps
     n_train = max(rows or 0, trained)
-    prepared = work / "prepared"
-    prepared_rows(p, base_dir, prepared, n_train, batch_size)
+    prepared_rows(p, base_dir, work, n_train, batch_size)
     params_path = params_json(p, work / "params.json")
-    common = ["--params", str(params_path), "--base", str(base_dir), "--prepared", str(prepared)]
+    common = ["--params", str(params_path), "--base", str(base_dir)]
+    common += ["--prepared", str(work / "prepared"), "--tokenized", str(work / "tokenized")]
     common += ["--reference", str(work / "reference")]
     runs: dict[str, list[dict[str, Any]]] = {"reference": [], "ours": [], "baseline": []}
     # The reference once; then ours and the baseline alternately (ours first, then baseline first, ...), so
