@@ -260,9 +260,10 @@ def _json_escaped(array) -> tuple[bytes, Any]:
     import pyarrow as pa
 
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-    array = array.cast(pa.large_string())  # int64 offsets
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32  # string: int32 offsets, no copy
     _validity, offsets_buffer, data_buffer = array.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[array.offset : array.offset + len(array) + 1]
+    offsets = offsets.astype(np.int64)
     start, end = int(offsets[0]), int(offsets[-1])
     raw = np.frombuffer(data_buffer, dtype=np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
     offsets = offsets - start
