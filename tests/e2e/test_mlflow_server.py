@@ -108,8 +108,7 @@ def test_stage_records_run_lineage_and_metrics_on_server(clone, mlflow_server):
     assert "params.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     local = client.download_artifacts(run.info.run_id, "params.json", str(project.root.parent))
     assert (
-        json.loads(Path(local).read_text())["data.test_fraction"]
-        == project.params()["data"]["test_fraction"]
+        json.loads(Path(local).read_text())["data.test_fraction"] == project.params()["data"]["test_fraction"]
     )
 
 
