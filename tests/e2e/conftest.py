@@ -56,6 +56,15 @@ EXCLUDED_PREFIXES = (
     "bench/",
 )
 EXCLUDED_FILES = {"dvc.lock", "mlflow.db"}
+# The stage outputs that are folders (DVC-cached), in pipeline order.
+DIR_OUTS = (
+    "models/base",
+    "data/prepared",
+    "data/tokenized",
+    "data/reference",
+    "models/adapter",
+    "models/merged",
+)
 
 # The tiny profile: same schema as params.yaml, scaled so a full `dvc repro` takes well under 2 minutes.
 TINY_PARAMS: dict[str, Any] = {

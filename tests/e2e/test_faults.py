@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DVC, Project, kill_group
+from tests.e2e.conftest import DIR_OUTS, DVC, Project, kill_group
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +24,6 @@ REPO_LOCK_MESSAGE = (
 )
 RWLOCK_MESSAGE = re.compile(
     r"ERROR: failed to reproduce '[\w-]+': '.+' is busy, it is being blocked by:\n\s+\(PID \d+\): .*dvc repro"
-)
-DIR_OUTS = (
-    "models/base",
-    "data/prepared",
-    "data/tokenized",
-    "data/reference",
-    "models/adapter",
-    "models/merged",
 )
 
 

@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import DIR_OUTS
+
 pytestmark = pytest.mark.slow
 
 UP_TO_DATE = "Data and pipelines are up to date."
-PULLED_OUTPUTS = (
-    "models/base",
-    "data/prepared",
-    "data/tokenized",
-    "data/reference",
-    "models/adapter",
-    "models/merged",
-)
 
 
 def remote_objects(store: Path) -> list[Path]:
@@ -56,7 +50,7 @@ def test_default_local_remote_push_pull(clone):
     assert consumer.root.parent == producer.root.parent
     assert not (consumer.root / "models" / "adapter").exists()
     consumer.dvc("pull")
-    for rel in PULLED_OUTPUTS:
+    for rel in DIR_OUTS:
         assert same_tree(producer.root / rel, consumer.root / rel), rel
     assert_nothing_reruns(consumer)
 
@@ -95,7 +89,7 @@ def test_ssh_remote_push_pull_verify(clone, sshd, ssh_url):
     consumer = clone("consumer", source=producer, cache=False, checkout=False)
     add_ssh_remote(consumer, url, sshd["keyfile"], commit=False)
     consumer.dvc("pull")
-    for rel in PULLED_OUTPUTS:
+    for rel in DIR_OUTS:
         assert same_tree(producer.root / rel, consumer.root / rel), rel
     assert_nothing_reruns(consumer)
 
