@@ -178,9 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument(
-        "--prepared", type=Path, default=None, help="tokenize: the prepared folder ours wrote"
-    )
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -1,8 +1,8 @@
 """prepare stage: raw preference rows -> ChatML-formatted train/test Parquet for DPO.
 
-Reads: params `data.*` but the length limits (SECTIONS); the raw rows (`data.path`: .jsonl, .json or .parquet; or, with `data.source: hub`,
-`data.hub_name` at the pinned `data.hub_revision` through `datasets`); the tokenizer in models/base/
-(its chat template). The stage does not read `seed` (dvc.yaml does not declare it):
+Reads: params `data.*` but the length limits (SECTIONS); the raw rows (`data.path`: .jsonl, .json or
+.parquet; or, with `data.source: hub`, `data.hub_name` at the pinned `data.hub_revision` through
+`datasets`); the tokenizer in models/base/ (its chat template). The stage does not read `seed` (dvc.yaml does not declare it):
 the split is by content hash, rows keep their input order, and the trainer shuffles.
 Writes: data/prepared/train.parquet, data/prepared/test.parquet (zstd, with schema metadata) and
 metrics/data.json.
@@ -545,16 +545,16 @@ def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
     }
 
 
-def first_reason(masks: dict[str, Any], n: int):
-    """Per row: the first REASONS entry whose mask is True (or None) -> (keep mask, counts per reason)."""
+def first_reason(masks: dict[str, Any], n: int, reasons: Sequence[str]):
+    """Per row: the first of `reasons` whose mask is True (or None) -> (keep mask, counts per reason).
+
+    Shared by prepare's content filters (REASONS) and the tokenize stage's length limits."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     remaining = pa.array([True] * n, pa.bool_())
     counts = {}
-    for reason in REASONS:
-        if reason not in masks:
-            continue
+    for reason in reasons:
         hit = pc.and_(remaining, masks[reason])
         counts[reason] = pc.sum(hit).as_py() or 0
         remaining = pc.and_(remaining, pc.invert(masks[reason]))
@@ -575,7 +575,7 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
 
     rows_in = table.num_rows
     row_digests = digests(table)
-    keep, counts = first_reason(content_masks(table, row_digests), rows_in)
+    keep, counts = first_reason(content_masks(table, row_digests), rows_in, REASONS)
     rows: dict[str, list[int]] = {"train": [], "test": []}
     for i, (digest, kept) in enumerate(zip(row_digests, keep.to_pylist(), strict=True)):
         if kept:

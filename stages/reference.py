@@ -31,7 +31,6 @@ from stages.common import (
     BASE_DIR,
     REFERENCE_DIR,
     TOKENIZED_DIR,
-    StageError,
     atomic_dir,
     load_tokenizer,
     require_safetensors,
@@ -119,11 +118,6 @@ def compute(params: Any, base_dir: str | Path, tokenized_dir: str | Path) -> dic
         tables = {}
         for split, dataset in computed.items():
             path = Path(tokenized_dir) / f"{split}.parquet"
-            if dataset.num_rows != datasets[split].num_rows:
-                raise StageError(
-                    f"{path}: trl dropped {datasets[split].num_rows - dataset.num_rows} row(s) whose prompt fills "
-                    f"data.max_length ({params.data.max_length}); the tokenize stage should have filtered them"
-                )
             in_computed_order = pa.table(
                 {
                     "id": pa.array(dataset["id"], pa.string()),

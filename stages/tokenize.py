@@ -161,29 +161,15 @@ def token_lengths(table) -> dict[str, Any]:
     }
 
 
-def length_masks(lengths: dict[str, Any], data) -> dict[str, Any]:
-    """Boolean drop masks of the length limits (REASONS), each True where that reason applies."""
+def length_masks(prompt, total, data) -> dict[str, Any]:
+    """Boolean drop masks of the length limits (REASONS) from each row's prompt and prompt + longer answer
+    token counts, each True where that reason applies."""
     import pyarrow.compute as pc
 
-    longest_answer = pc.max_element_wise(lengths["chosen"], lengths["rejected"])
     return {
-        "prompt_too_long": pc.greater(lengths["prompt"], data.max_prompt_length),
-        "too_long": pc.greater(pc.add(lengths["prompt"], longest_answer), data.max_length),
+        "prompt_too_long": pc.greater(prompt, data.max_prompt_length),
+        "too_long": pc.greater(total, data.max_length),
     }
-
-
-def first_reason(masks: dict[str, Any], n: int):
-    """Per row: the first REASONS entry whose mask is True (or None) -> (keep mask, counts per reason)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    remaining = pa.array([True] * n, pa.bool_())
-    counts = {}
-    for reason in REASONS:
-        hit = pc.and_(remaining, masks[reason])
-        counts[reason] = pc.sum(hit).as_py() or 0
-        remaining = pc.and_(remaining, pc.invert(masks[reason]))
-    return remaining, counts
 
 
 def tokenize_split(prepared, tokenizer, data) -> tuple[Any, dict[str, int]]:
@@ -191,17 +177,18 @@ def tokenize_split(prepared, tokenizer, data) -> tuple[Any, dict[str, int]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from stages.prepare import first_reason
+
     tokenized = tokenize_pairs(trl_texts(prepared, tokenizer.eos_token), tokenizer, tokenizer.eos_token)
     lengths = token_lengths(tokenized)
-    keep, counts = first_reason(length_masks(lengths, data), tokenized.num_rows)
+    total = pc.add(lengths["prompt"], pc.max_element_wise(lengths["chosen"], lengths["rejected"]))
+    keep, counts = first_reason(length_masks(lengths["prompt"], total, data), tokenized.num_rows, REASONS)
     ids32 = pa.list_(pa.int32())
     table = pa.table(
         {
             "id": tokenized.column("id"),
             **{name: tokenized.column(name).cast(ids32) for name in IDS_COLUMNS},
-            LENGTH_COLUMN: pc.add(
-                lengths["prompt"], pc.max_element_wise(lengths["chosen"], lengths["rejected"])
-            ),
+            LENGTH_COLUMN: total,
         }
     )
     return table.filter(keep), counts
