@@ -6,9 +6,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv
+.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv \
+	lock-check doctor recipe
 
-# Install the locked environment (torch CPU build from this machine's disk; constraints.txt pins all).
+# Install the locked environment. constraints.txt pins public versions only: torch==2.13.0 is the CUDA build
+# from the public index on a Linux machine (its metadata pins the CUDA libraries), a CPU wheel where one is offered.
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +51,22 @@ format: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Does constraints.txt resolve for a fresh machine (public index only, none of this machine's pip config)?
+lock-check: setup
+	$(PY) -m tools.lock_check
+
+# What this machine can run (torch build, GPUs, bf16, bitsandbytes backend, disk, hub token: set or not).
+doctor: setup
+	$(PY) -m tools.doctor $(PARAMS)
+
+# Switch this work tree to a recipe: make recipe RECIPE=recipes/neuralhermes-2.5.yaml (on a branch).
+# Also links DVC's cache into the workspace instead of copying (.dvc/config.local), so a 7B model is on disk
+# once, not twice.
+recipe:
+	cp $(RECIPE) params.yaml
+	$(VENV)/bin/dvc config --local cache.type reflink,hardlink,symlink,copy
+	@echo "params.yaml is now $(RECIPE); run: make doctor && dvc repro"
 
 verify: setup
 	$(PY) -m stages.verify
