@@ -20,6 +20,7 @@ from typing import Any
 BASE_DIR = Path("models/base")
 PREPARED_DIR = Path("data/prepared")
 TOKENIZED_DIR = Path("data/tokenized")
+PAIRS_DIR = Path("data/pairs")
 REFERENCE_DIR = Path("data/reference")
 ADAPTER_DIR = Path("models/adapter")
 MERGED_DIR = Path("models/merged")
@@ -204,6 +205,41 @@ def weights_read_not_mapped():
         yield
     finally:
         modeling_utils.safe_open = original
+
+
+def one_visible_gpu(visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a single-process stage: the first device of what the user made visible.
+
+    unset -> "0"; "2,3" -> "2"; "GPU-1a2b,GPU-3c4d" -> "GPU-1a2b"; "" (none visible) stays "". On a host with
+    several GPUs, the Trainer sets n_gpu to the visible count for a model placed on one device and wraps it in
+    nn.DataParallel, which trl refuses; lm-eval and the merge would spread or pick devices of their own.
+    """
+    if visible is None:
+        return "0"
+    first = visible.split(",")[0].strip()
+    return first
+
+
+def pin_single_device(device: str, env: dict[str, str] | None = None) -> str | None:
+    """Before any CUDA call, make a single-process stage on `device` ("cuda", "cpu" or "auto") see one GPU.
+
+    Returns the CUDA_VISIBLE_DEVICES it set, or None when the stage runs on the CPU (nothing to pin). Stages
+    started by torchrun / accelerate (LOCAL_RANK set) are left alone: there each process owns GPU LOCAL_RANK.
+    """
+    env = os.environ if env is None else env
+    if device == "cpu" or "LOCAL_RANK" in env:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = one_visible_gpu(env.get("CUDA_VISIBLE_DEVICES"))
+    return env["CUDA_VISIBLE_DEVICES"]
+
+
+def resolve_device(device: str) -> str:
+    """A params device ("cpu", "cuda", "auto") -> "cpu" or "cuda" ("auto" picks CUDA when it is available)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def torch_dtype(name: str):

@@ -103,11 +103,14 @@ class TrainParams:
     group_by_length: bool
     precompute_ref: bool
     num_processes: int
+    pairs_seed: int
+    eval_pairs: int
 
 
 @dataclass(frozen=True)
 class MergeParams:
     dtype: Literal["float16", "bfloat16", "float32"]
+    device: Literal["cpu", "cuda", "auto"]
     fidelity_prompts: int
     fidelity_max_abs: float
     fidelity_mean_abs: float
@@ -128,7 +131,7 @@ class SamplePrompt:
 @dataclass(frozen=True)
 class EvalParams:
     tasks: list[EvalTask]
-    batch_size: int
+    batch_size: int | Literal["auto"]
     limit: int
     device: Literal["cpu", "cuda"]
     dtype: Literal["float16", "bfloat16", "float32"]
@@ -280,7 +283,7 @@ def _check(p: Params, source: str) -> None:
         "train.logging_steps": p.train.logging_steps,
         "train.num_processes": p.train.num_processes,
         "merge.fidelity_prompts": p.merge.fidelity_prompts,
-        "eval.batch_size": p.eval.batch_size,
+        **({"eval.batch_size": p.eval.batch_size} if p.eval.batch_size != "auto" else {}),
         "eval.max_new_tokens": p.eval.max_new_tokens,
     }
     for key, value in positive_ints.items():
@@ -289,6 +292,8 @@ def _check(p: Params, source: str) -> None:
     for key, value in {
         "base.builtin.pretrain_steps": p.base.builtin.pretrain_steps,
         "train.warmup_steps": p.train.warmup_steps,
+        "train.pairs_seed": p.train.pairs_seed,
+        "train.eval_pairs": p.train.eval_pairs,
         "eval.limit": p.eval.limit,
     }.items():
         if value < 0:

@@ -89,16 +89,10 @@ def local_task_names(tasks_dir: str | Path) -> set[str]:
     return names
 
 
-def model_args(model_dir: str | Path, e: Any) -> dict[str, Any]:
-    """lm-eval `hf` model arguments: the local folder, in eval.dtype, no remote code."""
-    return {"pretrained": str(model_dir), "dtype": e.dtype, "trust_remote_code": False}
-
-
 def simple_evaluate_kwargs(e: Any, seed: int) -> dict[str, Any]:
-    """Everything simple_evaluate takes from params besides the model and the tasks."""
+    """Everything simple_evaluate takes from params besides the model (loaded once, see load_eval_model; its
+    batch size and device are the wrapper's) and the tasks."""
     return {
-        "batch_size": e.batch_size,
-        "device": e.device,
         "limit": e.limit or None,  # 0 = every document
         "random_seed": seed,
         "numpy_random_seed": seed,
@@ -248,8 +242,28 @@ def decode_answer(new_tokens: list[int], tokenizer) -> tuple[str, bool]:
 # Side effects
 
 
-def run_lm_eval(model_dir: Path, params: Any, tasks_dir: Path, prepared_dir: Path) -> dict[str, Any]:
-    """simple_evaluate on the local model folder with each task's own few-shot count."""
+def load_eval_model(model_dir: str | Path, e: Any):
+    """(model, tokenizer) from a local folder, loaded once per stage for scoring and samples: straight onto
+    `eval.device` in `eval.dtype`, no remote code, never the hub."""
+    from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
+
+    tokenizer = load_tokenizer(model_dir)
+    device = resolve_device(e.device)
+    model = load_model(model_dir, dtype=torch_dtype(e.dtype), device_map={"": device}).eval()
+    return model, tokenizer
+
+
+def lm_eval_model(model, tokenizer, e: Any):
+    """lm-eval's HF backend around an already loaded model; `eval.batch_size` may be lm-eval's "auto"."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=e.batch_size, trust_remote_code=False)
+
+
+def run_lm_eval(
+    model_dir: Path, params: Any, tasks_dir: Path, prepared_dir: Path, loaded: tuple | None = None
+) -> dict[str, Any]:
+    """simple_evaluate with each task's own few-shot count, on `loaded` (model, tokenizer) or the folder."""
     e = params.eval
     names = [t.name for t in e.tasks]
     all_local = all(name in local_task_names(tasks_dir) for name in names)
@@ -274,16 +288,16 @@ def run_lm_eval(model_dir: Path, params: Any, tasks_dir: Path, prepared_dir: Pat
     for spec in e.tasks:
         # simple_evaluate's num_fewshot is one number for all tasks; the suite needs one per task, so each
         # task is built here and its few-shot count set before it is handed over.
-        loaded = manager.load([spec.name])
-        for task in loaded["tasks"].values():
+        task_set = manager.load([spec.name])
+        for task in task_set["tasks"].values():
             task.set_config(key="num_fewshot", value=spec.num_fewshot)
-        if spec.name in loaded["groups"]:
-            built.append(loaded["groups"][spec.name])
+        if spec.name in task_set["groups"]:
+            built.append(task_set["groups"][spec.name])
         else:
-            built.extend(loaded["tasks"].values())
+            built.extend(task_set["tasks"].values())
+    model, tokenizer = loaded if loaded is not None else load_eval_model(model_dir, e)
     results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args(model_dir, e),
+        model=lm_eval_model(model, tokenizer, e),
         tasks=built,
         task_manager=manager,
         **simple_evaluate_kwargs(e, params.seed),
@@ -293,20 +307,18 @@ def run_lm_eval(model_dir: Path, params: Any, tasks_dir: Path, prepared_dir: Pat
     return results
 
 
-def generate_samples(model_dir: Path, params: Any) -> list[dict[str, Any]]:
-    """One seeded sampled answer per eval.sample_prompts entry (torch.manual_seed(seed) before each)."""
+def generate_samples(model_dir: Path, params: Any, loaded: tuple | None = None) -> list[dict[str, Any]]:
+    """One seeded sampled answer per eval.sample_prompts entry (torch.manual_seed(seed) before each), from
+    `loaded` (model, tokenizer) or the folder."""
     import torch
 
-    from stages.common import load_model, load_tokenizer, torch_dtype
-
     e = params.eval
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch_dtype(e.dtype)).to(e.device).eval()
+    model, tokenizer = loaded if loaded is not None else load_eval_model(model_dir, e)
     kwargs = generation_kwargs(e, tokenizer)
     samples = []
     for prompt in e.sample_prompts:
         text = format_prompt(prompt.system, prompt.question, tokenizer)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(e.device)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         torch.manual_seed(params.seed)
         with torch.no_grad():
             output = model.generate(**inputs, **kwargs)
@@ -315,8 +327,6 @@ def generate_samples(model_dir: Path, params: Any) -> list[dict[str, Any]]:
         samples.append(
             {"system": prompt.system, "question": prompt.question, "answer": answer, "ended_turn": ended}
         )
-    del model
-    gc.collect()
     return samples
 
 
@@ -374,9 +384,12 @@ def run(
         inputs=inputs,
         tags={"eval.model": model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
     ):
-        results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir)
+        loaded = load_eval_model(model_dir, e)  # once, for scoring and samples
+        results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded)
         scores = flat_scores(results, names)
-        samples = generate_samples(model_dir, params)
+        samples = generate_samples(model_dir, params, loaded)
+        del loaded
+        gc.collect()
         if samples:  # share of sample answers that ended their turn with <|im_end|> within max_new_tokens
             scores["samples/ended_turn"] = round(sum(s["ended_turn"] for s in samples) / len(samples), 6)
         meta.update(
@@ -424,9 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def go() -> None:
-        from stages import config
+        from stages import common, config
 
         params = config.load()
+        common.pin_single_device(params.eval.device)  # one GPU on a multi-GPU host (lm-eval, samples)
         model_dir = BASE_DIR if args.model == "base" else MERGED_DIR
         run(params, args.model, model_dir, PREPARED_DIR, TASKS_DIR, METRICS_DIR)
 

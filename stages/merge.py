@@ -239,7 +239,7 @@ def run(
     from peft import PeftModel
 
     from stages import tracking
-    from stages.common import load_model, load_tokenizer, torch_dtype
+    from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
 
     m = params.merge
     base_dir, adapter_dir, prepared_dir, merged_dir = map(
@@ -261,7 +261,7 @@ def run(
     train_run_id = str(train_summary.get("mlflow_run_id") or "")
 
     dtype = torch_dtype(m.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(m.device)
     torch.manual_seed(params.seed)
 
     with tracking.stage_run(
@@ -276,7 +276,7 @@ def run(
             for t in texts
         ]
         # Unquantized base in merge.dtype (see the module docstring for why not the 4-bit one).
-        base_model = load_model(base_dir, dtype=dtype).to(device)
+        base_model = load_model(base_dir, dtype=dtype, device_map={"": device})  # straight onto the device
         model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
         adapter_logps = [token_logprobs(model, ids) for ids in encoded]
         with model.disable_adapter():
@@ -291,7 +291,7 @@ def run(
             gc.collect()
             tokenizer.save_pretrained(tmp)
             # Check what was written, not the object in memory: reload the saved folder.
-            reloaded = load_model(tmp, dtype=dtype).to(device).eval()
+            reloaded = load_model(tmp, dtype=dtype, device_map={"": device}).eval()
             merged_logps = [token_logprobs(reloaded, ids) for ids in encoded]
             del reloaded
 
@@ -354,7 +354,9 @@ def main() -> None:
     from stages import common, config
 
     def _run() -> None:
-        run(config.load())
+        params = config.load()
+        common.pin_single_device(params.merge.device)  # one GPU on a multi-GPU host
+        run(params)
 
     common.run_main(_run)
 

@@ -1,14 +1,16 @@
-"""reference stage: the reference model's log-probs of every training and held-out pair, computed once.
+"""reference stage: the reference model's log-probs of the pairs a train run uses, computed once.
 
-Reads: params `seed`, `data.max_length`, the base-loading `train.*` keys (load_in_4bit, bnb_4bit_*, precision,
-device) and `train.precompute_ref`; models/base/; data/tokenized/{train,test}.parquet (the token ids, written
-by stages/tokenize.py: this stage never tokenizes).
-Writes: data/reference/{train,test}.parquet (id, ref_chosen_logps, ref_rejected_logps as float32) and
-data/reference/meta.json (the inputs' hashes and the params they were made with, checked by train).
+Reads: params: the base-loading `train.*` keys (load_in_4bit, bnb_4bit_*, precision, device) and
+`train.precompute_ref`, nothing else (no seed, no length limit: neither can change a log-prob of these ids);
+models/base/; data/tokenized/{train,test}.parquet (the token ids, written by stages/tokenize.py: this stage
+never tokenizes); data/pairs/selected.parquet (which training and held-out pairs train uses: stages/pairs.py).
+Writes: data/reference/{train,test}.parquet (id, ref_chosen_logps, ref_rejected_logps as float32, in id
+order) and data/reference/meta.json (the inputs' hashes and the params they were made with, checked by train).
 
-DPO's reference model is the frozen base, so its log-probs depend only on the base and the tokenized data,
-never on beta, learning rate, LoRA or steps: a sweep over those re-runs train only and skips this forward
-pass. The numbers come from trl's own machinery (DPOTrainer collator and
+Only the selected pairs are scored: `max_steps x global batch` training pairs (or the whole split when a run
+takes more) and `train.eval_pairs` held-out ones, not every tokenized row. DPO's reference model is the frozen
+base, so its log-probs depend only on the base and the ids, never on beta, learning rate, LoRA, the order or
+the seed: a sweep over those re-runs train only and skips this forward pass. The numbers come from trl's own machinery (DPOTrainer collator and
 `precompute_ref_log_probs`) with the base loaded by `stages.train.load_policy`, i.e. exactly what train
 would compute on the fly. With `train.precompute_ref: false` only meta.json is written (a marker that keeps
 the DAG stable) and train computes the reference log-probs itself.
@@ -29,18 +31,18 @@ from typing import Any
 
 from stages.common import (
     BASE_DIR,
+    PAIRS_DIR,
     REFERENCE_DIR,
     TOKENIZED_DIR,
     atomic_dir,
     load_tokenizer,
+    pin_single_device,
     require_safetensors,
     write_json,
 )
 
 # Exactly the params this stage declares in dvc.yaml.
 SECTIONS = [
-    "seed",
-    "data.max_length",
     "train.load_in_4bit",
     "train.bnb_4bit_quant_type",
     "train.bnb_4bit_compute_dtype",
@@ -52,17 +54,17 @@ SECTIONS = [
 
 
 def reference_config(p: Any, out_dir: str | Path):
-    """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size)."""
+    """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size).
+
+    max_length=None: the tokenize stage already applied data.max_length, so trl must not cut anything."""
     from trl import DPOConfig
 
     from stages.train import precision_kwargs
 
     return DPOConfig(
         output_dir=str(out_dir),
-        max_length=p.data.max_length,
+        max_length=None,
         **precision_kwargs(p.train),
-        seed=p.seed,
-        data_seed=p.seed,
         precompute_ref_log_probs=True,
         gradient_checkpointing=False,
         report_to="none",
@@ -94,15 +96,26 @@ def longest_first(dataset):
     return dataset.select(order.to_pylist())
 
 
-def compute(params: Any, base_dir: str | Path, tokenized_dir: str | Path) -> dict[str, Any]:
-    """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the train and test splits."""
+def compute(
+    params: Any, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
+) -> dict[str, Any]:
+    """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the selected train and test pairs."""
     import pyarrow as pa
 
     from stages import train
+    from stages.pairs import read_selected
 
     require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
     tokenizer = load_tokenizer(base_dir)
-    tokenized = {split: train.read_tokenized(tokenized_dir, split) for split in train.SPLITS}
+    selected = read_selected(pairs_dir)
+    tokenized = {
+        split: train.rows_in_order(
+            train.read_tokenized(tokenized_dir, split),
+            sorted(selected[split]),
+            Path(tokenized_dir) / f"{split}.parquet",
+        )
+        for split in train.SPLITS
+    }
     datasets = {split: train.to_dataset(table) for split, table in tokenized.items()}
     model = train.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -124,7 +137,7 @@ def compute(params: Any, base_dir: str | Path, tokenized_dir: str | Path) -> dic
                     **{name: pa.array(dataset[name], pa.float32()) for name in train.REF_COLUMNS},
                 }
             )
-            # Back to the tokenized row order (the order train reads them in), joined by id.
+            # Back to id order (the order of `tokenized` here), joined by id.
             ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
             tables[split] = train.attach_reference(ids, in_computed_order, path).combine_chunks()
     return tables
@@ -135,22 +148,26 @@ def run(
     base_dir: str | Path = BASE_DIR,
     tokenized_dir: str | Path = TOKENIZED_DIR,
     reference_dir: str | Path = REFERENCE_DIR,
+    pairs_dir: str | Path = PAIRS_DIR,
 ) -> dict[str, Any]:
     """Write data/reference/; returns its meta.json content."""
     import pyarrow.parquet as pq
 
     from stages import tracking, train
+    from stages.pairs import SELECTED_FILE
 
-    inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir)}
+    selected_file = Path(pairs_dir) / SELECTED_FILE
+    inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir), "selected": selected_file}
     with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
         hashes = train._input_hashes(mlflow_run, inputs)
         meta: dict[str, Any] = {
             "precompute_ref": params.train.precompute_ref,
             "base_sha256": hashes["base"],
             "tokenized_sha256": hashes["tokenized"],
+            "selected_sha256": hashes["selected"],
             "params": tracking.params_for(params, SECTIONS),
         }
-        tables = compute(params, base_dir, tokenized_dir) if params.train.precompute_ref else {}
+        tables = compute(params, base_dir, tokenized_dir, pairs_dir) if params.train.precompute_ref else {}
         meta["rows"] = {split: table.num_rows for split, table in tables.items()}
         with atomic_dir(reference_dir) as tmp:
             for split, table in tables.items():
@@ -166,7 +183,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(config.load())
+    params = config.load()
+    pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
+    run(params)
 
 
 if __name__ == "__main__":

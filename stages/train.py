@@ -2,8 +2,10 @@
 
 Reads: params `seed`, `data.max_length`, `train`; models/base/ (model + ChatML tokenizer);
 data/tokenized/{train,test}.parquet (the token ids of the prepared pairs, written by stages/tokenize.py and
-handed to trl as they are: this stage never tokenizes); data/reference/ (cached reference log-probs, written
-by stages/reference.py, used when `train.precompute_ref` is true).
+handed to trl as they are: this stage never tokenizes); data/pairs/ (which pairs, in which order: written by
+stages/pairs.py; the trainer reads the training pairs front to back in that order, the held-out subset for
+eval_*); data/reference/ (cached reference log-probs of exactly those pairs, written by stages/reference.py,
+used when `train.precompute_ref` is true).
 Writes: models/adapter/ (PEFT adapter as adapter_model.safetensors + adapter_config.json, and the tokenizer),
 metrics/train.json (flat final metrics), metrics/train_history.csv (one row per logging step, for DVC plots).
 
@@ -66,6 +68,7 @@ from stages.common import (
     ADAPTER_DIR,
     BASE_DIR,
     METRICS_DIR,
+    PAIRS_DIR,
     REFERENCE_DIR,
     SCRATCH_DIR,
     TOKENIZED_DIR,
@@ -74,7 +77,9 @@ from stages.common import (
     atomic_write_bytes,
     load_model,
     load_tokenizer,
+    pin_single_device,
     require_safetensors,
+    resolve_device,
     sha256_bytes,
     sha256_tree,
     template_hash,
@@ -123,15 +128,6 @@ COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the prefere
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure builders
-
-
-def resolve_device(device: str) -> str:
-    """`train.device` -> "cpu" or "cuda" ("auto" picks CUDA when it is available)."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def model_dtype(precision: str) -> str:
@@ -199,8 +195,9 @@ def dpo_config(p: Any, out_dir: str | Path):
         data_seed=p.seed,
         max_length=p.data.max_length,
         precompute_ref_log_probs=t.precompute_ref,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        length_column_name=LENGTH_COLUMN,
+        # The pairs stage decided the order (seeded epochs, length-grouped when train.group_by_length) and the
+        # training dataset is already in it: the trainer reads it front to back.
+        train_sampling_strategy="sequential",
         save_strategy="steps",
         save_steps=t.save_steps,
         # Only the last checkpoint is needed to resume; older ones are rotated away as new ones land.
@@ -431,6 +428,22 @@ def launch(params: Any) -> int:
 # Data
 
 
+def rows_in_order(table, ids: Sequence[str], path: str | Path):
+    """The rows of `table` for `ids`, in that order (an id may repeat: one row per epoch it is trained in)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(list(ids), pa.string())
+    index = pc.index_in(wanted, value_set=table.column("id").cast(pa.string()))
+    if index.null_count:
+        first = wanted.filter(pc.is_null(index))[0].as_py()
+        raise StageError(
+            f"{path}: {index.null_count} pair(s) of data/pairs are not in the tokenized data, e.g. id {first!r}; "
+            "data/pairs is stale (run: dvc repro pairs)"
+        )
+    return table.take(index)
+
+
 def attach_reference(table, reference, reference_path: str | Path):
     """Add the cached ref_chosen_logps / ref_rejected_logps to `table` by id, keeping `table`'s row order."""
     import pyarrow.compute as pc
@@ -651,6 +664,7 @@ def run(
     history_path: str | Path = METRICS_DIR / "train_history.csv",
     checkpoint_dir: str | Path = SCRATCH_DIR / "checkpoints" / "train",
     extra_callbacks: Sequence[Any] = (),
+    pairs_dir: str | Path = PAIRS_DIR,
 ) -> dict[str, float]:
     """Train the adapter; returns the metrics written to `metrics_path`."""
     from stages import reference as reference_stage
@@ -664,7 +678,16 @@ def run(
             f"train.num_processes is {t.num_processes} but this process runs in a group of {world_size}: "
             "start the stage with `python -m stages.train`, which launches the processes itself"
         )
-    inputs = {"base": base_dir, "tokenized": tokenized_dir, "reference": reference_dir}
+    from stages import pairs as pairs_stage
+
+    pairs_dir = Path(pairs_dir)
+    inputs = {
+        "base": base_dir,
+        "tokenized": tokenized_dir,
+        "selected": pairs_dir / pairs_stage.SELECTED_FILE,
+        "order": pairs_dir / pairs_stage.ORDER_FILE,
+        "reference": reference_dir,
+    }
     with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
         import torch
 
@@ -676,13 +699,19 @@ def run(
         hashes = _input_hashes(mlflow_run, inputs)
 
         datasets = {}
+        tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
+        wanted = {
+            "train": pairs_stage.read_order(pairs_dir),
+            "test": pairs_stage.read_selected(pairs_dir)["test"],
+        }
         for split in SPLITS:
-            table = read_tokenized(tokenized_dir, split)
+            table = rows_in_order(tokenized[split], wanted[split], tokenized_dir / f"{split}.parquet")
             keep: tuple[str, ...] = ()
             if t.precompute_ref:
                 expected = {
                     "base_sha256": hashes["base"],
                     "tokenized_sha256": hashes["tokenized"],
+                    "selected_sha256": hashes["selected"],
                     "params": tracking.params_for(params, reference_stage.SECTIONS),
                 }
                 cached = read_reference(reference_dir, split, expected)
@@ -796,6 +825,8 @@ def main() -> None:
     params = config.load()
     if params.train.num_processes > 1 and not is_distributed_worker(os.environ):
         sys.exit(launch(params))
+    if params.train.num_processes == 1:
+        pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 
 

@@ -46,6 +46,7 @@ EXCLUDED_PREFIXES = (
     "models/",
     "data/prepared/",
     "data/tokenized/",
+    "data/pairs/",
     "data/reference/",
     "metrics/",
     ".scratch/",

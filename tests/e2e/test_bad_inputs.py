@@ -37,6 +37,7 @@ OUTPUTS = (
     "models",
     "data/prepared",
     "data/tokenized",
+    "data/pairs",
     "data/reference",
     "metrics",
     "data/validated.txt",

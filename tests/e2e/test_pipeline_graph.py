@@ -13,6 +13,7 @@ ALL_STAGES = {
     "base",
     "prepare",
     "tokenize",
+    "pairs",
     "reference",
     "train",
     "merge",
@@ -50,8 +51,11 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
         ("validate", "base"),
         ("base", "prepare"),
         ("prepare", "tokenize"),
+        ("tokenize", "pairs"),
         ("tokenize", "reference"),
         ("tokenize", "train"),
+        ("pairs", "reference"),
+        ("pairs", "train"),
         ("reference", "train"),
         ("train", "merge"),
         ("merge", "evaluate"),
@@ -81,15 +85,16 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     out = project.dvc("repro", "tokenize").stdout
     assert "Running stage 'tokenize'" in out
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"reference", "train", "merge", "evaluate_base", "evaluate"}
+    assert changed == {"pairs", "reference", "train", "merge", "evaluate_base", "evaluate"}
 
 
 def test_length_limit_reruns_tokenize_not_prepare(clone):
     project = clone("status-length")
     project.set_params({"data.max_length": 300})
     changed = stages_in_status(project.dvc("status").stdout)
-    # The limits are tokenize's (and the trainer's max_length): prepare does not read them.
-    assert changed == {"validate", "tokenize", "reference", "train"}
+    # The limits are tokenize's (and the trainer's max_length): prepare does not read them, nor does the
+    # reference (it scores ids tokenize already cut to the limits).
+    assert changed == {"validate", "tokenize", "train"}
     dry = project.dvc("repro", "--dry").stdout
     assert "Running stage 'prepare'" not in dry and "Running stage 'tokenize'" in dry
 
@@ -102,3 +107,24 @@ def test_eval_param_leaves_upstream_stages_up_to_date(clone):
     dry = project.dvc("repro", "--dry").stdout
     would_run = set(re.findall(r"Running stage '([\w-]+)'", dry))
     assert would_run == {"validate", "evaluate_base", "evaluate"}
+
+
+def test_batch_shape_with_the_same_global_batch_never_rescores(clone):
+    """Half the micro-batch, twice the accumulation: the pairs stage re-runs and writes a byte-identical
+    selection (same pairs, same order), so DVC skips the reference forward and re-runs train."""
+    project = clone("status-batch")
+    params = project.params()["train"]
+    project.set_params(
+        {
+            "train.per_device_train_batch_size": params["per_device_train_batch_size"] // 2,
+            "train.gradient_accumulation_steps": params["gradient_accumulation_steps"] * 2,
+        }
+    )
+    assert stages_in_status(project.dvc("status").stdout) == {"validate", "pairs", "train"}
+    out = project.dvc("repro").stdout
+    assert "Running stage 'pairs'" in out and "Running stage 'train'" in out
+    assert "Stage 'reference' didn't change, skipping" in out
+    assert (
+        project.read_json("metrics/pairs.json")["selected_train"]
+        == project.read_json("metrics/pairs.json")["pairs_needed"]
+    )

@@ -30,7 +30,7 @@ def assert_nothing_reruns(project) -> None:
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
     out = project.dvc("repro").stdout
     assert "Running stage" not in out, out
-    for stage in ("base", "prepare", "tokenize", "reference", "train", "merge", "evaluate"):
+    for stage in ("base", "prepare", "tokenize", "pairs", "reference", "train", "merge", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in out
 
 

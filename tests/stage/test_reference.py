@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, replace_params
-from tests.stage.test_train import write_pairs
+from tests.stage.test_train import pairs_of, write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +31,29 @@ def reference_dir(tmp_path_factory, train_params, tiny_base_dir, tokenized_dir) 
     from stages import reference
 
     out = tmp_path_factory.mktemp("reference") / "reference"
-    reference.run(train_params, tiny_base_dir, tokenized_dir, out)
+    reference.run(train_params, tiny_base_dir, tokenized_dir, out, pairs_of(tokenized_dir))
     return out
 
 
-def test_writes_logps_for_every_prepared_row(reference_dir, tokenized_dir, train_params):
+def test_writes_logps_for_the_selected_pairs_only(reference_dir, tokenized_dir, train_params):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import reference
+    from stages import pairs, reference
 
     meta = json.loads((reference_dir / "meta.json").read_text())
     assert meta["precompute_ref"] is True
-    assert meta["params"] == {
-        "seed": train_params.seed,
-        "data.max_length": train_params.data.max_length,
-        **{
-            k: getattr(train_params.train, k.split(".")[1])
-            for k in reference.SECTIONS
-            if k.startswith("train.")
-        },
-    }
+    assert meta["params"] == {k: getattr(train_params.train, k.split(".")[1]) for k in reference.SECTIONS}
+    assert all(k.startswith("train.") for k in reference.SECTIONS)  # no seed, no length limit
+    selected = pairs.read_selected(pairs_of(tokenized_dir))
+    # The tiny run consumes 4 steps x 4 pairs = 16 of the 30 training rows; the whole test split is held out.
+    assert len(selected["train"]) == pairs.pairs_needed(train_params.train) == 16
+    assert pq.read_table(tokenized_dir / "train.parquet").num_rows > 16
     for split in ("train", "test"):
         table = pq.read_table(reference_dir / f"{split}.parquet")
-        prepared = pq.read_table(tokenized_dir / f"{split}.parquet")
         assert table.column_names == ["id", "ref_chosen_logps", "ref_rejected_logps"]
         assert table.schema.field("ref_chosen_logps").type == pa.float32()
-        assert table.column("id").to_pylist() == prepared.column("id").to_pylist()
+        assert table.column("id").to_pylist() == sorted(selected[split])
         assert meta["rows"][split] == table.num_rows
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             values = table.column(name).to_pylist()
@@ -109,7 +105,7 @@ def test_undeclared_params_do_not_change_the_output(
             "per_device_train_batch_size": 2,
         },
     )
-    reference.run(other, tiny_base_dir, tokenized_dir, tmp_path / "reference")
+    reference.run(other, tiny_base_dir, tokenized_dir, tmp_path / "reference", pairs_of(tokenized_dir))
     for name in ("train.parquet", "test.parquet", "meta.json"):
         assert (tmp_path / "reference" / name).read_bytes() == (reference_dir / name).read_bytes(), name
 
@@ -130,7 +126,9 @@ def test_precompute_off_writes_only_a_marker(tmp_path, tokenized_dir, tiny_base_
     from stages import reference
 
     params = replace_params(train_params, train={"precompute_ref": False})
-    meta = reference.run(params, tiny_base_dir, tokenized_dir, tmp_path / "reference")
+    meta = reference.run(
+        params, tiny_base_dir, tokenized_dir, tmp_path / "reference", pairs_of(tokenized_dir)
+    )
     assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["meta.json"]
     assert meta["precompute_ref"] is False and meta["rows"] == {}
 
@@ -144,6 +142,7 @@ def test_train_refuses_the_marker(tmp_path, tokenized_dir, tiny_base_dir, train_
         tiny_base_dir,
         tokenized_dir,
         tmp_path / "ref",
+        pairs_of(tokenized_dir),
     )
     with pytest.raises(StageError, match="cached nothing"):
         train.run(
@@ -155,6 +154,7 @@ def test_train_refuses_the_marker(tmp_path, tokenized_dir, tiny_base_dir, train_
             tmp_path / "train.json",
             tmp_path / "history.csv",
             tmp_path / "ckpt",
+            pairs_dir=pairs_of(tokenized_dir),
         )
     assert not (tmp_path / "adapter").exists()
 
@@ -179,7 +179,7 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     )
 
     monkeypatch.setattr(reference, "longest_first", lambda dataset: dataset)
-    in_prepared_order = reference.compute(train_params, tiny_base_dir, tokenized_dir)
+    in_prepared_order = reference.compute(train_params, tiny_base_dir, tokenized_dir, pairs_of(tokenized_dir))
     for split, table in in_prepared_order.items():
         cached = pq.read_table(reference_dir / f"{split}.parquet")
         assert cached.column("id").to_pylist() == table.column("id").to_pylist()

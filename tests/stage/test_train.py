@@ -61,7 +61,21 @@ def write_pairs(root: Path, rows: list[dict], tokenizer, params, n_test: int) ->
         pq.write_table(table, root / "prepared" / f"{split}.parquet")
         tokenized, _counts = tokenize.tokenize_split(table, tokenizer, params.data)
         pq.write_table(tokenized, root / "tokenized" / f"{split}.parquet")
+    write_selection(root, params)
     return root / "tokenized"
+
+
+def write_selection(root: Path, params) -> Path:
+    """root/pairs from root/tokenized, by the pairs stage's own functions (no tracking run)."""
+    from stages import pairs
+
+    selected, order, _metrics = pairs.build(params, root / "tokenized")
+    pairs.write(root / "pairs", selected, order)
+    return root / "pairs"
+
+
+def pairs_of(tokenized_dir: Path) -> Path:
+    return Path(tokenized_dir).parent / "pairs"
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +96,7 @@ def reference_dir(tmp_path_factory, train_params, tiny_base_dir, tokenized_dir) 
     from stages import reference
 
     out = tmp_path_factory.mktemp("reference") / "reference"
-    reference.run(train_params, tiny_base_dir, tokenized_dir, out)
+    reference.run(train_params, tiny_base_dir, tokenized_dir, out, pairs_of(tokenized_dir))
     return out
 
 
@@ -98,6 +112,7 @@ def run_train(params, base_dir, tokenized_dir, reference_dir, out: Path, **kwarg
         metrics_path=out / "metrics" / "train.json",
         history_path=out / "metrics" / "train_history.csv",
         checkpoint_dir=out / "checkpoints",
+        pairs_dir=pairs_of(tokenized_dir),
         **kwargs,
     )
 
@@ -251,11 +266,15 @@ def test_cached_reference_matches_on_the_fly(
     import pyarrow.parquet as pq
     import torch
 
-    from stages import train
+    from stages import pairs, train
 
-    # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled) ...
+    # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled), on the selected
+    # training pairs ...
     tokenizer = train.load_tokenizer(tiny_base_dir)
-    dataset = train.to_dataset(train.read_tokenized(tokenized_dir, "train"))
+    selected = sorted(pairs.read_selected(pairs_of(tokenized_dir))["train"])
+    dataset = train.to_dataset(
+        train.rows_in_order(train.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
+    )
     params = replace_params(train_params, train={"precompute_ref": True})
     trainer = train._trainer_class()(
         model=train.load_policy(tiny_base_dir, params.train),
@@ -286,7 +305,8 @@ def test_cached_reference_matches_on_the_fly(
 def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir):
     from stages.common import StageError
 
-    other = replace_params(train_params, seed=train_params.seed + 1)
+    # A param the reference declares (the seed no longer is one: it cannot change a reference log-prob).
+    other = replace_params(train_params, train={"bnb_4bit_quant_type": "fp4"})
     with pytest.raises(StageError, match="meta.json: params"):
         run_train(other, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     assert not (tmp_path / "adapter").exists()
@@ -309,7 +329,7 @@ def test_same_seed_gives_byte_identical_adapter(
 
 
 KILLABLE = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {repo!r})
 from transformers import TrainerCallback
 from stages import config, train
@@ -321,7 +341,8 @@ class Slow(TrainerCallback):
 
 params = replace_params(config.load({repo!r} + "/params.yaml"), **{overrides!r})
 train.run(params, {base!r}, {tokenized!r}, {reference!r}, {out!r} + "/adapter", {out!r} + "/train.json",
-          {out!r} + "/history.csv", {out!r} + "/checkpoints", extra_callbacks=[Slow()])
+          {out!r} + "/history.csv", {out!r} + "/checkpoints", extra_callbacks=[Slow()],
+          pairs_dir=os.path.join(os.path.dirname({tokenized!r}), "pairs"))
 """
 
 

@@ -34,10 +34,19 @@ def params_yaml(params) -> str:
 
 
 def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> Path:
-    """A working directory laid out like the repo: params.yaml, models/base, data/tokenized, data/reference."""
+    """A working directory laid out like the repo: params.yaml, models/base, data/tokenized, and data/pairs and
+    data/reference made for `params` by the pairs stage's functions and the reference stage (more processes
+    consume more pairs per step, so the selection and its reference log-probs differ from the fixtures')."""
+    from stages import pairs, reference
+
     shutil.copytree(tiny_base_dir, root / "models" / "base")
     shutil.copytree(tokenized_dir, root / "data" / "tokenized")
-    shutil.copytree(reference_dir, root / "data" / "reference")
+    selected, order, _ = pairs.build(params, root / "data" / "tokenized")
+    pairs.write(root / "data" / "pairs", selected, order)
+    reference.run(
+        params, root / "models" / "base", root / "data" / "tokenized", root / "data" / "reference",
+        root / "data" / "pairs",
+    )  # fmt: skip
     (root / "params.yaml").write_text(params_yaml(params), encoding="utf-8")
     return root
 
@@ -141,7 +150,13 @@ def test_run_refuses_a_process_group_of_another_size(
     params = replace_params(train_params, train={"num_processes": PROCESSES})
     with pytest.raises(StageError, match=r"train\.num_processes is 2 but this process runs in a group of 1"):
         train.run(
-            params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path / "adapter", tmp_path / "t.json"
+            params,
+            tiny_base_dir,
+            tokenized_dir,
+            reference_dir,
+            tmp_path / "adapter",
+            tmp_path / "t.json",
+            pairs_dir=tokenized_dir.parent / "pairs",
         )
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "t.json").exists()
     from mlflow.tracking import MlflowClient

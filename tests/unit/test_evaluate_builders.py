@@ -176,16 +176,11 @@ def test_simple_evaluate_settings_come_from_params(default_params):
     e = default_params.eval
     kwargs = evaluate.simple_evaluate_kwargs(e, 7)
     assert kwargs["limit"] is None  # limit 0 = all documents
-    assert kwargs["batch_size"] == e.batch_size and kwargs["device"] == e.device
+    assert "batch_size" not in kwargs and "device" not in kwargs  # the loaded model's wrapper has them
     assert {
         kwargs[k] for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
     } == {7}
     assert evaluate.simple_evaluate_kwargs(type(e)(**{**e.__dict__, "limit": 3}), 7)["limit"] == 3
-    assert evaluate.model_args("models/merged", e) == {
-        "pretrained": "models/merged",
-        "dtype": e.dtype,
-        "trust_remote_code": False,
-    }
 
 
 def test_local_tasks_are_the_yamls_in_tasks_dir():
