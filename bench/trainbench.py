@@ -5,15 +5,16 @@
 
 MODE
   ours       the train stage's path: stages.train's builders (load_policy: one 4-bit base + LoRA, the
-             reference = the adapter disabled), the tokenize stage's ids from --tokenized, cached reference
-             log-probs read from --reference (attach_reference), length-grouped batching
-             (train.group_by_length), the stage's trainer class.
+             reference = the adapter disabled), the tokenize stage's ids from --tokenized in the pairs stage's
+             order (--reference/pairs, length-grouped when train.group_by_length), cached reference log-probs
+             read from --reference (attach_reference), the stage's trainer class.
   baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
              ref_model so trl computes the reference log-probs on the fly every step, random batching, the
              prepared strings from --prepared tokenized by trl (same rows, same ids); every other setting is
              the same DPOConfig (stages.train.dpo_config).
-  reference  the reference stage's work (stages.reference.compute) for the same rows; writes the cached
-             log-probs to --reference for `ours`.
+  reference  the pairs stage's work (pairs.build: which pairs, which order, into --reference/pairs) and the
+             reference stage's (stages.reference.compute) on those pairs only; writes the cached log-probs to
+             --reference for `ours`.
 
 The params file is a JSON dump of the (already overridden) params dataclasses. The process writes one JSON
 object: phase times (import, data, load, init, train) in wall-clock and process CPU seconds, pairs and tokens
@@ -145,7 +146,12 @@ def _train(
     clock = time.perf_counter()
     tokenizer = load_tokenizer(base_dir)
     if mode == "ours":
-        table = train.read_tokenized(tokenized_dir, "train")
+        # The pairs the pairs stage selected, in its order (made by the `reference` worker, charged to ours).
+        from stages import pairs
+
+        path = tokenized_dir / "train.parquet"
+        order = pairs.read_order(reference_dir / "pairs")
+        table = train.rows_in_order(train.read_tokenized(tokenized_dir, "train"), order, path)
         path = reference_dir / "train.parquet"
         table = train.attach_reference(table, pq.read_table(path), path)
         dataset = train.to_dataset(table, train.REF_COLUMNS)
@@ -248,10 +254,14 @@ def _train(
 def _reference(params, base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from stages import reference
+    from stages import pairs, reference
 
     clock, cpu_clock = time.perf_counter(), time.process_time()
-    tables = reference.compute(params, base_dir, tokenized_dir)  # load + forward, as the stage does
+    # The pairs stage (which pairs, which order), then the reference stage on those pairs only.
+    pairs_dir = reference_dir / "pairs"
+    selected, order, _ = pairs.build(params, tokenized_dir)
+    pairs.write(pairs_dir, selected, order)
+    tables = reference.compute(params, base_dir, tokenized_dir, pairs_dir)  # load + forward, as the stage does
     result = {"compute_s": time.perf_counter() - clock, "compute_cpu_s": time.process_time() - cpu_clock}
     reference_dir.mkdir(parents=True, exist_ok=True)
     for split, table in tables.items():

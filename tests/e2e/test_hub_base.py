@@ -13,7 +13,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests import hub_cache
+from tools import hub_layout as hub_cache
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from stages import base
 from stages.common import StageError, load_model, load_tokenizer, read_json
-from tests import hub_cache
+from tools import hub_layout as hub_cache
 from tests.conftest import replace_params
 
 # Orca-style text: words, punctuation, digits, newlines, non-ASCII, a leading space, runs of spaces and tabs.

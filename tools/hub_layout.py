@@ -1,4 +1,5 @@
-"""An OpenHermes-2.5-Mistral-7B-layout snapshot in a pre-filled Hugging Face cache, for offline tests.
+"""An OpenHermes-2.5-Mistral-7B-layout snapshot in a pre-filled Hugging Face cache, for offline tests, the
+bench's FLOP count and the GPU check (real tokenizer, any model shape, random weights).
 
 huggingface_hub serves a cached snapshot offline exactly as it would after a download:
 `HF_HOME/hub/models--ORG--NAME/{blobs/<hash>, snapshots/<sha>/<file> -> ../../blobs/<hash>, refs/main}`.
@@ -120,6 +121,18 @@ def model_config(**shape: int):
         use_cache=False,
         **dims,
     )
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """OpenHermes-2.5's tokenizer files (the real Mistral sentencepiece model + ChatML tokens) in `folder`,
+    with a MistralConfig beside them (transformers picks its conversion by the config's model type)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in tokenizer_files().items():
+        (folder / name).write_text(text, encoding="utf-8")
+    shutil.copyfile(mistral_tokenizer_model(), folder / "tokenizer.model")
+    model_config().save_pretrained(folder)
+    return folder
 
 
 def _blob(cache_repo: Path, data: bytes) -> str:

@@ -1,0 +1,214 @@
+"""FLOP count of one 7B recipe run (recipes/neuralhermes-2.5.yaml): ours against the article's way, on paper.
+
+    python -m bench.flops [--rows N] [--out metrics/flops.json]
+
+Token counts are real: orca-length synthetic rows (bench.synthetic, 12,859 rows) through the prepare and
+tokenize stages' own functions with OpenHermes-2.5's real tokenizer (the Mistral sentencepiece model from the
+mistral-common wheel + the ChatML tokens, tools.hub_layout) at the recipe's limits (1,024 / 1,536). The model
+is Mistral-7B's shape (4,096 wide, 32 layers, 14,336 MLP, 8 KV heads, vocabulary 32,002), counted on the meta
+device.
+
+Each DPO forward runs chosen and rejected of every pair of a micro-batch as 2 x batch sequences padded to the
+batch's longest; the GPU computes on the pads too, so they are counted. A forward costs 2 x (matmul weights)
+per token plus causal attention 2 x layers x width x S^2 per sequence of S tokens. Training the LoRA policy
+costs a forward, the recomputation of gradient checkpointing (a second forward) and a backward that, with the
+4-bit base frozen, needs only activation gradients (one more forward's matmuls, two of attention); the rank-16
+LoRA weights' own gradients are under 0.5 % and left out on both sides.
+
+- article: 200 steps x 16 pairs drawn at random from the split (trl's random sampler), micro-batches of 4:
+  policy (3 forwards) + the second 4-bit model's reference forward (1) on every micro-batch.
+- ours: the pairs stage's selection and order (length-grouped) for the same 3,200 pairs; the reference stage's
+  one forward over exactly those pairs and the 256 held-out ones (longest first, batches of 8 as trl's
+  precompute runs them); training's 3 forwards per micro-batch; the held-out evaluation after training
+  (policy forward on 256 pairs; the article's script evaluates nothing, so this is ours alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bench.synthetic import ORCA_ROWS, synthetic_rows
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "neuralhermes-2.5.yaml"
+SHAPE_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+REFERENCE_BATCH = 8  # trl's per_device_train_batch_size default, which its precompute pass uses
+
+
+def model_counts(shape: dict[str, int]) -> dict[str, int]:
+    """Parameters of a Mistral of `shape` (vocabulary 32,002): all, and those in matmuls (not the embedding)."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    from tools.hub_layout import model_config
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(model_config(**shape))
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"params": total, "matmul_params": total - embedding}
+
+
+def forward_flops(batch_lengths: list[list[int]], matmul_params: int, layers: int, width: int) -> float:
+    """FLOPs of one forward over micro-batches, each a list of sequence lengths padded to its longest."""
+    total = 0.0
+    for lengths in batch_lengths:
+        padded = max(lengths)
+        total += len(lengths) * (2 * matmul_params * padded + 2 * layers * width * padded * padded)
+    return total
+
+
+def dpo_batches(rows: dict[str, tuple[int, int, int]], ids: list[str], batch: int) -> list[list[int]]:
+    """Micro-batches of `batch` pairs in `ids` order: each pair gives prompt+chosen and prompt+rejected."""
+    out = []
+    for start in range(0, len(ids), batch):
+        lengths = []
+        for row_id in ids[start : start + batch]:
+            prompt, chosen, rejected = rows[row_id]
+            lengths += [prompt + chosen, prompt + rejected]
+        out.append(lengths)
+    return out
+
+
+def tokenized_recipe_rows(params, n_rows: int, work: Path):
+    """The tokenize stage's table of the orca-length rows with the real OpenHermes tokenizer (train split)."""
+    from stages import prepare, tokenize
+    from stages.common import load_tokenizer
+    from tools.hub_layout import write_tokenizer
+
+    tokenizer = load_tokenizer(write_tokenizer(work / "tokenizer"))
+    raw = work / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_rows)), encoding="utf-8")
+    data = dataclasses.replace(params.data, path=str(raw))
+    table, _schema = prepare.read_local(raw, data.columns)
+    train, test, _counts = prepare.prepare_table(table, tokenizer, data)
+    tokenized = {}
+    for split, prepared in (("train", train), ("test", test)):
+        tokenized[split], _dropped = tokenize.tokenize_split(prepared, tokenizer, data)
+    return tokenized
+
+
+def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
+    import torch
+
+    from stages import config, pairs
+
+    params = config.load(RECIPE)
+    t = params.train
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tokenized = tokenized_recipe_rows(params, n_rows, work)
+        (work / "tokenized").mkdir()
+        for split, table in tokenized.items():
+            pq.write_table(table, work / "tokenized" / f"{split}.parquet")
+        selected, order, _metrics = pairs.build(params, work / "tokenized")
+    rows = {}
+    for table in tokenized.values():
+        for row_id, p_ids, c_ids, r_ids in zip(
+            table.column("id").to_pylist(),
+            table.column("prompt_ids").to_pylist(),
+            table.column("chosen_ids").to_pylist(),
+            table.column("rejected_ids").to_pylist(),
+            strict=True,
+        ):
+            rows[row_id] = (len(p_ids), len(c_ids), len(r_ids))
+    counts = model_counts(SHAPE_7B)
+    layers, width, mm = SHAPE_7B["num_hidden_layers"], SHAPE_7B["hidden_size"], counts["matmul_params"]
+    batch = t.per_device_train_batch_size
+
+    def fwd(batches):
+        return forward_flops(batches, mm, layers, width)
+
+    def train_cost(batches):  # forward + checkpointing's recompute + activation-gradient backward
+        return 3 * fwd(batches) + sum(
+            len(b) * 2 * 2 * layers * width * max(b) ** 2 for b in batches
+        )  # attention's backward is two forwards' worth, one more than the matmuls'
+
+    needed = pairs.pairs_needed(t)
+    train_ids = tokenized["train"].column("id").to_pylist()
+    random_ids = [
+        train_ids[i]
+        for i in torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(params.seed))
+    ]
+    article_batches = dpo_batches(rows, (random_ids * math.ceil(needed / len(train_ids)))[:needed], batch)
+    article = train_cost(article_batches) + fwd(article_batches)
+
+    sel = selected.to_pydict()
+    selected_train = [i for s, i in zip(sel["split"], sel["id"], strict=True) if s == "train"]
+    held_out = [i for s, i in zip(sel["split"], sel["id"], strict=True) if s == "test"]
+
+    def longest_first(ids):
+        return sorted(ids, key=lambda i: rows[i][0] + max(rows[i][1], rows[i][2]), reverse=True)
+
+    reference = fwd(dpo_batches(rows, longest_first(selected_train), REFERENCE_BATCH)) + fwd(
+        dpo_batches(rows, longest_first(held_out), REFERENCE_BATCH)
+    )
+    ours_batches = dpo_batches(rows, order.column("id").to_pylist(), batch)
+    training = train_cost(ours_batches)
+    evaluation = fwd(dpo_batches(rows, sorted(held_out), batch))
+    ours = reference + training + evaluation
+
+    def pad_share(batches):
+        real = sum(sum(b) for b in batches)
+        return 1 - real / sum(len(b) * max(b) for b in batches)
+
+    return {
+        "params": counts["params"],
+        "train_rows": len(train_ids),
+        "pairs_trained": needed,
+        "reference_pairs": len(selected_train) + len(held_out),
+        "mean_prompt_tokens": sum(rows[i][0] for i in train_ids) / len(train_ids),
+        "mean_answer_tokens": sum((rows[i][1] + rows[i][2]) / 2 for i in train_ids) / len(train_ids),
+        "article_pad_share": pad_share(article_batches),
+        "ours_pad_share": pad_share(ours_batches),
+        "article_pflop": article / 1e15,
+        "ours_reference_pflop": reference / 1e15,
+        "ours_train_pflop": training / 1e15,
+        "ours_eval_pflop": evaluation / 1e15,
+        "ours_pflop": ours / 1e15,
+        "ours_vs_article": ours / article,
+        # The cost if the reference stage scored every tokenized row, as it did before the pairs stage.
+        "ours_all_rows_vs_article": (
+            ours
+            - reference
+            + fwd(
+                dpo_batches(
+                    rows,
+                    longest_first(train_ids + tokenized["test"].column("id").to_pylist()),
+                    REFERENCE_BATCH,
+                )
+            )
+        )
+        / article,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=ORCA_ROWS)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    figures = count(args.rows)
+    for key, value in figures.items():
+        print(f"{key:>26}: {value:,.4g}" if isinstance(value, float) else f"{key:>26}: {value:,}")
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
