@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
 .PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv \
-	lock-check doctor recipe
+	lock-check doctor recipe gpu-check gpu-bundle
 
 # Install the locked environment. constraints.txt pins public versions only: torch==2.13.0 is the CUDA build
 # from the public index on a Linux machine (its metadata pins the CUDA libraries), a CPU wheel where one is offered.
@@ -67,6 +67,18 @@ recipe:
 	cp $(RECIPE) params.yaml
 	$(VENV)/bin/dvc config --local cache.type reflink,hardlink,symlink,copy
 	@echo "params.yaml is now $(RECIPE); run: make doctor && dvc repro"
+
+# The 7B recipe's settings on a Mistral-7B-shaped model on this machine's GPU (about 5-8 min on one H100/H200);
+# writes metrics/gpu_check.json. DRY_RUN=1: the same path on the CPU with a tiny model. Uses .venv when there
+# is one, else the machine's python3 with .gpu-bundle/ (make gpu-bundle) on PYTHONPATH.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR)/.gpu-bundle$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m tools.gpu_check $(if $(DRY_RUN),--dry-run)
+
+# trl, bitsandbytes (its CUDA 13 library only) and lm-eval (without its task folders) at the locked versions,
+# for a GPU machine whose Python has torch, transformers, peft and accelerate but no network: under 64 MiB.
+gpu-bundle:
+	$(GPU_PY) -m tools.gpu_bundle .gpu-bundle
 
 verify: setup
 	$(PY) -m stages.verify

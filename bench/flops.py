@@ -85,7 +85,8 @@ def dpo_batches(rows: dict[str, tuple[int, int, int]], ids: list[str], batch: in
 
 
 def tokenized_recipe_rows(params, n_rows: int, work: Path):
-    """The tokenize stage's table of the orca-length rows with the real OpenHermes tokenizer (train split)."""
+    """({split: tokenize stage's table}, {split: prepare stage's table}) of the orca-length rows, with the real
+    OpenHermes tokenizer (written to work/tokenizer)."""
     from stages import prepare, tokenize
     from stages.common import load_tokenizer
     from tools.hub_layout import write_tokenizer
@@ -99,7 +100,7 @@ def tokenized_recipe_rows(params, n_rows: int, work: Path):
     tokenized = {}
     for split, prepared in (("train", train), ("test", test)):
         tokenized[split], _dropped = tokenize.tokenize_split(prepared, tokenizer, data)
-    return tokenized
+    return tokenized, {"train": train, "test": test}
 
 
 def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
@@ -111,7 +112,7 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
     t = params.train
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokenized = tokenized_recipe_rows(params, n_rows, work)
+        tokenized, _prepared = tokenized_recipe_rows(params, n_rows, work)
         (work / "tokenized").mkdir()
         for split, table in tokenized.items():
             pq.write_table(table, work / "tokenized" / f"{split}.parquet")

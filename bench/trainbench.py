@@ -261,7 +261,9 @@ def _reference(params, base_dir: Path, tokenized_dir: Path, reference_dir: Path)
     pairs_dir = reference_dir / "pairs"
     selected, order, _ = pairs.build(params, tokenized_dir)
     pairs.write(pairs_dir, selected, order)
-    tables = reference.compute(params, base_dir, tokenized_dir, pairs_dir)  # load + forward, as the stage does
+    tables = reference.compute(
+        params, base_dir, tokenized_dir, pairs_dir
+    )  # load + forward, as the stage does
     result = {"compute_s": time.perf_counter() - clock, "compute_cpu_s": time.process_time() - cpu_clock}
     reference_dir.mkdir(parents=True, exist_ok=True)
     for split, table in tables.items():

@@ -14,8 +14,8 @@ import pytest
 
 from stages import base
 from stages.common import StageError, load_model, load_tokenizer, read_json
-from tools import hub_layout as hub_cache
 from tests.conftest import replace_params
+from tools import hub_layout as hub_cache
 
 # Orca-style text: words, punctuation, digits, newlines, non-ASCII, a leading space, runs of spaces and tabs.
 TEXTS = [
