@@ -278,7 +278,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
             "median_step_s": median_step,
             "tokens_per_s": counts["tokens"] / seconds["train"],
             "padded_tokens_per_s": padded / seconds["train"],
-            "pairs": counts["pairs"],
+            "pairs_trained": counts["pairs"],
             "train_tflops_per_s": train_flops / seconds["train"] / 1e12,
             "mfu": (train_flops / seconds["train"] / peak) if (peak and cuda) else None,
             "peak_memory_gib": memory.peaks,
