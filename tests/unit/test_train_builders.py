@@ -84,15 +84,15 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
     assert config.seed == 7 and config.data_seed == 7 and config.max_length == 300
     assert config.save_steps == 5 and config.logging_steps == 2 and config.save_total_limit == 1
     assert config.precompute_ref_log_probs is False
-    assert config.train_sampling_strategy == "random"
+    # The pairs stage decides the order (length-grouped or not); the trainer reads it front to back.
+    assert config.train_sampling_strategy == "sequential"
     assert config.disable_dropout is False, "the LoRA dropout of params.yaml must stay active"
     assert config.report_to == [] or config.report_to == "none"
 
     grouped = train.dpo_config(
         replace_params(p, train={"group_by_length": True, "precompute_ref": True}), tmp_path
     )
-    assert grouped.train_sampling_strategy == "group_by_length"
-    assert grouped.length_column_name == train.LENGTH_COLUMN
+    assert grouped.train_sampling_strategy == "sequential"
     assert grouped.precompute_ref_log_probs is True
 
 
@@ -119,7 +119,8 @@ def test_reference_config_reads_only_declared_params(default_params, tmp_path):
     config = reference.reference_config(p, tmp_path)
     defaults = {name: field.default for name, field in DPOConfig.__dataclass_fields__.items()}
     assert config.precompute_ref_log_probs is True
-    assert config.max_length == p.data.max_length and config.seed == p.seed
+    # No length limit (tokenize already applied it: trl must cut nothing) and no seed (not a reference param).
+    assert config.max_length is None and config.seed == defaults["seed"]
     # Batch size, beta and steps are not reference params: trl's defaults, whatever train uses.
     assert config.per_device_train_batch_size == defaults["per_device_train_batch_size"]
     assert config.beta == defaults["beta"] and config.max_steps == defaults["max_steps"]
