@@ -36,16 +36,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.synthetic import ORCA_ROWS, synthetic_rows
+from tools.hub_layout import MISTRAL_7B_SHAPE as SHAPE_7B
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "neuralhermes-2.5.yaml"
-SHAPE_7B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-}
 REFERENCE_BATCH = 8  # trl's per_device_train_batch_size default, which its precompute pass uses
 
 

@@ -111,16 +111,13 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     from stages import evaluate, merge, pairs, reference, train
     from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
     from stages.config import EvalTask
-    from tools.hub_layout import model_config, write_tokenizer
+    from tools.hub_layout import MISTRAL_7B_SHAPE, model_config, write_tokenizer
 
     params = recipe_params(dry_run, steps)
     cuda = resolve_device(params.train.device) == "cuda"
     if not dry_run and not cuda:
         raise SystemExit("error: no CUDA device: run `make gpu-check DRY_RUN=1` for the CPU dry run")
-    shape = TINY if dry_run else {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8,
-    }  # fmt: skip
+    shape = TINY if dry_run else MISTRAL_7B_SHAPE
     memory = Memory(cuda)
     seconds: dict[str, float] = {}
     figures: dict[str, Any] = {"dry_run": dry_run, "device": torch.cuda.get_device_name(0) if cuda else "cpu"}

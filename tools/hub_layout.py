@@ -97,6 +97,16 @@ def tokenizer_files() -> dict[str, str]:
     }
 
 
+# Mistral-7B's shape (OpenHermes-2.5's): the bench's FLOP count and the GPU check use it.
+MISTRAL_7B_SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+
+
 def model_config(**shape: int):
     """OpenHermes-2.5's MistralConfig (vocab 32,002, bos 1, eos 32000, bf16), scaled to `shape`."""
     from transformers import MistralConfig
