@@ -242,12 +242,12 @@ def decode_answer(new_tokens: list[int], tokenizer) -> tuple[str, bool]:
 # Side effects
 
 
-def load_eval_model(model_dir: str | Path, e: Any):
+def load_eval_model(model_dir: str | Path, e: Any, tokenizer=None):
     """(model, tokenizer) from a local folder, loaded once per stage for scoring and samples: straight onto
-    `eval.device` in `eval.dtype`, no remote code, never the hub."""
+    `eval.device` in `eval.dtype`, no remote code, never the hub. `tokenizer`: one already loaded from it."""
     from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     device = resolve_device(e.device)
     model = load_model(model_dir, dtype=torch_dtype(e.dtype), device_map={"": device}).eval()
     return model, tokenizer
@@ -384,7 +384,7 @@ def run(
         inputs=inputs,
         tags={"eval.model": model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
     ):
-        loaded = load_eval_model(model_dir, e)  # once, for scoring and samples
+        loaded = load_eval_model(model_dir, e, tokenizer)  # once, for scoring and samples
         results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded)
         scores = flat_scores(results, names)
         samples = generate_samples(model_dir, params, loaded)

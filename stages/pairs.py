@@ -92,19 +92,15 @@ def training_order(
 def build(params: Any, tokenized_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """(selected table, order table, metrics) from the tokenized splits and the declared params."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from stages.tokenize import LENGTH_COLUMN, read_tokenized
 
     t = params.train
-    tables = {}
-    for split in ("train", "test"):
-        path = Path(tokenized_dir) / f"{split}.parquet"
-        if not path.is_file():
-            raise StageError(f"{path}: not found (run: dvc repro tokenize)")
-        tables[split] = pq.read_table(path, columns=["id", "length"])
-        if tables[split].num_rows == 0:
-            raise StageError(f"{path}: no rows; the {split} split must hold at least one pair")
+    tables = {
+        split: read_tokenized(tokenized_dir, split, ("id", LENGTH_COLUMN)) for split in ("train", "test")
+    }
     train_ids = tables["train"].column("id").to_pylist()
-    lengths = dict(zip(train_ids, tables["train"].column("length").to_pylist(), strict=True))
+    lengths = dict(zip(train_ids, tables["train"].column(LENGTH_COLUMN).to_pylist(), strict=True))
     needed = pairs_needed(t)
     selected = select_train(train_ids, needed, t.pairs_seed)
     held_out = select_eval(tables["test"].column("id").to_pylist(), t.eval_pairs)
@@ -177,6 +173,11 @@ def read_order(pairs_dir: str | Path) -> list[str]:
     if not path.is_file():
         raise StageError(f"{path}: not found (run: dvc repro pairs)")
     return pq.read_table(path).sort_by("position").column("id").to_pylist()
+
+
+def training_ids(pairs_dir: str | Path) -> dict[str, list[str]]:
+    """{"train": the training ids in training order, "test": the held-out ids}: what train reads."""
+    return {"train": read_order(pairs_dir), "test": read_selected(pairs_dir)["test"]}
 
 
 def main() -> None:

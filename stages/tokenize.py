@@ -218,12 +218,21 @@ def token_metrics(tables: dict[str, Any], counts: dict[str, dict[str, int]]) -> 
     return metrics
 
 
-def _read_split(path: Path, columns: tuple[str, ...], missing_hint: str):
-    """A split's Parquet file, checked to hold `columns`; a missing file names the stage to run."""
+def _read_split(path: Path, columns: tuple[str, ...], missing_hint: str, only: bool = False):
+    """A split's Parquet file, checked to hold `columns` (and read to those alone when `only`); a missing file
+    names the stage to run."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         raise StageError(f"{path}: {missing_hint}")
+    if only:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise StageError(
+                f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(columns)})"
+            )
+        return pq.read_table(path, columns=list(columns))
     table = pq.read_table(path)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -238,12 +247,13 @@ def read_prepared(prepared_dir: str | Path, split: str):
     return _read_split(path, PREPARED_COLUMNS, hint).select(list(PREPARED_COLUMNS))
 
 
-def read_tokenized(tokenized_dir: str | Path, split: str):
+def read_tokenized(tokenized_dir: str | Path, split: str, columns: tuple[str, ...] | None = None):
     """data/tokenized/<split>.parquet as a pyarrow Table, checked for what training needs: the columns, at
-    least one row, one row per id."""
+    least one row, one row per id. `columns`: read only those (the pairs stage needs id and length, not the
+    token ids)."""
     path = Path(tokenized_dir) / f"{split}.parquet"
     hint = "tokenized split not found (run the tokenize stage first: dvc repro tokenize)"
-    table = _read_split(path, OUTPUT_COLUMNS, hint)
+    table = _read_split(path, columns or OUTPUT_COLUMNS, hint, only=columns is not None)
     if table.num_rows == 0:
         raise StageError(f"{path}: no rows")
     ids = table.column("id").to_pylist()

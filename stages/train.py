@@ -428,17 +428,25 @@ def launch(params: Any) -> int:
 # Data
 
 
-def rows_in_order(table, ids: Sequence[str], path: str | Path):
-    """The rows of `table` for `ids`, in that order (an id may repeat: one row per epoch it is trained in)."""
+def index_by_id(ids, table) -> tuple[Any, int, str | None]:
+    """(row index of each of `ids` in `table`, how many are missing, the first missing id)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    wanted = pa.array(list(ids), pa.string())
+    wanted = pa.array(list(ids) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids).cast(
+        pa.string()
+    )
     index = pc.index_in(wanted, value_set=table.column("id").cast(pa.string()))
-    if index.null_count:
-        first = wanted.filter(pc.is_null(index))[0].as_py()
+    first = wanted.filter(pc.is_null(index))[0].as_py() if index.null_count else None
+    return index, index.null_count, first
+
+
+def rows_in_order(table, ids: Sequence[str], path: str | Path):
+    """The rows of `table` for `ids`, in that order (an id may repeat: one row per epoch it is trained in)."""
+    index, missing, first = index_by_id(ids, table)
+    if missing:
         raise StageError(
-            f"{path}: {index.null_count} pair(s) of data/pairs are not in the tokenized data, e.g. id {first!r}; "
+            f"{path}: {missing} pair(s) of data/pairs are not in the tokenized data, e.g. id {first!r}; "
             "data/pairs is stale (run: dvc repro pairs)"
         )
     return table.take(index)
@@ -446,16 +454,13 @@ def rows_in_order(table, ids: Sequence[str], path: str | Path):
 
 def attach_reference(table, reference, reference_path: str | Path):
     """Add the cached ref_chosen_logps / ref_rejected_logps to `table` by id, keeping `table`'s row order."""
-    import pyarrow.compute as pc
-
-    missing = [c for c in ("id", *REF_COLUMNS) if c not in reference.column_names]
+    missing_columns = [c for c in ("id", *REF_COLUMNS) if c not in reference.column_names]
+    if missing_columns:
+        raise StageError(f"{reference_path}: missing column(s) {', '.join(missing_columns)}")
+    index, missing, first = index_by_id(table.column("id"), reference)
     if missing:
-        raise StageError(f"{reference_path}: missing column(s) {', '.join(missing)}")
-    index = pc.index_in(table.column("id"), value_set=reference.column("id"))
-    if index.null_count:
-        first = table.column("id").filter(pc.is_null(index))[0].as_py()
         raise StageError(
-            f"{reference_path}: no reference log-probs for {index.null_count} tokenized row(s), e.g. id {first!r}; "
+            f"{reference_path}: no reference log-probs for {missing} tokenized row(s), e.g. id {first!r}; "
             "the reference is stale (run: dvc repro reference)"
         )
     for name in REF_COLUMNS:
@@ -700,10 +705,7 @@ def run(
 
         datasets = {}
         tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
-        wanted = {
-            "train": pairs_stage.read_order(pairs_dir),
-            "test": pairs_stage.read_selected(pairs_dir)["test"],
-        }
+        wanted = pairs_stage.training_ids(pairs_dir)
         for split in SPLITS:
             table = rows_in_order(tokenized[split], wanted[split], tokenized_dir / f"{split}.parquet")
             keep: tuple[str, ...] = ()

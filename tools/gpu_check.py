@@ -177,7 +177,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     clock = time.perf_counter()
     tokenizer = load_tokenizer(base_dir)
     datasets = {}
-    wanted = {"train": pairs.read_order(work / "pairs"), "test": pairs.read_selected(work / "pairs")["test"]}
+    wanted = pairs.training_ids(work / "pairs")
     for split in ("train", "test"):
         table = train.rows_in_order(train.read_tokenized(work / "tokenized", split), wanted[split], split)
         table = train.attach_reference(table, tables[split], split)
