@@ -190,7 +190,3 @@ def build_snapshot(hf_home: Path, seed: int = 0, **shape: int) -> Path:
             link.unlink()
         os.symlink(os.path.join("..", "..", "blobs", _blob(cache_repo, data)), link)
     return snapshot
-
-
-def remove(hf_home: Path) -> None:
-    shutil.rmtree(Path(hf_home) / "hub" / ("models--" + REPO_ID.replace("/", "--")), ignore_errors=True)

@@ -33,7 +33,7 @@ def params_yaml(params) -> str:
     return yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
 
 
-def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> Path:
+def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path) -> Path:
     """A working directory laid out like the repo: params.yaml, models/base, data/tokenized, and data/pairs and
     data/reference made for `params` by the pairs stage's functions and the reference stage (more processes
     consume more pairs per step, so the selection and its reference log-probs differ from the fixtures')."""
@@ -52,13 +52,11 @@ def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path, re
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_one_adapter(
-    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir
-):
+def test_two_cpu_processes_train_one_adapter(tmp_path, train_params, tiny_base_dir, tokenized_dir):
     from mlflow.tracking import MlflowClient
 
     params = replace_params(train_params, train={"num_processes": PROCESSES, "max_steps": STEPS})
-    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir, reference_dir)
+    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir)
     # OMP_NUM_THREADS keeps two workers from fighting over the cores of a small CI machine.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -113,12 +111,10 @@ def test_two_cpu_processes_train_one_adapter(
 
 
 @pytest.mark.slow
-def test_a_failing_worker_fails_the_stage(
-    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir
-):
+def test_a_failing_worker_fails_the_stage(tmp_path, train_params, tiny_base_dir, tokenized_dir):
     """The launcher exits with the workers' failure, their one-line error is in the log, nothing is published."""
     params = replace_params(train_params, train={"num_processes": PROCESSES, "max_steps": STEPS})
-    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir, reference_dir)
+    work = repo_layout(tmp_path / "work", params, tiny_base_dir, tokenized_dir)
     (work / "data" / "reference" / "meta.json").unlink()
     # A store that does not exist yet: the launcher creates it before the workers start, so a failing worker
     # cannot get rank 0 stopped in the middle of MLflow's database migrations.
