@@ -114,7 +114,17 @@ def format_report(
     rev_a: str, rev_b: str, runs_a: dict[str, RunInfo], runs_b: dict[str, RunInfo], only_changed: bool = False
 ) -> str:
     """One section per stage found for either rev, in pipeline order, then any other stage by name."""
-    order = ["base", "prepare", "tokenize", "reference", "train", "merge", "evaluate_base", "evaluate"]
+    order = [
+        "base",
+        "prepare",
+        "tokenize",
+        "reference",
+        "train",
+        "merge",
+        "evaluate_base",
+        "evaluate_base_heldout",
+        "evaluate",
+    ]
     stages = sorted(
         set(runs_a) | set(runs_b), key=lambda s: (order.index(s) if s in order else len(order), s)
     )

@@ -1,26 +1,35 @@
-"""evaluate stage: lm-eval scores and seeded sample generations, for the base or the merged (tuned) model.
+"""evaluate stages: lm-eval scores and seeded sample generations, for the base or the merged (tuned) model.
 
-Reads: params `seed`, `eval`; the model folder (models/base/ for `--model base`, models/merged/ for
-`--model merged`); data/prepared/test.parquet through the offline lm-eval tasks in tasks/; for
-`--model merged` also metrics/eval_base.json (the base model's scores, made by the evaluate_base stage with
-the same params, so the base is only re-scored when the base model or the eval params change).
-Writes:
-  --model base:   metrics/eval_base.json, metrics/samples_base.json
-  --model merged: metrics/eval.json (flat keys per task/metric: tuned value, `_base`, `_delta`, plus the
-                  average of each task's primary metric), metrics/samples.json
+Three DVC stages run this module (`python -m stages.evaluate <stage>`), so that each score is remade only when
+what it reads changes:
+  evaluate_base          the base model on the tasks that read no pipeline data (the benchmarks: the 7B
+                         recipe's Open LLM Leaderboard v1 suite) and the sample generations. Reads models/base/
+                         and params `seed`, `eval`; never data/prepared, so a data edit does not re-score the
+                         base on the suite (about an hour of GPU time for the recipe).
+                         Writes metrics/eval_base.json, metrics/samples_base.json.
+  evaluate_base_heldout  the base model on the tasks that read data/prepared/test.parquet (tasks/ YAMLs whose
+                         dataset is heldout.load_prepared_test: the held-out preference and ChatML-format
+                         tasks). Reads models/base/, data/prepared/, params `seed` and the scoring keys of
+                         `eval`; a data edit re-runs this stage only, among the base's.
+                         Writes metrics/eval_base_heldout.json.
+  evaluate               the merged model on every task, plus samples; puts the base's figures from the two
+                         files above next to its own (`_base`, `_delta`) after checking they were made with the
+                         same settings. Writes metrics/eval.json (flat keys per task/metric, plus the average of
+                         each task's primary metric, tuned and base), metrics/samples.json.
 Each scores file carries a nested `meta` (lm-eval version, seed, batch size, limit, few-shot counts, primary
 metric per task, chat template hash) that `dvc metrics diff` shows as plain values.
 
-Scoring goes through lm-evaluation-harness's Python API (`simple_evaluate`, HF backend on the local model
-folder, a TaskManager that also indexes tasks/). Task names are resolved by lm-eval's registry, so the 7B
-recipe's Open LLM Leaderboard v1 suite (arc_challenge 25-shot, hellaswag 10, truthfulqa_mc2 0, mmlu 5,
-winogrande 5, gsm8k 5) runs through the same code path; those tasks need the hub's datasets, so the offline
-switches are only set when every task lives in tasks/.
+Scoring goes through lm-evaluation-harness's Python API (`simple_evaluate`, HF backend around the model loaded
+once per stage, a TaskManager that also indexes tasks/). Task names are resolved by lm-eval's registry, so the
+7B recipe's suite (arc_challenge 25-shot, hellaswag 10, truthfulqa_mc2 0, mmlu 5, winogrande 5, gsm8k 5) runs
+through the same code path; those tasks need the hub's datasets, so the offline switches are only set when
+every task lives in tasks/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
@@ -44,12 +53,28 @@ TASKS_DIR = Path("tasks")
 # Set when every task lives in tasks/: nothing then needs the hub, so nothing may reach it.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-# Output files per evaluated model (dvc.yaml names the same paths).
-OUTPUTS = {
-    "base": ("eval_base.json", "samples_base.json"),
-    "merged": ("eval.json", "samples.json"),
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """What one evaluate stage scores and writes (dvc.yaml names the same stage names and paths)."""
+
+    model: str  # "base" (models/base) or "merged" (models/merged)
+    tasks: str  # "benchmarks": tasks that read no pipeline data; "heldout": those that do; "all"
+    scores_file: str
+    samples_file: str | None  # None: no sample generations in this stage
+    sections: tuple[str, ...]  # the params the stage declares (and logs)
+
+
+# The scoring settings of `eval` (the held-out stage makes no samples, so the generation keys are not its).
+SCORING_SECTIONS = ("seed", "eval.tasks", "eval.batch_size", "eval.limit", "eval.device", "eval.dtype")
+PARTS = {
+    "evaluate_base": Part("base", "benchmarks", "eval_base.json", "samples_base.json", ("seed", "eval")),
+    "evaluate_base_heldout": Part("base", "heldout", "eval_base_heldout.json", None, SCORING_SECTIONS),
+    "evaluate": Part("merged", "all", "eval.json", "samples.json", ("seed", "eval")),
 }
-STAGE_NAMES = {"base": "evaluate_base", "merged": "evaluate"}
+BASE_PARTS = ("evaluate_base", "evaluate_base_heldout")
+# The tasks/ YAMLs whose documents are the pipeline's own held-out split (see tasks/heldout.py).
+HELDOUT_DATASET = re.compile(r"^custom_dataset:\s*!function\s+heldout\.load_prepared_test\s*$", re.M)
 # models/merged/pipeline_merge.json keys -> MLflow tags (the merge run sets the same ones).
 LINEAGE_TAGS = {"adapter_sha256": "lineage.adapter.sha256", "train_run_id": "lineage.train_run_id"}
 
@@ -79,14 +104,33 @@ COMPARABLE_META = ("lm_eval_version", "seed", "batch_size", "limit", "dtype", "n
 # Pure builders
 
 
-def local_task_names(tasks_dir: str | Path) -> set[str]:
-    """Task names defined by the YAMLs in tasks/ (read with a regex: the YAMLs use lm-eval's !function tag)."""
-    names = set()
+def _task_yamls(tasks_dir: str | Path) -> dict[str, str]:
+    """{task name: YAML text} for tasks/ (read with a regex: the YAMLs use lm-eval's !function tag)."""
+    found = {}
     for path in sorted(Path(tasks_dir).glob("*.yaml")):
-        match = re.search(r"^task:\s*([\w.-]+)\s*$", path.read_text(encoding="utf-8"), re.M)
+        text = path.read_text(encoding="utf-8")
+        match = re.search(r"^task:\s*([\w.-]+)\s*$", text, re.M)
         if match:
-            names.add(match.group(1))
-    return names
+            found[match.group(1)] = text
+    return found
+
+
+def local_task_names(tasks_dir: str | Path) -> set[str]:
+    """Task names defined by the YAMLs in tasks/."""
+    return set(_task_yamls(tasks_dir))
+
+
+def heldout_task_names(tasks_dir: str | Path) -> set[str]:
+    """The tasks/ tasks whose documents come from data/prepared (heldout.load_prepared_test)."""
+    return {name for name, text in _task_yamls(tasks_dir).items() if HELDOUT_DATASET.search(text)}
+
+
+def part_tasks(part: Part, task_names: list[str], tasks_dir: str | Path) -> list[str]:
+    """The eval.tasks names one stage scores, in params order."""
+    if part.tasks == "all":
+        return list(task_names)
+    heldout = heldout_task_names(tasks_dir)
+    return [n for n in task_names if (n in heldout) == (part.tasks == "heldout")]
 
 
 def simple_evaluate_kwargs(e: Any, seed: int) -> dict[str, Any]:
@@ -139,24 +183,35 @@ def _task_metrics(results: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def flat_scores(results: dict[str, Any], task_names: list[str]) -> dict[str, float]:
-    """lm-eval's results dict -> flat {"task/metric": value} plus "average" of each task's primary metric.
+    """lm-eval's results dict -> flat {"task/metric": value}.
 
     Every finite metric of every requested task is kept (stderrs as "task/metric_stderr"); sub-tasks of a
     group (mmlu's 57) are summarised by the group's own aggregate. Non-numeric or N/A values are left out.
     """
     scores: dict[str, float] = {}
-    primaries: dict[str, float] = {}
     for task in task_names:
-        metrics = _task_metrics(results, task)
-        for lm_key, value in metrics.items():
+        for lm_key, value in _task_metrics(results, task).items():
             if "," in lm_key and _finite(value):
                 scores[flat_key(task, lm_key)] = round(float(value), 6)
-        primaries[task] = float(metrics[primary_metric(task, metrics)])
-    scores["average"] = round(sum(primaries.values()) / len(primaries), 6)
-    if all(task in primaries for task in LEADERBOARD_V1):
-        suite = [primaries[task] for task in LEADERBOARD_V1]
-        scores["open_llm_v1/average"] = round(sum(suite) / len(suite), 6)
     return scores
+
+
+def add_averages(
+    scores: dict[str, float], primary: dict[str, str], source: str = "scores"
+) -> dict[str, float]:
+    """`scores` plus "average" of each task's primary metric (`primary`: task -> flat key), and
+    "open_llm_v1/average" when the whole Open LLM Leaderboard v1 suite is among them."""
+    missing = [key for key in primary.values() if key not in scores]
+    if missing:
+        raise StageError(f"{source}: no {', '.join(missing)} to average (scored with other tasks?)")
+    out = dict(scores)
+    if primary:
+        values = [scores[key] for key in primary.values()]
+        out["average"] = round(sum(values) / len(values), 6)
+    if all(task in primary for task in LEADERBOARD_V1):
+        suite = [scores[primary[task]] for task in LEADERBOARD_V1]
+        out["open_llm_v1/average"] = round(sum(suite) / len(suite), 6)
+    return out
 
 
 def primary_keys(results: dict[str, Any], task_names: list[str]) -> dict[str, str]:
@@ -175,12 +230,14 @@ def compare_scores(tuned: dict[str, float], base: dict[str, float]) -> dict[str,
     return out
 
 
-def check_comparable(meta: dict[str, Any], base_meta: dict[str, Any], base_file: str | Path) -> None:
+def check_comparable(
+    meta: dict[str, Any], base_meta: dict[str, Any], base_file: str | Path, stage: str = "evaluate_base"
+) -> None:
     for key in COMPARABLE_META:
         if meta.get(key) != base_meta.get(key):
             raise StageError(
                 f"{base_file}: meta.{key} is {base_meta.get(key)!r} but this run uses {meta.get(key)!r}; "
-                "the base scores were made with other settings (run `dvc repro evaluate_base`)"
+                f"the base scores were made with other settings (run `dvc repro {stage}`)"
             )
 
 
@@ -261,11 +318,17 @@ def lm_eval_model(model, tokenizer, e: Any):
 
 
 def run_lm_eval(
-    model_dir: Path, params: Any, tasks_dir: Path, prepared_dir: Path, loaded: tuple | None = None
+    model_dir: Path,
+    params: Any,
+    tasks_dir: Path,
+    prepared_dir: Path,
+    loaded: tuple | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """simple_evaluate with each task's own few-shot count, on `loaded` (model, tokenizer) or the folder."""
+    """simple_evaluate with each task's own few-shot count, on `loaded` (model, tokenizer) or the folder;
+    `names`: the eval.tasks to score (default all)."""
     e = params.eval
-    names = [t.name for t in e.tasks]
+    names = [t.name for t in e.tasks] if names is None else names
     all_local = all(name in local_task_names(tasks_dir) for name in names)
     if all_local:
         os.environ.update(OFFLINE_ENV)
@@ -285,7 +348,7 @@ def run_lm_eval(
             f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)} (not in {tasks_dir}/ nor lm-eval's registry)"
         )
     built: list[Any] = []
-    for spec in e.tasks:
+    for spec in (t for t in e.tasks if t.name in names):
         # simple_evaluate's num_fewshot is one number for all tasks; the suite needs one per task, so each
         # task is built here and its few-shot count set before it is handed over.
         task_set = manager.load([spec.name])
@@ -330,72 +393,95 @@ def generate_samples(model_dir: Path, params: Any, loaded: tuple | None = None) 
     return samples
 
 
+def read_base_scores(
+    meta: dict[str, Any], metrics_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """(base scores of every task, base samples, the files read) from the two base stages' files, each checked
+    to hold scores made with this run's settings. Checked before any scoring."""
+    scores: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    for stage in BASE_PARTS:
+        part = PARTS[stage]
+        for name in filter(None, (part.scores_file, part.samples_file)):
+            path = metrics_dir / name
+            if not path.is_file():
+                raise StageError(f"{path}: base model results not found (run `dvc repro {stage}` first)")
+        path = metrics_dir / part.scores_file
+        found = read_json(path)
+        check_comparable(meta, found.get("meta", {}), path, stage)
+        scores.update({k: v for k, v in found.items() if k != "meta"})
+        files[stage] = path
+    samples = read_json(metrics_dir / PARTS["evaluate_base"].samples_file)
+    base_meta = read_json(files["evaluate_base"]).get("meta", {})
+    scores["meta"] = base_meta
+    return scores, samples, files
+
+
 def run(
     params: Any,
-    model: str,
+    stage: str,
     model_dir: str | Path,
     prepared_dir: str | Path = PREPARED_DIR,
     tasks_dir: str | Path = TASKS_DIR,
     metrics_dir: str | Path = METRICS_DIR,
 ) -> dict[str, Any]:
-    """Score `model` ("base" or "merged") and write its scores and samples files; returns the scores."""
+    """Run one evaluate stage (a PARTS key) on the model in `model_dir` and write its files; returns the
+    scores. `prepared_dir` is only read by stages that score held-out tasks."""
     from importlib import metadata
 
     from stages import tracking
     from stages.common import load_tokenizer
 
-    if model not in OUTPUTS:
-        raise StageError(f"--model: expected one of {', '.join(OUTPUTS)}, got {model!r}")
+    if stage not in PARTS:
+        raise StageError(f"evaluate stage: expected one of {', '.join(PARTS)}, got {stage!r}")
+    part = PARTS[stage]
     model_dir, prepared_dir, tasks_dir, metrics_dir = map(
         Path, (model_dir, prepared_dir, tasks_dir, metrics_dir)
     )
     require_safetensors(model_dir)
-    test_file = prepared_dir / "test.parquet"
-    if not test_file.is_file():
-        raise StageError(f"{test_file}: held-out test split not found (run the prepare stage first)")
-    scores_file, samples_file = (metrics_dir / name for name in OUTPUTS[model])
-    base_file, base_samples_file = (metrics_dir / name for name in OUTPUTS["base"])
-
     e = params.eval
-    names = [t.name for t in e.tasks]
+    names = part_tasks(part, [t.name for t in e.tasks], tasks_dir)
+    reads_data = bool(set(names) & heldout_task_names(tasks_dir))
+    if reads_data:
+        test_file = prepared_dir / "test.parquet"
+        if not test_file.is_file():
+            raise StageError(f"{test_file}: held-out test split not found (run the prepare stage first)")
     meta = settings_meta(params, metadata.version("lm_eval"))
     base_scores: dict[str, Any] | None = None
     base_samples: dict[str, Any] | None = None
-    if model == "merged":
+    base_files: dict[str, Path] = {}
+    if part.model == "merged":
         # Checked before any scoring: deltas against base scores made with other settings mean nothing.
-        for path in (base_file, base_samples_file):
-            if not path.is_file():
-                raise StageError(
-                    f"{path}: base model results not found (run `dvc repro evaluate_base` first)"
-                )
-        base_scores, base_samples = read_json(base_file), read_json(base_samples_file)
-        check_comparable(meta, base_scores.get("meta", {}), base_file)
+        base_scores, base_samples, base_files = read_base_scores(meta, metrics_dir)
 
     tokenizer = load_tokenizer(model_dir)
     lineage = _lineage(model_dir)
     # Named as the producing stage names its output, so input.<name>.sha256 here equals its output tag.
-    inputs = {model: model_dir, "prepared": prepared_dir, "tasks": tasks_dir}
-    if base_scores is not None:
-        inputs["eval_base"] = base_file
+    inputs: dict[str, Path] = {part.model: model_dir, "tasks": tasks_dir}
+    if reads_data:
+        inputs["prepared"] = prepared_dir
+    inputs.update({f"{Path(path).stem}": path for path in base_files.values()})
     with tracking.stage_run(
-        STAGE_NAMES[model],
+        stage,
         params,
-        sections=["seed", "eval"],
+        sections=list(part.sections),
         inputs=inputs,
-        tags={"eval.model": model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
+        tags={"eval.model": part.model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
     ):
         loaded = load_eval_model(model_dir, e, tokenizer)  # once, for scoring and samples
-        results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded)
+        results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded, names) if names else {}
         scores = flat_scores(results, names)
-        samples = generate_samples(model_dir, params, loaded)
+        primary = primary_keys(results, names)
+        samples = generate_samples(model_dir, params, loaded) if part.samples_file else []
         del loaded
         gc.collect()
         if samples:  # share of sample answers that ended their turn with <|im_end|> within max_new_tokens
             scores["samples/ended_turn"] = round(sum(s["ended_turn"] for s in samples) / len(samples), 6)
         meta.update(
             {
-                "model": model,
-                "primary_metric": primary_keys(results, names),
+                "model": part.model,
+                "tasks": names,
+                "primary_metric": primary,
                 # documents scored per task (groups such as mmlu are counted per sub-task by lm-eval)
                 "n_samples": {
                     t: int(n["effective"]) for t, n in results.get("n-samples", {}).items() if t in names
@@ -405,20 +491,27 @@ def run(
             }
         )
         samples_out: dict[str, Any] = {
-            "model": model,
+            "model": part.model,
             "generation": generation_meta(params),
             "samples": samples,
         }
         if base_scores is not None and base_samples is not None:
-            meta["chat_template_sha_base"] = base_scores.get("meta", {}).get("chat_template_sha", "")
-            scores = compare_scores(scores, {k: v for k, v in base_scores.items() if k != "meta"})
+            # The averages over every task, tuned and base alike (each base file holds only its own tasks).
+            scores = add_averages(scores, primary, stage)
+            base_only = {k: v for k, v in base_scores.items() if k != "meta"}
+            base_only = add_averages(base_only, primary, " + ".join(map(str, base_files.values())))
+            meta["chat_template_sha_base"] = base_scores["meta"].get("chat_template_sha", "")
+            scores = compare_scores(scores, base_only)
             samples_out["base_samples"] = base_samples.get("samples", [])
         tracking.log_metrics(scores)
         tracking.set_tags({"chat_template_sha": meta["chat_template_sha"]})
+        scores_file = metrics_dir / part.scores_file
         write_json(scores_file, {**scores, "meta": meta})
-        write_json(samples_file, samples_out)
         tracking.log_artifact(scores_file)
-        tracking.log_artifact(samples_file)
+        if part.samples_file:
+            samples_file = metrics_dir / part.samples_file
+            write_json(samples_file, samples_out)
+            tracking.log_artifact(samples_file)
     return scores
 
 
@@ -433,7 +526,7 @@ def _lineage(model_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(OUTPUTS), required=True)
+    parser.add_argument("stage", choices=sorted(PARTS), help="the dvc.yaml stage to run")
     args = parser.parse_args(argv)
 
     def go() -> None:
@@ -441,8 +534,8 @@ def main(argv: list[str] | None = None) -> None:
 
         params = config.load()
         common.pin_single_device(params.eval.device)  # one GPU on a multi-GPU host (lm-eval, samples)
-        model_dir = BASE_DIR if args.model == "base" else MERGED_DIR
-        run(params, args.model, model_dir, PREPARED_DIR, TASKS_DIR, METRICS_DIR)
+        model_dir = BASE_DIR if PARTS[args.stage].model == "base" else MERGED_DIR
+        run(params, args.stage, model_dir, PREPARED_DIR, TASKS_DIR, METRICS_DIR)
 
     from stages.common import run_main
 

@@ -52,7 +52,14 @@ def test_two_branches_diff_params_metrics_plots(clone, tmp_path):
     assert "train:" in status and not re.search(r"^(base|prepare|tokenize|reference):", status, re.MULTILINE)
     out = project.dvc("repro").stdout
     assert ran_stages(out) == DOWNSTREAM_OF_TRAIN, out
-    assert {"base", "prepare", "tokenize", "reference", "evaluate_base"} <= skipped_stages(out)
+    assert {
+        "base",
+        "prepare",
+        "tokenize",
+        "reference",
+        "evaluate_base",
+        "evaluate_base_heldout",
+    } <= skipped_stages(out)
     project.commit("train.beta 0.3")
     assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
 

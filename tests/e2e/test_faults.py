@@ -128,7 +128,8 @@ def listing(root: Path) -> dict[str, int]:
 
 
 def stage_process(proc: subprocess.Popen, needle: str):
-    """The child process of `dvc repro` running `python -m stages.<stage>` (or None)."""
+    """The child process of `dvc repro` whose command line ends with `needle` ("stages.<stage> [args]"), or None:
+    the end, so "stages.evaluate evaluate" is not also "stages.evaluate evaluate_base"."""
     import psutil
 
     try:
@@ -137,7 +138,7 @@ def stage_process(proc: subprocess.Popen, needle: str):
         return None
     for child in children:
         try:
-            if needle in " ".join(child.cmdline()):
+            if " ".join(child.cmdline()).endswith(needle):
                 return child
         except psutil.Error:
             continue
@@ -323,7 +324,7 @@ def test_kill_anywhere_then_repro_completes(clone, tiny_project, tmp_path):
 
     # 4. during evaluate (the tuned model's scoring)
     logs["evaluate"] = run_until_killed(
-        project, watcher, tmp_path / "4.log", "evaluate --model merged", inside("evaluate", 2.0)
+        project, watcher, tmp_path / "4.log", "evaluate evaluate", inside("evaluate", 2.0)
     )
 
     # 5. the next dvc repro completes and the result equals the uninterrupted run

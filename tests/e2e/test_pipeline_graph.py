@@ -18,6 +18,7 @@ ALL_STAGES = {
     "train",
     "merge",
     "evaluate_base",
+    "evaluate_base_heldout",
     "evaluate",
 }
 
@@ -60,8 +61,12 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
         ("train", "merge"),
         ("merge", "evaluate"),
         ("evaluate_base", "evaluate"),
+        ("evaluate_base_heldout", "evaluate"),
+        ("prepare", "evaluate_base_heldout"),
     ]:
         assert edge in edges, f"{edge} missing from dvc dag:\n{dot}"
+    # The base's benchmark scores read no pipeline data: nothing upstream of them but the base.
+    assert {a for a, b in edges if b == "evaluate_base"} == {"base"}
     ascii_dag = project.dvc("dag").stdout
     assert "base" in ascii_dag and "prepare" in ascii_dag
 
@@ -74,18 +79,18 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     # validate re-checks params.yaml; prepare's own params changed. Nothing else is listed.
     assert changed == {"validate", "prepare"}, "dvc status lists the stages whose own deps/params changed"
     # Re-running prepare changes data/prepared: the stages that read it are now stale (tokenize, and merge and
-    # the evaluations, which read the prepared strings), while base (upstream) stays up to date. reference and
-    # train read data/tokenized, which goes stale when tokenize re-runs.
+    # the held-out evaluations, which read the prepared strings), while base (upstream) and the base's
+    # benchmark scores stay up to date. reference and train read data/tokenized, stale once tokenize re-runs.
     out = project.dvc("repro", "prepare").stdout
     assert "Running stage 'validate'" in out
     assert "Stage 'base' didn't change, skipping" in out
     assert "Running stage 'prepare'" in out
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"tokenize", "merge", "evaluate_base", "evaluate"}
+    assert changed == {"tokenize", "merge", "evaluate_base_heldout", "evaluate"}
     out = project.dvc("repro", "tokenize").stdout
     assert "Running stage 'tokenize'" in out
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"pairs", "reference", "train", "merge", "evaluate_base", "evaluate"}
+    assert changed == {"pairs", "reference", "train", "merge", "evaluate_base_heldout", "evaluate"}
 
 
 def test_length_limit_reruns_tokenize_not_prepare(clone):
@@ -100,6 +105,7 @@ def test_length_limit_reruns_tokenize_not_prepare(clone):
 
 
 def test_eval_param_leaves_upstream_stages_up_to_date(clone):
+    """A sample-generation setting re-runs the stages that make samples, not the held-out scoring."""
     project = clone("status-eval")
     project.set_params({"eval.max_new_tokens": 4})
     changed = stages_in_status(project.dvc("status").stdout)

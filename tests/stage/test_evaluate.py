@@ -133,34 +133,41 @@ def test_preference_task_scores_the_constructed_models_one_and_zero(tiny_params,
         scores = evaluate.flat_scores(results, ["dpo_heldout_pref"])
         assert scores["dpo_heldout_pref/acc"] == expected, model
         assert scores["dpo_heldout_pref/acc_norm"] == expected, model
-        assert scores["average"] == expected
         assert results["n-samples"]["dpo_heldout_pref"]["effective"] == N_ROWS
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_params, eval_inputs):
-    """evaluate_base on the rejected-preferring model, then evaluate on the chosen-preferring one."""
+    """The base's two stages on the rejected-preferring model, then evaluate on the chosen-preferring one."""
     root = tmp_path_factory.mktemp("evaluated")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     metrics = root / "metrics"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        tuned_args = (eval_inputs["prefers_chosen"], eval_inputs["prepared"], TASKS_DIR, metrics)
         with pytest.raises(StageError, match=r"eval_base\.json: base model results not found"):
-            evaluate.run(
-                tiny_params,
-                "merged",
-                eval_inputs["prefers_chosen"],
-                eval_inputs["prepared"],
-                TASKS_DIR,
-                metrics,
-            )
+            evaluate.run(tiny_params, "evaluate", *tuned_args)
+        # The benchmark stage reads no data: a missing prepared folder cannot stop it.
         base = evaluate.run(
-            tiny_params, "base", eval_inputs["prefers_rejected"], eval_inputs["prepared"], TASKS_DIR, metrics
+            tiny_params,
+            "evaluate_base",
+            eval_inputs["prefers_rejected"],
+            metrics / "absent",
+            TASKS_DIR,
+            metrics,
         )
-        tuned = evaluate.run(
-            tiny_params, "merged", eval_inputs["prefers_chosen"], eval_inputs["prepared"], TASKS_DIR, metrics
+        with pytest.raises(StageError, match=r"eval_base_heldout\.json: base model results not found"):
+            evaluate.run(tiny_params, "evaluate", *tuned_args)
+        heldout = evaluate.run(
+            tiny_params,
+            "evaluate_base_heldout",
+            eval_inputs["prefers_rejected"],
+            eval_inputs["prepared"],
+            TASKS_DIR,
+            metrics,
         )
-    return {"metrics": metrics, "uri": uri, "base": base, "tuned": tuned}
+        tuned = evaluate.run(tiny_params, "evaluate", *tuned_args)
+    return {"metrics": metrics, "uri": uri, "base": base, "heldout": heldout, "tuned": tuned}
 
 
 def test_evaluate_writes_every_key(evaluated, tiny_params):
@@ -168,10 +175,21 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
     assert sorted(p.name for p in metrics.iterdir()) == [
         "eval.json",
         "eval_base.json",
+        "eval_base_heldout.json",
         "samples.json",
         "samples_base.json",
     ]
-    base = read_json(metrics / "eval_base.json")
+    benchmarks = read_json(metrics / "eval_base.json")
+    heldout = read_json(metrics / "eval_base_heldout.json")
+    # The small profile's two tasks both read the held-out split: the benchmark stage scored none of them.
+    assert benchmarks["meta"]["tasks"] == [] and heldout["meta"]["tasks"] == [
+        "dpo_heldout_pref",
+        "chatml_format",
+    ]
+    assert set(benchmarks) == {"samples/ended_turn", "meta"}
+    assert "average" not in heldout and "samples/ended_turn" not in heldout
+    base = {**benchmarks, **heldout}
+    base["average"] = (heldout["dpo_heldout_pref/acc_norm"] + heldout["chatml_format/format_ok"]) / 2
     tuned = read_json(metrics / "eval.json")
     per_task = [
         "dpo_heldout_pref/acc",
@@ -185,7 +203,7 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
     for key in per_task:
         assert isinstance(base[key], float), key
         assert tuned[key] == evaluated["tuned"][key]
-        assert tuned[f"{key}_base"] == base[key]
+        assert tuned[f"{key}_base"] == pytest.approx(base[key], abs=1e-6)
         assert tuned[f"{key}_delta"] == pytest.approx(tuned[key] - base[key], abs=1e-6)
     assert "dpo_heldout_pref/acc_stderr" in tuned and "dpo_heldout_pref/acc_stderr_delta" not in tuned
     # every top-level value but meta is a number, so dvc metrics diff shows them all
@@ -237,6 +255,7 @@ def test_samples_files_hold_one_answer_per_prompt(evaluated, tiny_params):
 
 def test_evaluate_runs_are_tracked(evaluated):
     import mlflow
+    import pandas as pd
 
     mlflow.set_tracking_uri(evaluated["uri"])
     runs = mlflow.search_runs(search_all_experiments=True)
@@ -245,7 +264,8 @@ def test_evaluate_runs_are_tracked(evaluated):
         by_stage.setdefault(run["tags.stage"], []).append(run)
     assert {s: [r["status"] for r in rs] for s, rs in by_stage.items()} == {
         "evaluate_base": ["FINISHED"],
-        "evaluate": ["FINISHED"],  # the attempt without base scores failed before opening a run
+        "evaluate_base_heldout": ["FINISHED"],
+        "evaluate": ["FINISHED"],  # the attempts without base scores failed before opening a run
     }
     run = by_stage["evaluate"][0]
     assert run["metrics.dpo_heldout_pref/acc_norm_delta"] == 1.0
@@ -253,6 +273,13 @@ def test_evaluate_runs_are_tracked(evaluated):
     assert run["tags.input.merged.sha256"] != "missing"
     assert run["tags.lineage.adapter.sha256"] == "ab" * 32 and run["tags.lineage.train_run_id"] == "run123"
     assert by_stage["evaluate_base"][0]["tags.input.base.sha256"] != "missing"
+    assert "tags.input.prepared.sha256" not in by_stage["evaluate_base"][0] or pd.isna(
+        by_stage["evaluate_base"][0]["tags.input.prepared.sha256"]
+    )
+    assert by_stage["evaluate_base_heldout"][0]["tags.input.prepared.sha256"] != "missing"
+    assert "params.eval.max_new_tokens" not in by_stage["evaluate_base_heldout"][0] or pd.isna(
+        by_stage["evaluate_base_heldout"][0]["params.eval.max_new_tokens"]
+    )
 
 
 def test_sample_generation_is_seeded(tiny_base_dir, tiny_params):

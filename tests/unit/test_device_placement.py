@@ -48,7 +48,7 @@ def test_single_process_stage_mains_pin_before_any_cuda_call(module, key, tmp_pa
     section, name = key.split(".")
     params[section][name] = "cuda"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    argv = ["--model", "base"] if module == "stages.evaluate" else []
+    argv = ["evaluate_base"] if module == "stages.evaluate" else []
     code = (
         "import os, sys\n"
         f"sys.path.insert(0, {str(REPO)!r}); sys.argv = ['x', *{argv!r}]\n"

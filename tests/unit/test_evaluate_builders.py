@@ -11,6 +11,8 @@ from stages import evaluate
 from stages.common import StageError
 from tests.conftest import REPO
 
+TASKS_DIR = REPO / "tasks"
+
 
 def _heldout():
     spec = importlib.util.spec_from_file_location("heldout_under_test", REPO / "tasks" / "heldout.py")
@@ -57,7 +59,10 @@ SUITE = ["arc_challenge", "hellaswag", "truthfulqa_mc2", "mmlu", "winogrande", "
 
 
 def test_flat_scores_pick_the_leaderboard_metric_per_task_and_average_them():
-    scores = evaluate.flat_scores(leaderboard_results(), SUITE)
+    results = leaderboard_results()
+    flat = evaluate.flat_scores(results, SUITE)
+    assert "average" not in flat  # averages are made where every task's scores are (add_averages)
+    scores = evaluate.add_averages(flat, evaluate.primary_keys(results, SUITE))
     expected_primary = {
         "arc_challenge/acc_norm": 0.65,
         "hellaswag/acc_norm": 0.84,
@@ -94,10 +99,33 @@ def test_primary_keys_name_the_flat_metric_per_task():
 def test_average_covers_every_requested_task_and_the_suite_average_needs_all_six():
     results = leaderboard_results()
     results["results"]["dpo_heldout_pref"] = {"acc,none": 0.5, "acc_norm,none": 0.9, "acc_stderr,none": "N/A"}
-    scores = evaluate.flat_scores(results, ["arc_challenge", "dpo_heldout_pref"])
+    tasks = ["arc_challenge", "dpo_heldout_pref"]
+    scores = evaluate.add_averages(
+        evaluate.flat_scores(results, tasks), evaluate.primary_keys(results, tasks)
+    )
     assert scores["average"] == pytest.approx((0.65 + 0.9) / 2)
     assert "open_llm_v1/average" not in scores
     assert "dpo_heldout_pref/acc_stderr" not in scores  # "N/A" is not a number: left out
+
+
+def test_averages_refuse_scores_without_a_primary_metric():
+    with pytest.raises(StageError, match=r"metrics/eval_base\.json: no hellaswag/acc_norm to average"):
+        evaluate.add_averages(
+            {"arc_challenge/acc_norm": 0.6}, {"hellaswag": "hellaswag/acc_norm"}, "metrics/eval_base.json"
+        )
+
+
+def test_each_evaluate_stage_scores_its_own_tasks():
+    """The base's benchmark stage reads no pipeline data; the held-out stage scores exactly the tasks/ tasks
+    whose documents are data/prepared; the merged model is scored on all of them, in params order."""
+    names = ["arc_challenge", "dpo_heldout_pref", "hellaswag", "chatml_format"]
+    assert evaluate.heldout_task_names(TASKS_DIR) == {"dpo_heldout_pref", "chatml_format"}
+    picked = {stage: evaluate.part_tasks(part, names, TASKS_DIR) for stage, part in evaluate.PARTS.items()}
+    assert picked == {
+        "evaluate_base": ["arc_challenge", "hellaswag"],
+        "evaluate_base_heldout": ["dpo_heldout_pref", "chatml_format"],
+        "evaluate": names,
+    }
 
 
 def test_group_results_are_found_in_the_groups_section():
