@@ -176,6 +176,9 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
         "ours_eval_pflop": evaluation / 1e15,
         "ours_pflop": ours / 1e15,
         "ours_vs_article": ours / article,
+        # A 4-run sweep of a train-only param (beta, learning rate, LoRA, loss type): the same pairs in the
+        # same order, so one reference pass serves all four trainings; the article pays everything 4 times.
+        "ours_sweep4_vs_article": (reference + 4 * (training + evaluation)) / (4 * article),
         # The cost if the reference stage scored every tokenized row, as it did before the pairs stage.
         "ours_all_rows_vs_article": (
             ours
