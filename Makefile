@@ -39,7 +39,7 @@ test-e2e: setup system-deps
 
 # Metric differences between the latest MLflow runs of two commits/branches: make compare A=main B=beta-0.3
 compare: setup
-	$(PY) -m stages.compare $(A) $(B)
+	$(PY) -m tools.compare $(A) $(B)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -81,7 +81,7 @@ gpu-bundle:
 	$(GPU_PY) -m tools.gpu_bundle .gpu-bundle
 
 verify: setup
-	$(PY) -m stages.verify
+	$(PY) -m tools.verify
 
 # A team tracking server on loopback: SQLite backend, artifacts under the ignored .mlflow/ folder.
 mlflow-server: setup

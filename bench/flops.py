@@ -36,6 +36,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.synthetic import ORCA_ROWS, synthetic_rows
+from dpo_pipeline import pairs as pairs_lib
+from dpo_pipeline import preparation, raw, tokens
 from tools.hub_layout import MISTRAL_7B_SHAPE as SHAPE_7B
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,26 +83,25 @@ def dpo_batches(rows: dict[str, tuple[int, int, int]], ids: list[str], batch: in
 def tokenized_recipe_rows(params, n_rows: int, work: Path):
     """({split: tokenize stage's table}, {split: prepare stage's table}) of the orca-length rows, with the real
     OpenHermes tokenizer (written to work/tokenizer)."""
-    from stages import prepare, tokenize
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
     from tools.hub_layout import write_tokenizer
 
     tokenizer = load_tokenizer(write_tokenizer(work / "tokenizer"))
-    raw = work / "raw.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_rows)), encoding="utf-8")
-    data = dataclasses.replace(params.data, path=str(raw))
-    table, _schema = prepare.read_local(raw, data.columns)
-    train, test, _counts = prepare.prepare_table(table, tokenizer, data)
+    raw_file = work / "raw.jsonl"
+    raw_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_rows)), encoding="utf-8")
+    data = dataclasses.replace(params.data, path=str(raw_file))
+    table, _schema = raw.read_local(raw_file, data.columns)
+    train, test, _counts = preparation.prepare_table(table, tokenizer, data)
     tokenized = {}
     for split, prepared in (("train", train), ("test", test)):
-        tokenized[split], _dropped = tokenize.tokenize_split(prepared, tokenizer, data)
+        tokenized[split], _dropped = tokens.tokenize_split(prepared, tokenizer, data)
     return tokenized, {"train": train, "test": test}
 
 
 def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
     import torch
 
-    from stages import config, pairs
+    from dpo_pipeline import config
 
     params = config.load(RECIPE)
     t = params.train
@@ -110,7 +111,7 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
         (work / "tokenized").mkdir()
         for split, table in tokenized.items():
             pq.write_table(table, work / "tokenized" / f"{split}.parquet")
-        selected, order, _metrics = pairs.build(params, work / "tokenized")
+        selected, order, _metrics = pairs_lib.build(params, work / "tokenized")
     rows = {}
     for table in tokenized.values():
         for row_id, p_ids, c_ids, r_ids in zip(
@@ -133,7 +134,7 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
             len(b) * 2 * 2 * layers * width * max(b) ** 2 for b in batches
         )  # attention's backward is two forwards' worth, one more than the matmuls'
 
-    needed = pairs.pairs_needed(t)
+    needed = pairs_lib.pairs_needed(t)
     train_ids = tokenized["train"].column("id").to_pylist()
     random_ids = [
         train_ids[i]

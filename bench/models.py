@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.common import BASE_DIR, SCRATCH_DIR
+from dpo_pipeline import builtin, raw
+from dpo_pipeline.layout import BASE_DIR, SCRATCH_DIR
 
 BENCH_SCRATCH = SCRATCH_DIR / "bench"
 
@@ -67,12 +68,11 @@ def small_base(params: Any) -> tuple[Path, str]:
     wanted = json.dumps(dataclasses.asdict(params.base.builtin), sort_keys=True)
     if _complete(out) and marker.is_file() and marker.read_text(encoding="utf-8") == wanted:
         return out, "random-init (models/base missing)"
-    from stages import base
-    from stages.common import atomic_dir
+    from dpo_pipeline.io import atomic_dir
 
-    rows = base.read_corpus(params.base.builtin.corpus)
-    tokenizer = base.build_tokenizer(base.tokenizer_texts(rows), params.base.builtin.vocab_size)
-    model = base.build_model(params.base.builtin, tokenizer, params.seed)
+    rows = raw.read_corpus(params.base.builtin.corpus)
+    tokenizer = builtin.build_tokenizer(builtin.tokenizer_texts(rows), params.base.builtin.vocab_size)
+    model = builtin.build_model(params.base.builtin, tokenizer, params.seed)
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -85,7 +85,8 @@ def large_model(shape: Shape, tokenizer_dir: Path, seed: int) -> Path:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from stages.common import atomic_dir, load_tokenizer
+    from dpo_pipeline.io import atomic_dir
+    from dpo_pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     wanted = json.dumps(

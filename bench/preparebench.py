@@ -8,12 +8,12 @@ MODE
             data_metrics, write_prepared. No MLflow run.
   article   the article's way: datasets.load_dataset("json") then Dataset.map with a Python chatml_format
             calling tokenizer.apply_chat_template per row (formatting only: no validation, filters or split).
-  tokenize  the tokenize stage's work (stages.tokenize.tokenize_split on both splits: trl's ids, length
+  tokenize  the tokenize stage's work (dpo_pipeline.tokens.tokenize_split on both splits: trl's ids, length
             limits, int32 columns) against what trl 1.16's DPOTrainer._prepare_dataset does to the same
             strings, row by row through Dataset.map, inside every train run and the reference pass when it
             is handed text (the article's way); on the raw file's rows as prepare keeps them, at the recipe's
             length limits (recipes/neuralhermes-2.5.yaml data.max_prompt_length / max_length: the 7B run's
-            rows; the small profile's limits keep few orca-sized rows). Fails if stages.tokenize's ids differ
+            rows; the small profile's limits keep few orca-sized rows). Fails if the tokenize stage's ids differ
             from trl's in any column.
 """
 
@@ -29,6 +29,16 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from dpo_pipeline import (  # noqa: E402
+    chatml,
+    filters,
+    models,  # noqa: E402
+    preparation,
+    raw,
+    tokens,
+    training,
+)
+
 MODES = ("ours", "article", "tokenize")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "neuralhermes-2.5.yaml"
 
@@ -39,34 +49,34 @@ def _ours(args, params) -> dict:
     import transformers  # noqa: F401 - load_tokenizer imports it lazily: count it as an import
     from transformers import AutoTokenizer  # noqa: F401
 
-    from stages import prepare
-    from stages.common import load_tokenizer
+    from dpo_pipeline import io
+    from dpo_pipeline.models import load_tokenizer
 
     pa.array([""])  # pyarrow imports pandas lazily on its first array: an import, counted as one
     out: dict = {"import_s": time.perf_counter() - clock}
 
     work = time.perf_counter()
-    prepare.use_system_allocator()  # as prepare.run() does first
+    io.use_system_allocator()  # as prepare.run() does first
     clock = work
     tokenizer = load_tokenizer(args.base)
     out["tokenizer_load_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    table, _schema = prepare.read_local(args.raw, params.data.columns)
+    table, _schema = raw.read_local(args.raw, params.data.columns)
     out["read_validate_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    formatted = prepare.format_table(table, tokenizer)
+    formatted = chatml.format_table(table, tokenizer)
     out["format_s"] = time.perf_counter() - clock  # also inside prepare_table; timed alone for the ratio
     del formatted
     clock = time.perf_counter()
-    train, test, counts = prepare.prepare_table(table, tokenizer, params.data)
+    train, test, counts = preparation.prepare_table(table, tokenizer, params.data)
     out["prepare_table_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    metrics = prepare.data_metrics(train, test, counts)
+    metrics = filters.data_metrics(train, test, counts)
     out["metrics_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     target = args.work / "prepared"
     target.mkdir(parents=True, exist_ok=True)
-    prepare.write_prepared(target, train, test, {"bench": "1"})
+    io.write_prepared(target, train, test, {"bench": "1"})
     out["write_s"] = time.perf_counter() - clock
     out["work_s"] = time.perf_counter() - work - out["format_s"]
     out["rows_in"] = metrics["rows_in"]
@@ -133,7 +143,7 @@ def _tokenize(args, params) -> dict:
     import pyarrow.compute as pc
     from trl import DPOTrainer
 
-    from stages import config, prepare, tokenize, train
+    from dpo_pipeline import config
 
     out: dict = {"import_s": time.perf_counter() - clock}
     datasets.disable_progress_bars()
@@ -142,29 +152,29 @@ def _tokenize(args, params) -> dict:
         params.data, max_prompt_length=recipe.max_prompt_length, max_length=recipe.max_length
     )
     params = dataclasses.replace(params, data=data)
-    tokenizer = train.load_tokenizer(args.base)
+    tokenizer = models.load_tokenizer(args.base)
     eos = tokenizer.eos_token
-    table, _schema = prepare.read_local(args.raw, data.columns)
-    splits = prepare.prepare_table(table, tokenizer, data)[:2]
+    table, _schema = raw.read_local(args.raw, data.columns)
+    splits = preparation.prepare_table(table, tokenizer, data)[:2]
     out["rows_in"] = sum(split.num_rows for split in splits)
 
     clock = time.perf_counter()
-    tokenized = [tokenize.tokenize_split(split, tokenizer, data) for split in splits]
+    tokenized = [tokens.tokenize_split(split, tokenizer, data) for split in splits]
     out["ours_s"] = time.perf_counter() - clock
     kept = pa.concat_tables([t for t, _counts in tokenized])
     out["rows"] = kept.num_rows
-    out["tokens"] = sum(pc.sum(v).as_py() for v in tokenize.token_lengths(kept).values())
+    out["tokens"] = sum(pc.sum(v).as_py() for v in tokens.token_lengths(kept).values())
 
     # trl on the same strings (the rows tokenize kept, so trl's max_length filter drops none).
-    texts = pa.concat_tables([tokenize.trl_texts(split, eos) for split in splits])
+    texts = pa.concat_tables([tokens.trl_texts(split, eos) for split in splits])
     texts = texts.filter(pc.is_in(texts["id"], value_set=kept["id"]))
-    trainer_args = train.dpo_config(params, args.work / "ckpt")
+    trainer_args = training.dpo_config(params, args.work / "ckpt")
     clock = time.perf_counter()
     theirs = DPOTrainer._prepare_dataset(
         types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset(texts), tokenizer, trainer_args, "bench"
     )
     out["trl_s"] = time.perf_counter() - clock
-    for name in tokenize.IDS_COLUMNS:
+    for name in tokens.IDS_COLUMNS:
         if list(theirs[name]) != kept.column(name).to_pylist():
             raise SystemExit(f"stages.tokenize's {name} differs from trl's _prepare_dataset")
     return out

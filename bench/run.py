@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.chdir(REPO)
     from bench import models
-    from stages import config
+    from dpo_pipeline import config
 
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         context["load_end"] = load_average()
         metrics["load_avg_1m_end"] = context["load_end"]
         metrics["bench_wall_s"] = time.perf_counter() - started
-        from stages.common import write_json
+        from dpo_pipeline.io import write_json
 
         write_json(args.out, report.flat_numeric(metrics))
         (work / "raw_results.json").write_text(

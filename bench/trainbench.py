@@ -4,16 +4,16 @@
                                --out JSON
 
 MODE
-  ours       the train stage's path: stages.train's builders (load_policy: one 4-bit base + LoRA, the
+  ours       the train stage's path: the library's builders (load_policy: one 4-bit base + LoRA, the
              reference = the adapter disabled), the tokenize stage's ids from --tokenized in the pairs stage's
              order (--reference/pairs, length-grouped when train.group_by_length), cached reference log-probs
              read from --reference (attach_reference), the stage's trainer class.
   baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
              ref_model so trl computes the reference log-probs on the fly every step, random batching, the
              prepared strings from --prepared tokenized by trl (same rows, same ids); every other setting is
-             the same DPOConfig (stages.train.dpo_config).
-  reference  the pairs stage's work (pairs.build: which pairs, which order, into --reference/pairs) and the
-             reference stage's (stages.reference.compute) on those pairs only; writes the cached log-probs to
+             the same DPOConfig (dpo_pipeline.training.dpo_config).
+  reference  the pairs stage's work (pairs_lib.build: which pairs, which order, into --reference/pairs) and the
+             reference stage's (dpo_pipeline.reference.compute) on those pairs only; writes the cached log-probs to
              --reference for `ours`.
 
 The params file is a JSON dump of the (already overridden) params dataclasses. The process writes one JSON
@@ -38,13 +38,17 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from dpo_pipeline import layout, models, tokens, training, trl_glue  # noqa: E402
+from dpo_pipeline import pairs as pairs_lib  # noqa: E402
+from dpo_pipeline import reference as reference_lib  # noqa: E402
+
 MODES = ("ours", "baseline", "reference")
 
 
 def rss_peak_mb() -> float:
-    """This process's resident-set high-water mark in MiB: stages.train.rss_peak_mb, imported when first
-    called (after the timed imports, which include stages.train)."""
-    from stages.train import rss_peak_mb as peak
+    """This process's resident-set high-water mark in MiB: dpo_pipeline.models.rss_peak_mb, imported when first
+    called (after the timed imports, which include the library)."""
+    from dpo_pipeline.models import rss_peak_mb as peak
 
     return peak()
 
@@ -69,7 +73,7 @@ def reset_rss_peak() -> bool:
 
 
 def load_params(path: str | Path):
-    from stages import config
+    from dpo_pipeline import config
 
     return config.parse(json.loads(Path(path).read_text(encoding="utf-8")), source=str(path))
 
@@ -77,10 +81,10 @@ def load_params(path: str | Path):
 def load_reference_model(base_dir: Path, t):
     """The article's ref_model: a second 4-bit copy of the base (frozen, no k-bit training preparation).
 
-    Loaded by train.load_base, i.e. with exactly load_policy's dtype/quantization/device and bitsandbytes'
+    Loaded by models.load_base, i.e. with exactly load_policy's dtype/quantization/device and bitsandbytes'
     CPU bf16 repacking switched off, so both sides multiply the same way.
     """
-    from stages.train import load_base
+    from dpo_pipeline.models import load_base
 
     model = load_base(base_dir, t)
     model.eval()
@@ -132,9 +136,7 @@ def _train(
 ) -> dict:
     import pyarrow.parquet as pq
 
-    from stages import train
-    from stages.common import load_tokenizer
-    from stages.train import resolve_device
+    from dpo_pipeline.models import load_tokenizer, resolve_device
 
     if mode == "baseline":
         # The article: the reference log-probs on the fly from ref_model, random batches. Nothing else differs.
@@ -147,40 +149,37 @@ def _train(
     tokenizer = load_tokenizer(base_dir)
     if mode == "ours":
         # The pairs the pairs stage selected, in its order (made by the `reference` worker, charged to ours).
-        from stages import pairs
 
         path = tokenized_dir / "train.parquet"
-        order = pairs.read_order(reference_dir / "pairs")
-        table = train.rows_in_order(train.read_tokenized(tokenized_dir, "train"), order, path)
+        order = pairs_lib.read_order(reference_dir / "pairs")
+        table = pairs_lib.rows_in_order(tokens.read_tokenized(tokenized_dir, "train"), order, path)
         path = reference_dir / "train.parquet"
-        table = train.attach_reference(table, pq.read_table(path), path)
-        dataset = train.to_dataset(table, train.REF_COLUMNS)
+        table = reference_lib.attach_reference(table, pq.read_table(path), path)
+        dataset = training.to_dataset(table, layout.REF_COLUMNS)
     else:
         # The article's dataset: prompt / chosen / rejected strings (the ones tokenize made ours from).
         from datasets import Dataset
 
-        from stages import tokenize
-
-        table = tokenize.trl_texts(pq.read_table(prepared_dir / "train.parquet"), tokenizer.eos_token)
+        table = tokens.trl_texts(pq.read_table(prepared_dir / "train.parquet"), tokenizer.eos_token)
         dataset = Dataset(table.select(["prompt", "chosen", "rejected"]))
     result["data_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    model = train.load_policy(base_dir, t)
+    model = models.load_policy(base_dir, t)
     ref_model = load_reference_model(base_dir, t) if mode == "baseline" else None
     result["load_s"] = time.perf_counter() - clock
     result["rss_after_load_mb"] = rss_peak_mb()
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out_dir:
         clock = time.perf_counter()
-        args = train.dpo_config(params, out_dir)
+        args = training.dpo_config(params, out_dir)
         if mode == "ours":
-            trainer = train._trainer_class()(
+            trainer = trl_glue.trainer_class()(
                 model=model,
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                peft_config=train.lora_config(t.lora),
+                peft_config=models.lora_config(t.lora),
             )
         else:
             trainer = counting_trainer_class()(
@@ -189,7 +188,7 @@ def _train(
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                peft_config=train.lora_config(t.lora),
+                peft_config=models.lora_config(t.lora),
             )
         trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
         timer = step_timer()
@@ -254,14 +253,12 @@ def _train(
 def _reference(params, base_dir: Path, tokenized_dir: Path, reference_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from stages import pairs, reference
-
     clock, cpu_clock = time.perf_counter(), time.process_time()
     # The pairs stage (which pairs, which order), then the reference stage on those pairs only.
     pairs_dir = reference_dir / "pairs"
-    selected, order, _ = pairs.build(params, tokenized_dir)
-    pairs.write(pairs_dir, selected, order)
-    tables = reference.compute(
+    selected, order, _ = pairs_lib.build(params, tokenized_dir)
+    pairs_lib.write(pairs_dir, selected, order)
+    tables = reference_lib.compute(
         params, base_dir, tokenized_dir, pairs_dir
     )  # load + forward, as the stage does
     result = {"compute_s": time.perf_counter() - clock, "compute_cpu_s": time.process_time() - cpu_clock}
@@ -295,12 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    from stages import reference, train  # noqa: F401
+    from dpo_pipeline import models, reference, training, trl_glue  # noqa: F401, F811
 
     result: dict = {"mode": args.mode, "import_s": time.perf_counter() - clock}
     result["rss_after_import_mb"] = rss_peak_mb()
     params = load_params(args.params)
-    device = train.resolve_device(params.train.device)
+    device = models.resolve_device(params.train.device)
     result["device"] = device
     if args.mode == "reference":
         result.update(_reference(params, args.base, args.tokenized, args.reference))

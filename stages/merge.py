@@ -29,200 +29,35 @@ of what was merged.
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 from typing import Any
 
-from stages.common import (
+from dpo_pipeline import models, runner
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import atomic_dir, read_json, sha256_tree, template_hash, write_json
+from dpo_pipeline.layout import (
     ADAPTER_DIR,
     BASE_DIR,
+    BASE_INFO,
+    MERGE_INFO,
     MERGED_DIR,
     METRICS_DIR,
     PREPARED_DIR,
-    StageError,
-    atomic_dir,
-    flatten,
-    read_json,
-    require_safetensors,
-    sha256_tree,
-    template_hash,
-    write_json,
+    TRAIN_RUN_FILE,
+    TRAIN_SUMMARY,
 )
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRAIN_SUMMARY = "train_summary.json"
-BASE_INFO = "pipeline_base.json"
-MERGE_INFO = "pipeline_merge.json"
-DATA_META_PREFIX = "dpo."  # prefix of the prepare stage's Parquet schema metadata keys
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pure builders
-
-
-def fidelity_texts(table, n: int, source: str = "test.parquet") -> list[str]:
-    """prompt + chosen of the first `n` rows by id (fewer if the split is smaller)."""
-    missing = [c for c in ("id", "prompt", "chosen") if c not in table.column_names]
-    if missing:
-        raise StageError(f"{source}: missing column(s) {', '.join(missing)} (expected id, prompt, chosen)")
-    if table.num_rows == 0:
-        raise StageError(f"{source}: no rows; the fidelity check needs at least one held-out prompt")
-    rows = table.sort_by("id").slice(0, n).select(["prompt", "chosen"]).to_pylist()
-    return [r["prompt"] + r["chosen"] for r in rows]
-
-
-def fidelity_stats(reference: list, candidate: list) -> dict[str, float]:
-    """Max and mean absolute per-token log-prob difference over all scored tokens of all texts."""
-    import torch
-
-    if len(reference) != len(candidate) or not reference:
-        raise ValueError("fidelity_stats needs the same, non-zero number of sequences on both sides")
-    diffs = torch.cat([(r.double() - c.double()).abs() for r, c in zip(reference, candidate, strict=True)])
-    return {"max_abs": float(diffs.max()), "mean_abs": float(diffs.mean()), "tokens": int(diffs.numel())}
-
-
-def fidelity_violations(stats: dict[str, float], m: Any) -> list[str]:
-    """Human-readable reasons the gate fails (empty: it passes)."""
-    problems = []
-    if not stats["max_abs"] <= m.fidelity_max_abs:
-        problems.append(f"max |diff| {stats['max_abs']:.3g} > merge.fidelity_max_abs {m.fidelity_max_abs:g}")
-    if not stats["mean_abs"] <= m.fidelity_mean_abs:
-        problems.append(
-            f"mean |diff| {stats['mean_abs']:.3g} > merge.fidelity_mean_abs {m.fidelity_mean_abs:g}"
-        )
-    return problems
-
-
-def data_metadata(schema_metadata: dict[bytes, bytes] | None) -> dict[str, str]:
-    """The prepare stage's `dpo.*` Parquet schema metadata as plain strings (prefix dropped)."""
-    out = {}
-    for key, value in (schema_metadata or {}).items():
-        name = key.decode("utf-8", "replace")
-        if name.startswith(DATA_META_PREFIX):
-            out[name[len(DATA_META_PREFIX) :]] = value.decode("utf-8", "replace")
-    return out
-
-
-def _table(rows: dict[str, Any]) -> str:
-    if not rows:
-        return "_not recorded_\n"
-    lines = ["| key | value |", "| --- | --- |"]
-    for key, value in sorted(rows.items()):
-        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
-        text = text.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {key} | {text} |")
-    return "\n".join(lines) + "\n"
-
-
-def model_card(info: dict[str, Any]) -> str:
-    """models/merged/README.md from what the merge knows. Deterministic: no dates, no host names.
-
-    `info` keys: base (pipeline_base.json), data (train.parquet metadata), adapter (adapter_config.json
-    subset), train_params / train_metrics (train_summary.json), merge (params merge section + seed),
-    fidelity (metrics/merge.json numbers), adapter_sha256, chat_template_sha.
-    """
-    base = info.get("base", {})
-    base_name = base.get("name") or "unknown base model"
-    source = base.get("source", "")
-    revision = base.get("revision", "")
-    train_params = info.get("train_params") or {}
-    train_metrics = info.get("train_metrics") or {}
-    return (
-        "---\n"
-        f"base_model: {json.dumps(base_name)}\n"
-        "library_name: transformers\n"
-        "tags: [dpo, lora, merged, chatml]\n"
-        "---\n\n"
-        f"# {base_name} + DPO (merged)\n\n"
-        "A LoRA adapter trained with DPO (QLoRA: 4-bit NF4 base) on preference pairs, folded into the "
-        f"unquantized base weights in {info['merge']['merge.dtype']}. Prompts use ChatML "
-        "(`<|im_start|>role\\n...<|im_end|>`); generation ends at `<|im_end|>` (eos).\n\n"
-        "## Base model\n\n"
-        + _table({"name": base_name, "source": source, "revision": revision or "(none)", **_rest(base)})
-        + "\n## Data\n\nFrom the Parquet schema metadata of data/prepared/train.parquet (prepare stage). The "
-        "tokenize stage then drops the rows over the length limits (`data.max_prompt_length`, `data.max_length`); "
-        "metrics/tokens.json has the rows trained on.\n\n"
-        + _table(info.get("data", {}))
-        + "\n## Training\n\nAdapter (adapter_config.json):\n\n"
-        + _table(info.get("adapter", {}))
-        + f"\nAdapter sha256 (models/adapter): `{info.get('adapter_sha256', '')}`\n\n"
-        + "Training params (models/adapter/train_summary.json):\n\n"
-        + _table(flatten(train_params))
-        + "\nTraining metrics (models/adapter/train_summary.json):\n\n"
-        + _table(flatten(train_metrics))
-        + "\n## Merge\n\n"
-        + _table({**info["merge"], **{f"fidelity.{k}": v for k, v in info.get("fidelity", {}).items()}})
-        + f"\nChat template sha (16 hex): `{info.get('chat_template_sha', '')}`\n\n"
-        "## Scores\n\n"
-        "Scored by the evaluate stage with lm-evaluation-harness: see `metrics/eval.json` (tuned, base and "
-        "delta per task and metric, and their average) and `metrics/samples.json` (seeded sample answers). "
-        "They are not copied into this folder: it is the merge stage's output and must not change after it.\n\n"
-        "## Use\n\n"
-        "```python\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        'tokenizer = AutoTokenizer.from_pretrained("models/merged")\n'
-        'model = AutoModelForCausalLM.from_pretrained("models/merged")\n'
-        'messages = [{"role": "system", "content": "You are a helpful assistant chatbot."},\n'
-        '            {"role": "user", "content": "What is a Large Language Model?"}]\n'
-        "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
-        'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)\n'
-        "output = model.generate(**inputs, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=200)\n"
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
-        "```\n"
-    )
-
-
-def _rest(base: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in base.items() if k not in ("name", "source", "revision")}
-
-
-def adapter_summary(adapter_config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "target_modules", "use_dora")
-    out = {k: adapter_config[k] for k in keys if k in adapter_config}
-    if isinstance(out.get("target_modules"), list):
-        out["target_modules"] = sorted(out["target_modules"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Side effects
-
-
-def token_logprobs(model, input_ids) -> Any:
-    """log p(token_t | tokens_<t) for t >= 1 of one sequence, in float32, on the CPU."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(input_ids=input_ids.unsqueeze(0)).logits[0, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[1:, None]).squeeze(-1).cpu()
-
-
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = read_json(path)
-    except json.JSONDecodeError as err:
-        raise StageError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise StageError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _check_adapter(adapter_dir: Path) -> dict[str, Any]:
-    if not adapter_dir.is_dir():
-        raise StageError(f"{adapter_dir}: adapter folder not found (run the train stage first)")
-    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
-    if missing:
-        raise StageError(
-            f"{adapter_dir}: missing {', '.join(missing)} (expected a PEFT LoRA adapter in safetensors)"
-        )
-    config = _read_optional_json(adapter_dir / "adapter_config.json")
-    if config.get("peft_type") != "LORA":
-        raise StageError(
-            f"{adapter_dir}/adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'"
-        )
-    return config
+from dpo_pipeline.merging import (
+    adapter_summary,
+    check_adapter,
+    data_metadata,
+    fidelity_stats,
+    fidelity_texts,
+    fidelity_violations,
+    model_card,
+    read_optional_json,
+    token_logprobs,
+)
+from dpo_pipeline.models import require_safetensors
 
 
 def run(
@@ -232,33 +67,39 @@ def run(
     prepared_dir: str | Path = PREPARED_DIR,
     merged_dir: str | Path = MERGED_DIR,
     metrics_path: str | Path = METRICS_DIR / "merge.json",
+    train_run_path: str | Path = TRAIN_RUN_FILE,
 ) -> dict[str, Any]:
     """Merge, check fidelity, publish models/merged and metrics/merge.json; returns the metrics."""
     import pyarrow.parquet as pq
     import torch
     from peft import PeftModel
 
-    from stages import tracking
-    from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
+    from dpo_pipeline import tracking
+    from dpo_pipeline.models import load_model, load_tokenizer, resolve_device, torch_dtype
 
     m = params.merge
     base_dir, adapter_dir, prepared_dir, merged_dir = map(
         Path, (base_dir, adapter_dir, prepared_dir, merged_dir)
     )
     require_safetensors(base_dir)
-    adapter_config = _check_adapter(adapter_dir)
+    adapter_config = check_adapter(adapter_dir)
     test_file, train_file = prepared_dir / "test.parquet", prepared_dir / "train.parquet"
     if not test_file.is_file():
         raise StageError(f"{test_file}: held-out test split not found (run the prepare stage first)")
     texts = fidelity_texts(pq.read_table(test_file), m.fidelity_prompts, str(test_file))
     data_meta = data_metadata(pq.read_schema(train_file).metadata) if train_file.is_file() else {}
-    train_summary = _read_optional_json(adapter_dir / TRAIN_SUMMARY)
-    base_info = _read_optional_json(base_dir / BASE_INFO)
+    train_summary = read_optional_json(adapter_dir / TRAIN_SUMMARY)
+    base_info = read_optional_json(base_dir / BASE_INFO)
     # The adapter folder carries the tokenizer it was trained with; fall back to the base's.
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
     adapter_sha = sha256_tree(adapter_dir)
-    train_run_id = str(train_summary.get("mlflow_run_id") or "")
+    train_run_path = Path(train_run_path)
+    if not train_run_path.is_file():
+        raise StageError(
+            f"{train_run_path}: the train run's record not found (run the train stage: dvc repro train)"
+        )
+    train_run_id = str(read_json(train_run_path).get("mlflow_run_id") or "")
 
     dtype = torch_dtype(m.dtype)
     device = resolve_device(m.device)
@@ -324,6 +165,7 @@ def run(
                 "data": data_meta,
                 "adapter": adapter_summary(adapter_config),
                 "adapter_sha256": adapter_sha,
+                "train_run_id": train_run_id,
                 "train_params": train_summary.get("params"),
                 "train_metrics": train_summary.get("metrics"),
                 "merge": merge_section,
@@ -351,14 +193,14 @@ def run(
 
 
 def main() -> None:
-    from stages import common, config
+    from dpo_pipeline import config
 
     def _run() -> None:
         params = config.load()
-        common.pin_single_device(params.merge.device)  # one GPU on a multi-GPU host
+        models.pin_single_device(params.merge.device)  # one GPU on a multi-GPU host
         run(params)
 
-    common.run_main(_run)
+    runner.run_main(_run)
 
 
 if __name__ == "__main__":

@@ -25,122 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages.common import (
-    BASE_DIR,
-    PAIRS_DIR,
-    REFERENCE_DIR,
-    TOKENIZED_DIR,
-    atomic_dir,
-    load_tokenizer,
-    pin_single_device,
-    require_safetensors,
-    write_json,
-)
-
-# Exactly the params this stage declares in dvc.yaml.
-SECTIONS = [
-    "train.load_in_4bit",
-    "train.bnb_4bit_quant_type",
-    "train.bnb_4bit_compute_dtype",
-    "train.bnb_4bit_use_double_quant",
-    "train.precision",
-    "train.device",
-    "train.precompute_ref",
-]
-
-
-def reference_config(p: Any, out_dir: str | Path):
-    """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size).
-
-    max_length=None: the tokenize stage already applied data.max_length, so trl must not cut anything."""
-    from trl import DPOConfig
-
-    from stages.train import precision_kwargs
-
-    return DPOConfig(
-        output_dir=str(out_dir),
-        max_length=None,
-        **precision_kwargs(p.train),
-        precompute_ref_log_probs=True,
-        gradient_checkpointing=False,
-        report_to="none",
-        dataloader_num_workers=0,
-    )
-
-
-def placeholder_adapter():
-    """A LoRA config that is never enabled: the Trainer refuses a bare 4-bit model, so the base is wrapped as
-    in train and trl computes the reference with the adapter disabled, i.e. from the base alone (its B matrices
-    are zero too). Fixed here, not from params: LoRA settings cannot change the reference."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
-def longest_first(dataset):
-    """`dataset` reordered by the length column, longest first (stable: ties keep the tokenized order).
-
-    Fixed, not a param: the order changes only how much padding the batches carry, never the output, which is
-    joined back by id. Longest first, so a batch too large for the device fails at once, not at the end.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from stages.train import LENGTH_COLUMN
-
-    order = pc.array_sort_indices(pa.array(dataset[LENGTH_COLUMN], pa.int64()), order="descending")
-    return dataset.select(order.to_pylist())
-
-
-def compute(
-    params: Any, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
-) -> dict[str, Any]:
-    """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the selected train and test pairs."""
-    import pyarrow as pa
-
-    from stages import train
-    from stages.pairs import read_selected
-
-    require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
-    tokenizer = load_tokenizer(base_dir)
-    selected = read_selected(pairs_dir)
-    tokenized = {
-        split: train.rows_in_order(
-            train.read_tokenized(tokenized_dir, split),
-            sorted(selected[split]),
-            Path(tokenized_dir) / f"{split}.parquet",
-        )
-        for split in train.SPLITS
-    }
-    datasets = {split: train.to_dataset(table) for split, table in tokenized.items()}
-    model = train.load_policy(base_dir, params.train)
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = train._trainer_class()(
-            model=model,
-            args=reference_config(params, out_dir),
-            train_dataset=longest_first(datasets["train"]),
-            eval_dataset=longest_first(datasets["test"]),
-            processing_class=tokenizer,
-            peft_config=placeholder_adapter(),
-        )
-        computed = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
-        tables = {}
-        for split, dataset in computed.items():
-            path = Path(tokenized_dir) / f"{split}.parquet"
-            in_computed_order = pa.table(
-                {
-                    "id": pa.array(dataset["id"], pa.string()),
-                    **{name: pa.array(dataset[name], pa.float32()) for name in train.REF_COLUMNS},
-                }
-            )
-            # Back to id order (the order of `tokenized` here), joined by id.
-            ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
-            tables[split] = train.attach_reference(ids, in_computed_order, path).combine_chunks()
-    return tables
+from dpo_pipeline import io
+from dpo_pipeline.io import atomic_dir, write_json
+from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
+from dpo_pipeline.models import pin_single_device
+from dpo_pipeline.reference import SECTIONS, compute
 
 
 def run(
@@ -153,13 +45,13 @@ def run(
     """Write data/reference/; returns its meta.json content."""
     import pyarrow.parquet as pq
 
-    from stages import tracking, train
-    from stages.pairs import SELECTED_FILE
+    from dpo_pipeline import tracking
+    from dpo_pipeline.layout import SELECTED_FILE
 
     selected_file = Path(pairs_dir) / SELECTED_FILE
     inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir), "selected": selected_file}
     with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
-        hashes = train._input_hashes(mlflow_run, inputs)
+        hashes = io.input_hashes(mlflow_run, inputs)
         meta: dict[str, Any] = {
             "precompute_ref": params.train.precompute_ref,
             "base_sha256": hashes["base"],
@@ -179,7 +71,7 @@ def run(
 
 
 def main() -> None:
-    from stages import config
+    from dpo_pipeline import config
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,6 +81,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from dpo_pipeline.runner import run_main
 
     run_main(main)

@@ -19,16 +19,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from stages.common import atomic_write_bytes
+from dpo_pipeline.io import atomic_write_bytes
+from dpo_pipeline.layout import VALIDATED_MARKER as MARKER
 
-MARKER = Path("data/validated.txt")
 MARKER_TEXT = b"params.yaml and the raw data passed stages/validate.py\n"
 
 
 def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
     """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
-    from stages import config
-    from stages.prepare import read_local
+    from dpo_pipeline import config
+    from dpo_pipeline.raw import read_local
 
     params = config.load(params_path)
     report: dict[str, Any] = {"params": str(params_path)}
@@ -38,7 +38,7 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
     if params.base.source == "builtin":
         # Read even when it is the raw file: the base stage reads JSON Lines only (read_corpus), while the
         # raw file may be .json or .parquet, which would pass read_local and then fail in `base`.
-        from stages.base import read_corpus
+        from dpo_pipeline.raw import read_corpus
 
         corpus = params.base.builtin.corpus
         rows = read_corpus(corpus)
@@ -58,6 +58,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from dpo_pipeline.runner import run_main
 
     run_main(main)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline import builtin
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -57,7 +59,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def default_params():
-    from stages import config
+    from dpo_pipeline import config
 
     return config.load(REPO / "params.yaml")
 
@@ -120,12 +122,11 @@ def raw_rows():
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory, tiny_params, raw_rows) -> Path:
     """A tiny random-init builtin base model + ChatML tokenizer saved like models/base/ (no pre-training)."""
-    from stages import base
 
     out = tmp_path_factory.mktemp("tiny_base") / "base"
     texts = [r["system"] + "\n" + r["question"] + "\n" + r["chosen"] + "\n" + r["rejected"] for r in raw_rows]
-    tokenizer = base.build_tokenizer(texts, tiny_params.base.builtin.vocab_size)
-    model = base.build_model(tiny_params.base.builtin, tokenizer, seed=tiny_params.seed)
+    tokenizer = builtin.build_tokenizer(texts, tiny_params.base.builtin.vocab_size)
+    model = builtin.build_model(tiny_params.base.builtin, tokenizer, seed=tiny_params.seed)
     tokenizer.save_pretrained(out)
     model.save_pretrained(out, safe_serialization=True)
     return out

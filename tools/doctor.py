@@ -86,7 +86,7 @@ def missing_for(params) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages import config
+    from dpo_pipeline import config
 
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0] if argv else config.PARAMS_FILE

@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpo_pipeline import layout, merging, models, scoring, tokens, training, trl_glue
+from dpo_pipeline import pairs as pairs_lib
+from dpo_pipeline import reference as reference_lib
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "neuralhermes-2.5.yaml"
 TINY = {
@@ -54,7 +58,7 @@ def _replace(params, **sections):
 
 
 def recipe_params(dry_run: bool, steps: int):
-    from stages import config
+    from dpo_pipeline import config
 
     params = config.load(RECIPE)
     params = _replace(params, train={"max_steps": steps, "warmup_steps": 1, "eval_pairs": 64})
@@ -97,7 +101,7 @@ class Memory:
 
             self.peaks[stage] = torch.cuda.max_memory_allocated() / 2**30
         else:
-            from stages.train import rss_peak_mb
+            from dpo_pipeline.models import rss_peak_mb
 
             self.peaks[stage] = rss_peak_mb() / 1024
 
@@ -108,9 +112,8 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     from transformers import MistralForCausalLM, TrainerCallback
 
     from bench.flops import model_counts, tokenized_recipe_rows
-    from stages import evaluate, merge, pairs, reference, train
-    from stages.common import load_model, load_tokenizer, resolve_device, torch_dtype
-    from stages.config import EvalTask
+    from dpo_pipeline.config import EvalTask
+    from dpo_pipeline.models import load_model, load_tokenizer, resolve_device, torch_dtype
     from tools.hub_layout import MISTRAL_7B_SHAPE, model_config, write_tokenizer
 
     params = recipe_params(dry_run, steps)
@@ -144,13 +147,13 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     prepared_test = prepared["test"]
     pq.write_table(prepared_test, work / "prepared" / "test.parquet")
 
-    selected, order, pair_counts = pairs.build(params, work / "tokenized")
-    pairs.write(work / "pairs", selected, order)
+    selected, order, pair_counts = pairs_lib.build(params, work / "tokenized")
+    pairs_lib.write(work / "pairs", selected, order)
     figures["pairs"] = pair_counts
 
     memory.start()
     clock = time.perf_counter()
-    tables = reference.compute(params, base_dir, work / "tokenized", work / "pairs")
+    tables = reference_lib.compute(params, base_dir, work / "tokenized", work / "pairs")
     seconds["reference"] = time.perf_counter() - clock
     memory.stop("reference")
     (work / "reference").mkdir()
@@ -177,19 +180,21 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     clock = time.perf_counter()
     tokenizer = load_tokenizer(base_dir)
     datasets = {}
-    wanted = pairs.training_ids(work / "pairs")
+    wanted = pairs_lib.training_ids(work / "pairs")
     for split in ("train", "test"):
-        table = train.rows_in_order(train.read_tokenized(work / "tokenized", split), wanted[split], split)
-        table = train.attach_reference(table, tables[split], split)
-        datasets[split] = train.to_dataset(table, train.REF_COLUMNS)
+        table = pairs_lib.rows_in_order(
+            tokens.read_tokenized(work / "tokenized", split), wanted[split], split
+        )
+        table = reference_lib.attach_reference(table, tables[split], split)
+        datasets[split] = training.to_dataset(table, layout.REF_COLUMNS)
     timer = StepTimes()
-    trainer = train._trainer_class()(
-        model=train.load_policy(base_dir, params.train),
-        args=train.dpo_config(params, work / "checkpoints"),
+    trainer = trl_glue.trainer_class()(
+        model=models.load_policy(base_dir, params.train),
+        args=training.dpo_config(params, work / "checkpoints"),
         train_dataset=datasets["train"],
         eval_dataset=datasets["test"],
         processing_class=tokenizer,
-        peft_config=train.lora_config(params.train.lora),
+        peft_config=models.lora_config(params.train.lora),
         callbacks=[timer],
     )
     trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
@@ -215,21 +220,23 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     clock = time.perf_counter()
     dtype = torch_dtype(params.merge.dtype)
     device = resolve_device(params.merge.device)
-    texts = merge.fidelity_texts(prepared_test, 4)
+    texts = merging.fidelity_texts(prepared_test, 4)
     encoded = [
         tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0].to(device) for t in texts
     ]
     peft_model = PeftModel.from_pretrained(
         load_model(base_dir, dtype=dtype, device_map={"": device}), str(work / "adapter")
     ).eval()
-    adapter_logps = [merge.token_logprobs(peft_model, ids) for ids in encoded]
+    adapter_logps = [merging.token_logprobs(peft_model, ids) for ids in encoded]
     merged = peft_model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(work / "merged", safe_serialization=True)
     tokenizer.save_pretrained(work / "merged")
     del merged, peft_model
     gc.collect()
     reloaded = load_model(work / "merged", dtype=dtype, device_map={"": device}).eval()
-    fidelity = merge.fidelity_stats(adapter_logps, [merge.token_logprobs(reloaded, ids) for ids in encoded])
+    fidelity = merging.fidelity_stats(
+        adapter_logps, [merging.token_logprobs(reloaded, ids) for ids in encoded]
+    )
     del reloaded
     gc.collect()
     seconds["merge"] = time.perf_counter() - clock
@@ -248,12 +255,12 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
             "sample_prompts": params.eval.sample_prompts[:1],
         },
     )
-    loaded = evaluate.load_eval_model(work / "merged", short.eval)
-    results = evaluate.run_lm_eval(work / "merged", short, REPO / "tasks", work / "prepared", loaded)
-    samples = evaluate.generate_samples(work / "merged", short, loaded)
+    loaded = scoring.load_eval_model(work / "merged", short.eval)
+    results = scoring.run_lm_eval(work / "merged", short, REPO / "tasks", work / "prepared", loaded)
+    samples = scoring.generate_samples(work / "merged", short, loaded)
     seconds["evaluate"] = time.perf_counter() - clock
     memory.stop("evaluate")
-    figures["heldout_acc_norm"] = evaluate.flat_scores(results, ["dpo_heldout_pref"])[
+    figures["heldout_acc_norm"] = scoring.flat_scores(results, ["dpo_heldout_pref"])[
         "dpo_heldout_pref/acc_norm"
     ]
     figures["sample_answer_chars"] = len(samples[0]["answer"])

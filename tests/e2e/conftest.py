@@ -35,6 +35,8 @@ from typing import Any
 import pytest
 import yaml
 
+from dpo_pipeline.config import TRACE_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
@@ -268,6 +270,7 @@ def tiny_project(tmp_path_factory) -> Iterator[Project]:
         project = Project(Path(reuse) / "repo", project_env(Path(reuse)))
         project.repro_seconds = 0.0  # type: ignore[attr-defined]
         project.repro_output = (Path(reuse) / "repro.log").read_text()  # type: ignore[attr-defined]
+        project.params_trace = Path(reuse) / "params-trace"  # type: ignore[attr-defined]
         yield project
         return
     tmp = tmp_path_factory.mktemp("tiny")
@@ -277,7 +280,13 @@ def tiny_project(tmp_path_factory) -> Iterator[Project]:
     if (project.root / (RAW_PATH + ".dvc")).exists():
         project.dvc("add", "-q", RAW_PATH)  # the raw sample was cut: re-record it
     project.commit("tiny e2e project")
-    result = project.dvc("repro", timeout=900)
+    # Every stage process of this repro records the params keys it reads (tests/e2e/test_dag_params.py).
+    project.params_trace = tmp / "params-trace"  # type: ignore[attr-defined]
+    project.env[TRACE_ENV] = str(project.params_trace)
+    try:
+        result = project.dvc("repro", timeout=900)
+    finally:
+        del project.env[TRACE_ENV]
     project.repro_seconds = result.seconds  # type: ignore[attr-defined]
     project.repro_output = result.stdout  # type: ignore[attr-defined]
     (tmp / "repro.log").write_text(result.stdout)

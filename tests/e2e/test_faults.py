@@ -1,4 +1,4 @@
-"""Issue 6: two `dvc repro` at once, integrity checks with stages.verify, and kill -9 anywhere."""
+"""Issue 6: two `dvc repro` at once, integrity checks with tools.verify, and kill -9 anywhere."""
 
 from __future__ import annotations
 
@@ -75,13 +75,13 @@ def test_two_repros_at_once_one_fails_fast_nothing_corrupted(clone, tmp_path):
     assert "Running stage 'evaluate'" in logs[winner]
     # the winner's results are complete and consistent
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
-    assert project.python("-m", "stages.verify").returncode == 0
+    assert project.python("-m", "tools.verify").returncode == 0
     assert "max_new_tokens: 4" in (project.root / "dvc.lock").read_text()
 
 
 def test_verify_names_corrupted_workspace_and_cache_files(clone):
     project = clone("verify")
-    clean = project.python("-m", "stages.verify")
+    clean = project.python("-m", "tools.verify")
     assert clean.stdout.strip().endswith("0 problem(s)"), clean.stdout
 
     # 1. a workspace output: one byte of the merged model's weights
@@ -89,7 +89,7 @@ def test_verify_names_corrupted_workspace_and_cache_files(clone):
         p for p in sorted((project.root / "models/merged").iterdir()) if p.suffix == ".safetensors"
     )
     flip_byte(weights)
-    bad = project.python("-m", "stages.verify", check=False)
+    bad = project.python("-m", "tools.verify", check=False)
     assert bad.returncode == 1
     problems = [line for line in bad.stdout.splitlines() if not line.startswith("absent")]
     assert len(problems) == 1 and problems[0].startswith(f"MISMATCH   models/merged/{weights.name}: md5"), (
@@ -97,26 +97,26 @@ def test_verify_names_corrupted_workspace_and_cache_files(clone):
     )
     assert "dvc checkout --force" in bad.stderr
     project.dvc("checkout", "--force", "models/merged")
-    assert project.python("-m", "stages.verify").returncode == 0
+    assert project.python("-m", "tools.verify").returncode == 0
 
     # 2. a cache object: one byte of the cached train.parquet. DVC does not notice ...
     parquet = project.root / "data/prepared/train.parquet"
     obj = cache_object(project, parquet)
     flip_byte(obj, keep_stat=True)
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
-    # ... stages.verify does, and names the object and the output file it stands for
-    bad = project.python("-m", "stages.verify", check=False)
+    # ... tools.verify does, and names the object and the output file it stands for
+    bad = project.python("-m", "tools.verify", check=False)
     assert bad.returncode == 1
     assert f"CORRUPT    cache object {obj} (data/prepared/train.parquet, stage prepare)" in bad.stdout
     # ... and a checkout from the bad cache spreads it silently, which verify catches in the workspace too
     shutil.rmtree(project.root / "data/prepared")
     project.dvc("checkout", "data/prepared")
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
-    bad = project.python("-m", "stages.verify", check=False)
+    bad = project.python("-m", "tools.verify", check=False)
     assert "MISMATCH   data/prepared/train.parquet: md5" in bad.stdout
     # only the cache or only the workspace
-    assert "CORRUPT" not in project.python("-m", "stages.verify", "--workspace", check=False).stdout
-    assert "MISMATCH" not in project.python("-m", "stages.verify", "--cache", check=False).stdout
+    assert "CORRUPT" not in project.python("-m", "tools.verify", "--workspace", check=False).stdout
+    assert "MISMATCH" not in project.python("-m", "tools.verify", "--cache", check=False).stdout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_kill_anywhere_then_repro_completes(clone, tiny_project, tmp_path):
         time.sleep(0.05)
     assert proc.returncode == 0, (tmp_path / "5.log").read_text()[-3000:]
     assert project.dvc("status").stdout.strip() == UP_TO_DATE
-    assert project.python("-m", "stages.verify").returncode == 0
+    assert project.python("-m", "tools.verify").returncode == 0
     # every run a SIGKILL left RUNNING was closed by the next run of its stage
     assert running_runs(project) == []
 

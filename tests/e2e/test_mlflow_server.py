@@ -1,5 +1,5 @@
 """Issues 5.4 and 6.5: a real `mlflow server`. A stage records its run, lineage tags and metrics there;
-`stages.compare` diffs two commits from it; an unreachable server stops a stage before any work; a server
+`tools.compare` diffs two commits from it; an unreachable server stops a stage before any work; a server
 that dies mid-training costs no adapter; SIGTERM ends the run KILLED, never RUNNING."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_stage_records_run_lineage_and_metrics_on_server(clone, mlflow_server):
     # lineage: inputs by DVC's md5 (as in dvc.lock) and our sha256, outputs by sha256
     assert tags["input.base.md5"] == lock_md5(project, "models/base")
     assert tags["input.raw.md5"] == lock_md5(project, "data/raw/orca_dpo_sample.jsonl")
-    from stages.common import sha256_tree  # the same hashing as the clone's copy of stages/
+    from dpo_pipeline.io import sha256_tree
 
     assert tags["input.base.sha256"] == sha256_tree(project.root / "models/base")
     assert tags["output.prepared.sha256"] == sha256_tree(project.root / "data/prepared")
@@ -128,7 +128,7 @@ def test_compare_two_commits_from_server(clone, mlflow_server):
     rows_frac = project.read_json("metrics/data.json")["rows_test"]
     assert rows_frac > rows_main
 
-    out = project.python("-m", "stages.compare", "main", "frac", "--stage", "prepare").stdout
+    out = project.python("-m", "tools.compare", "main", "frac", "--stage", "prepare").stdout
     assert f"A = main ({sha_main})" in out
     assert f"using the runs of its ancestor {sha_params}" in out
     line = next(row for row in out.splitlines() if row.startswith("rows_test "))
@@ -138,10 +138,10 @@ def test_compare_two_commits_from_server(clone, mlflow_server):
     # another machine: a clone that never saw the `frac` commits compares them by full sha
     other = with_tracking(clone("other-machine", checkout=False), mlflow_server.url)
     assert other.git("cat-file", "-e", sha_params, check=False).returncode != 0
-    out = other.python("-m", "stages.compare", sha_main, sha_params, "--stage", "prepare").stdout
+    out = other.python("-m", "tools.compare", sha_main, sha_params, "--stage", "prepare").stdout
     assert re.search(rf"^rows_test\s+{rows_main}\s+{rows_frac}\s", out, re.MULTILINE)
     # and an unknown rev is one clear error
-    bad = other.python("-m", "stages.compare", "main", "no-such-branch", check=False)
+    bad = other.python("-m", "tools.compare", "main", "no-such-branch", check=False)
     assert bad.returncode == 1 and "cannot resolve 'no-such-branch'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -224,7 +224,7 @@ def test_server_killed_mid_training_keeps_the_adapter(clone, mlflow_server, tmp_
     # still RUNNING; the next run of the stage on this host closes it as KILLED (its process is gone).
     mlflow_server.start()
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
-    from stages.tracking import close_stale_runs  # what the next run of the stage calls first
+    from dpo_pipeline.tracking import close_stale_runs
 
     assert close_stale_runs(client, exp_id, "train") == [run.info.run_id]
     assert client.get_run(run.info.run_id).info.status == "KILLED"

@@ -7,15 +7,11 @@ import shutil
 
 import pytest
 
+from dpo_pipeline import chatml, hub
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json, template_hash
+from dpo_pipeline.models import load_model, load_tokenizer, require_safetensors
 from stages import base
-from stages.common import (
-    StageError,
-    load_model,
-    load_tokenizer,
-    read_json,
-    require_safetensors,
-    template_hash,
-)
 from tests.conftest import replace_params
 
 HUB_MODEL = "teknium/OpenHermes-2.5-Mistral-7B"
@@ -92,7 +88,7 @@ def test_builtin_loads_back_as_chatml_mistral(built, builtin_params):
     # Pre-training did something: the held-out loss went down from the random init's.
     assert info["pretrain_loss_final"] < info["pretrain_loss_initial"]
     ids = tokenizer.apply_chat_template(
-        base.conversation("", "What is the capital of France?"),
+        chatml.conversation("", "What is the capital of France?"),
         add_generation_prompt=True,
         return_tensors="pt",
     )
@@ -178,7 +174,7 @@ def test_hub_publishes_snapshot_and_adds_chatml(builtin_params, tiny_base_dir, t
 
     assert AutoTokenizer.from_pretrained(str(snapshot)).chat_template is None
     calls = []
-    monkeypatch.setattr(base, "download_snapshot", lambda *a: calls.append(a) or snapshot)
+    monkeypatch.setattr(hub, "download_snapshot", lambda *a: calls.append(a) or snapshot)
     out = tmp_path / "base"
     info = base.run(_hub_params(builtin_params), out)
     assert calls == [(HUB_MODEL, HUB_REVISION, False)]
@@ -193,7 +189,7 @@ def test_hub_publishes_snapshot_and_adds_chatml(builtin_params, tiny_base_dir, t
 
 def test_hub_refuses_pickle_only_and_remote_code(builtin_params, tiny_base_dir, tmp_path, monkeypatch):
     snapshot = _fake_snapshot(tiny_base_dir, tmp_path, drop_template=False)
-    monkeypatch.setattr(base, "download_snapshot", lambda *a: snapshot)
+    monkeypatch.setattr(hub, "download_snapshot", lambda *a: snapshot)
     config_file = snapshot / "config.json"
     config = json.loads(config_file.read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}

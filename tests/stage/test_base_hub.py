@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json
+from dpo_pipeline.models import load_model, load_tokenizer
 from stages import base
-from stages.common import StageError, load_model, load_tokenizer, read_json
 from tests.conftest import replace_params
 from tools import hub_layout as hub_cache
 

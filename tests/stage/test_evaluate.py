@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline import chatml, scoring
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json
+from dpo_pipeline.models import load_model, load_tokenizer
 from stages import evaluate
-from stages.common import StageError, load_model, load_tokenizer, read_json
 from tests.conftest import REPO, replace_params
 
 TASKS_DIR = REPO / "tasks"
@@ -60,7 +63,7 @@ def write_split(prepared: Path, raw_rows, tokenizer) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
     picked = raw_rows[:N_ROWS]
-    prompts = [evaluate.format_prompt(r["system"], r["question"], tokenizer) for r in picked]
+    prompts = [chatml.format_prompt(r["system"], r["question"], tokenizer) for r in picked]
     assert any(not r["system"] for r in picked) and any(r["system"] for r in picked)
     good, bad, good_id, bad_id = find_word_pair(tokenizer, prompts)
     rows = [
@@ -121,7 +124,7 @@ def eval_inputs(tmp_path_factory, tiny_base_dir, raw_rows):
 
 
 def _only(params, *names: str):
-    from stages.config import EvalTask
+    from dpo_pipeline.config import EvalTask
 
     return replace_params(params, eval={"tasks": [EvalTask(name=n, num_fewshot=0) for n in names]})
 
@@ -129,8 +132,8 @@ def _only(params, *names: str):
 def test_preference_task_scores_the_constructed_models_one_and_zero(tiny_params, eval_inputs):
     params = _only(tiny_params, "dpo_heldout_pref")
     for model, expected in (("prefers_chosen", 1.0), ("prefers_rejected", 0.0)):
-        results = evaluate.run_lm_eval(eval_inputs[model], params, TASKS_DIR, eval_inputs["prepared"])
-        scores = evaluate.flat_scores(results, ["dpo_heldout_pref"])
+        results = scoring.run_lm_eval(eval_inputs[model], params, TASKS_DIR, eval_inputs["prepared"])
+        scores = scoring.flat_scores(results, ["dpo_heldout_pref"])
         assert scores["dpo_heldout_pref/acc"] == expected, model
         assert scores["dpo_heldout_pref/acc_norm"] == expected, model
         assert results["n-samples"]["dpo_heldout_pref"]["effective"] == N_ROWS
@@ -283,10 +286,10 @@ def test_evaluate_runs_are_tracked(evaluated):
 
 
 def test_sample_generation_is_seeded(tiny_base_dir, tiny_params):
-    first = evaluate.generate_samples(tiny_base_dir, tiny_params)
-    again = evaluate.generate_samples(tiny_base_dir, tiny_params)
+    first = scoring.generate_samples(tiny_base_dir, tiny_params)
+    again = scoring.generate_samples(tiny_base_dir, tiny_params)
     assert first == again
-    other = evaluate.generate_samples(tiny_base_dir, replace_params(tiny_params, seed=tiny_params.seed + 1))
+    other = scoring.generate_samples(tiny_base_dir, replace_params(tiny_params, seed=tiny_params.seed + 1))
     assert [s["answer"] for s in other] != [s["answer"] for s in first]
 
 
@@ -296,7 +299,7 @@ def test_groups_and_per_task_few_shot_go_through_the_registry_path(
     """A group (like mmlu) is scored by its aggregate, and each task keeps its own few-shot count."""
     import shutil
 
-    from stages.config import EvalTask
+    from dpo_pipeline.config import EvalTask
 
     tasks = tmp_path / "tasks"
     shutil.copytree(TASKS_DIR, tasks, ignore=shutil.ignore_patterns("__pycache__"))
@@ -309,16 +312,16 @@ def test_groups_and_per_task_few_shot_go_through_the_registry_path(
     )
     # A group counts as a registry name (lm-eval's own index would be scanned, ~15 s); it is the same code
     # path either way, so the test declares it local to skip that scan.
-    assert "pref_suite" not in evaluate.local_task_names(tasks)
-    local = evaluate.local_task_names
-    monkeypatch.setattr(evaluate, "local_task_names", lambda d: local(d) | {"pref_suite"})
+    assert "pref_suite" not in scoring.local_task_names(tasks)
+    local = scoring.local_task_names
+    monkeypatch.setattr(scoring, "local_task_names", lambda d: local(d) | {"pref_suite"})
     params = replace_params(
         tiny_params,
         eval={"tasks": [EvalTask("pref_suite", 2), EvalTask("chatml_format", 0)], "limit": 3},
     )
-    results = evaluate.run_lm_eval(eval_inputs["prefers_chosen"], params, tasks, eval_inputs["prepared"])
+    results = scoring.run_lm_eval(eval_inputs["prefers_chosen"], params, tasks, eval_inputs["prepared"])
     assert results["n-shot"]["dpo_heldout_pref"] == 2
     assert results["n-shot"]["chatml_format"] == 0
-    scores = evaluate.flat_scores(results, ["pref_suite", "chatml_format"])
+    scores = scoring.flat_scores(results, ["pref_suite", "chatml_format"])
     assert scores["pref_suite/acc_norm"] == 1.0
-    assert evaluate.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}
+    assert scoring.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline import merging
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json
+from dpo_pipeline.models import load_model, load_tokenizer
 from stages import merge
-from stages.common import StageError, load_model, load_tokenizer, read_json
 from tests.conftest import replace_params
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,12 +74,21 @@ def merge_inputs(tmp_path_factory, tiny_base_dir, raw_rows):
     tokenizer = load_tokenizer(tiny_base_dir)
     prepared = write_prepared(root / "prepared", raw_rows, tokenizer)
     summary = {
-        "params": {"train": {"beta": 0.1, "learning_rate": 5.0e-4}},
+        "params": {
+            "train": {
+                "beta": 0.1,
+                "learning_rate": 5.0e-4,
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "fp4",
+            }
+        },
         "metrics": {"rewards_accuracies": 0.8125},
-        "mlflow_run_id": "0123abcd",
     }
     adapter = make_adapter(tiny_base_dir, root / "adapter", summary=summary)
-    return {"base": tiny_base_dir, "adapter": adapter, "prepared": prepared}
+    # The train stage's record of its MLflow run (the e2e lineage test reads one a real train run wrote).
+    train_run = root / "train_run.json"
+    train_run.write_text(json.dumps({"mlflow_run_id": "0123abcd"}))
+    return {"base": tiny_base_dir, "adapter": adapter, "prepared": prepared, "train_run": train_run}
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +106,14 @@ def merged(tmp_path_factory, tiny_params, merge_inputs):
                 merge_inputs["prepared"],
                 root / name / "models" / "merged",
                 root / name / "metrics" / "merge.json",
+                merge_inputs["train_run"],
             )
     return out
 
 
 def _token_logps(model, tokenizer, text: str):
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return merge.token_logprobs(model, ids)
+    return merging.token_logprobs(model, ids)
 
 
 def test_merge_metrics_show_a_small_fidelity_error_and_a_real_delta(merged, tiny_params):
@@ -181,6 +194,8 @@ def test_model_card_names_base_data_params_and_training(merged):
         "| merge.dtype | float16 |",
         "| merge.fidelity_prompts | 4 |",
         "metrics/eval.json",
+        "QLoRA: 4-bit FP4 base",  # what train_summary.json says, not a fixed "NF4"
+        "`0123abcd`",  # the train run, from metrics/train_run.json
     ):
         assert expected in card, expected
     assert "| other |" not in card  # only the prepare stage's dpo.* keys
@@ -220,10 +235,25 @@ def test_gate_failure_publishes_nothing(tmp_path, tiny_params, merge_inputs):
             merge_inputs["prepared"],
             merged_dir,
             metrics_path,
+            merge_inputs["train_run"],
         )
     assert [p.name for p in merged_dir.iterdir()] == ["previous.txt"]
     assert metrics_path.read_text() == '{"old": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.json", "merged", "mlflow.db"]
+
+
+def test_missing_train_run_record_fails_clearly(tmp_path, tiny_params, merge_inputs):
+    with pytest.raises(StageError, match=r"absent\.json: the train run's record not found"):
+        merge.run(
+            tiny_params,
+            merge_inputs["base"],
+            merge_inputs["adapter"],
+            merge_inputs["prepared"],
+            tmp_path / "m",
+            tmp_path / "merge.json",
+            tmp_path / "absent.json",
+        )
+    assert not (tmp_path / "m").exists()
 
 
 def test_missing_or_bad_adapter_fails_clearly(tmp_path, tiny_params, merge_inputs):
@@ -247,30 +277,30 @@ def test_fidelity_texts_take_the_first_rows_by_id():
     import pyarrow as pa
 
     table = pa.table({"id": ["b", "a", "c"], "prompt": ["P2", "P1", "P3"], "chosen": ["C2", "C1", "C3"]})
-    assert merge.fidelity_texts(table, 2) == ["P1C1", "P2C2"]
-    assert merge.fidelity_texts(table, 10) == ["P1C1", "P2C2", "P3C3"]
+    assert merging.fidelity_texts(table, 2) == ["P1C1", "P2C2"]
+    assert merging.fidelity_texts(table, 10) == ["P1C1", "P2C2", "P3C3"]
     with pytest.raises(StageError, match="missing column.*chosen"):
-        merge.fidelity_texts(table.drop(["chosen"]), 2, "x/test.parquet")
+        merging.fidelity_texts(table.drop(["chosen"]), 2, "x/test.parquet")
     with pytest.raises(StageError, match="no rows"):
-        merge.fidelity_texts(table.slice(0, 0), 2)
+        merging.fidelity_texts(table.slice(0, 0), 2)
 
 
 def test_fidelity_stats_and_violations(tiny_params):
     import torch
 
-    stats = merge.fidelity_stats(
+    stats = merging.fidelity_stats(
         [torch.tensor([0.0, -1.0]), torch.tensor([-2.0])], [torch.tensor([0.0, -1.5]), torch.tensor([-2.1])]
     )
     assert stats["tokens"] == 3
     assert stats["max_abs"] == pytest.approx(0.5)
     assert stats["mean_abs"] == pytest.approx(0.2)
     m = dataclasses.replace(tiny_params.merge, fidelity_max_abs=0.1, fidelity_mean_abs=0.01)
-    problems = merge.fidelity_violations(stats, m)
+    problems = merging.fidelity_violations(stats, m)
     assert len(problems) == 2 and "fidelity_max_abs" in problems[0] and "fidelity_mean_abs" in problems[1]
-    assert merge.fidelity_violations({"max_abs": 0.05, "mean_abs": 0.001}, m) == []
-    assert merge.fidelity_violations({"max_abs": float("nan"), "mean_abs": 0.0}, m)  # NaN never passes
+    assert merging.fidelity_violations({"max_abs": 0.05, "mean_abs": 0.001}, m) == []
+    assert merging.fidelity_violations({"max_abs": float("nan"), "mean_abs": 0.0}, m)  # NaN never passes
 
 
 def test_model_card_without_optional_inputs_is_still_complete():
-    card = merge.model_card({"merge": {"merge.dtype": "float16"}})
+    card = merging.model_card({"merge": {"merge.dtype": "float16"}})
     assert "unknown base model" in card and "_not recorded_" in card and "## Scores" in card

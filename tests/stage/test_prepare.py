@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dpo_pipeline import chatml, filters
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json, sha256_file, template_hash
 from stages import prepare
-from stages.common import StageError, read_json, sha256_file, template_hash
 from tests.conftest import replace_params
 
 EXPECTED_SCHEMA = pa.schema(
@@ -94,7 +96,7 @@ def test_counts_add_up_and_quirks_are_dropped(prepared, raw_rows):
     assert metrics["rows_in"] == len(raw_rows)
     assert (metrics["rows_train"], metrics["rows_test"]) == (train.num_rows, test.num_rows)
     assert metrics["rows_out"] == train.num_rows + test.num_rows
-    drops = {reason: metrics[f"dropped_{reason}"] for reason in prepare.REASONS}
+    drops = {reason: metrics[f"dropped_{reason}"] for reason in filters.REASONS}
     assert metrics["rows_in"] == metrics["rows_out"] + sum(drops.values())
     quirks = quirk_counts(len(raw_rows))
     assert drops["duplicate"] == quirks["duplicate"] >= 1
@@ -104,7 +106,7 @@ def test_counts_add_up_and_quirks_are_dropped(prepared, raw_rows):
 
 
 def test_rows_are_formatted_and_ided(prepared, tiny_params, tiny_base_dir):
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tmp, _, _ = prepared
     tokenizer = load_tokenizer(tiny_base_dir)
@@ -117,15 +119,15 @@ def test_rows_are_formatted_and_ided(prepared, tiny_params, tiny_base_dir):
         raw = {
             "system": row["system"],
             "question": row["question"],
-            "chosen": row["chosen"].removesuffix(prepare.ANSWER_SUFFIX),
-            "rejected": row["rejected"].removesuffix(prepare.ANSWER_SUFFIX),
+            "chosen": row["chosen"].removesuffix(chatml.ANSWER_SUFFIX),
+            "rejected": row["rejected"].removesuffix(chatml.ANSWER_SUFFIX),
         }
-        assert prepare.format_row(raw, tokenizer) == {k: row[k] for k in ("prompt", "chosen", "rejected")}
-        assert row["id"] == prepare.row_id(prepare.row_digest(*raw.values()))
+        assert chatml.format_row(raw, tokenizer) == {k: row[k] for k in ("prompt", "chosen", "rejected")}
+        assert row["id"] == filters.row_id(filters.row_digest(*raw.values()))
 
 
 def test_parquet_metadata_records_raw_hash_template_and_counts(prepared, tiny_base_dir):
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tmp, raw, metrics = prepared
     for name in ("train", "test"):

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpo_pipeline import layout, models, tokens, training
+from dpo_pipeline import pairs as pairs_lib
+from dpo_pipeline import reference as reference_lib
 from tests.conftest import REPO, replace_params
 from tests.stage.test_train import pairs_of, write_pairs
 
@@ -20,7 +23,7 @@ def train_params(tiny_params):
 
 @pytest.fixture(scope="module")
 def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     root = tmp_path_factory.mktemp("ref_pairs")
     return write_pairs(root, raw_rows[:40], load_tokenizer(tiny_base_dir), train_params, 10)
@@ -39,15 +42,13 @@ def test_writes_logps_for_the_selected_pairs_only(reference_dir, tokenized_dir, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import pairs, reference
-
     meta = json.loads((reference_dir / "meta.json").read_text())
     assert meta["precompute_ref"] is True
-    assert meta["params"] == {k: getattr(train_params.train, k.split(".")[1]) for k in reference.SECTIONS}
-    assert all(k.startswith("train.") for k in reference.SECTIONS)  # no seed, no length limit
-    selected = pairs.read_selected(pairs_of(tokenized_dir))
+    assert meta["params"] == {k: getattr(train_params.train, k.split(".")[1]) for k in reference_lib.SECTIONS}
+    assert all(k.startswith("train.") for k in reference_lib.SECTIONS)  # no seed, no length limit
+    selected = pairs_lib.read_selected(pairs_of(tokenized_dir))
     # The tiny run consumes 4 steps x 4 pairs = 16 of the 30 training rows; the whole test split is held out.
-    assert len(selected["train"]) == pairs.pairs_needed(train_params.train) == 16
+    assert len(selected["train"]) == pairs_lib.pairs_needed(train_params.train) == 16
     assert pq.read_table(tokenized_dir / "train.parquet").num_rows > 16
     for split in ("train", "test"):
         table = pq.read_table(reference_dir / f"{split}.parquet")
@@ -65,11 +66,10 @@ def test_reference_is_the_base_model_alone(reference_dir, tokenized_dir, tiny_ba
     import pyarrow.parquet as pq
     import torch
 
-    from stages import tokenize, train
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
-    model = train.load_policy(tiny_base_dir, train_params.train).eval()
+    model = models.load_policy(tiny_base_dir, train_params.train).eval()
     prepared = {
         row["id"]: row
         for row in pq.read_table(tokenized_dir.parent / "prepared" / "test.parquet").to_pylist()
@@ -80,7 +80,7 @@ def test_reference_is_the_base_model_alone(reference_dir, tokenized_dir, tiny_ba
         row = prepared[ref["id"]]
         prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         for answer, key in (("chosen", "ref_chosen_logps"), ("rejected", "ref_rejected_logps")):
-            text = tokenize.strip_turn_newline(row[answer], eos)
+            text = tokens.strip_turn_newline(row[answer], eos)
             ids = tokenizer(row["prompt"] + text, add_special_tokens=False)["input_ids"]
             assert ids[: len(prompt_ids)] == prompt_ids
             with torch.no_grad():
@@ -111,10 +111,10 @@ def test_undeclared_params_do_not_change_the_output(
 
 
 def test_declared_params_match_dvc_yaml():
-    from stages import prepare, reference, tokenize, train
+    from stages import prepare, tokenize, train
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages["reference"]["params"] == reference.SECTIONS
+    assert stages["reference"]["params"] == reference_lib.SECTIONS
     assert stages["train"]["params"] == train.SECTIONS
     assert stages["tokenize"]["params"] == tokenize.SECTIONS
     assert stages["prepare"]["params"] == prepare.SECTIONS
@@ -134,8 +134,8 @@ def test_precompute_off_writes_only_a_marker(tmp_path, tokenized_dir, tiny_base_
 
 
 def test_train_refuses_the_marker(tmp_path, tokenized_dir, tiny_base_dir, train_params):
+    from dpo_pipeline.errors import StageError
     from stages import reference, train
-    from stages.common import StageError
 
     reference.run(
         replace_params(train_params, train={"precompute_ref": False}),
@@ -167,23 +167,23 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     import pyarrow.parquet as pq
     import torch
 
-    from stages import reference, train
-
-    prepared = train.to_dataset(train.read_tokenized(tokenized_dir, "train"))
-    reordered = reference.longest_first(prepared)
-    lengths = reordered[train.LENGTH_COLUMN]
+    prepared = training.to_dataset(tokens.read_tokenized(tokenized_dir, "train"))
+    reordered = reference_lib.longest_first(prepared)
+    lengths = reordered[tokens.LENGTH_COLUMN]
     assert lengths == sorted(lengths, reverse=True)
     assert sorted(reordered["id"]) == sorted(prepared["id"])
     assert reordered["id"] != prepared["id"], (
         "the fixture rows must come in another order, or this checks nothing"
     )
 
-    monkeypatch.setattr(reference, "longest_first", lambda dataset: dataset)
-    in_prepared_order = reference.compute(train_params, tiny_base_dir, tokenized_dir, pairs_of(tokenized_dir))
+    monkeypatch.setattr(reference_lib, "longest_first", lambda dataset: dataset)
+    in_prepared_order = reference_lib.compute(
+        train_params, tiny_base_dir, tokenized_dir, pairs_of(tokenized_dir)
+    )
     for split, table in in_prepared_order.items():
         cached = pq.read_table(reference_dir / f"{split}.parquet")
         assert cached.column("id").to_pylist() == table.column("id").to_pylist()
-        for name in train.REF_COLUMNS:
+        for name in layout.REF_COLUMNS:
             expected = torch.tensor(table.column(name).to_pylist())
             actual = torch.tensor(cached.column(name).to_pylist())
             assert torch.allclose(actual, expected, rtol=0, atol=1e-4), (

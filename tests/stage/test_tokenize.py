@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dpo_pipeline import layout, tokens, training
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import read_json
 from stages import tokenize
-from stages.common import StageError, read_json
 from tests.conftest import replace_params
 from tests.stage.test_prepare import run_into, write_rows
 
@@ -57,12 +59,12 @@ def prepared_dir(tmp_path_factory, tiny_params, raw_rows, tiny_base_dir) -> Path
 @pytest.fixture(scope="module")
 def limited_params(tiny_params, prepared_dir, tiny_base_dir):
     """Limits that drop some rows of the sample under each reason (set from the rows' real lengths)."""
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
-    table = tokenize.read_prepared(prepared_dir, "train")
-    everything, _ = tokenize.tokenize_split(table, tokenizer, tiny_params.data)
-    lengths = tokenize.token_lengths(everything)
+    table = tokens.read_prepared(prepared_dir, "train")
+    everything, _ = tokens.tokenize_split(table, tokenizer, tiny_params.data)
+    lengths = tokens.token_lengths(everything)
     prompts = sorted(lengths["prompt"].to_pylist())
     totals = sorted(everything["length"].to_pylist())
     return replace_params(
@@ -86,7 +88,7 @@ def test_writes_both_splits_with_the_exact_schema_and_metrics(tokenized, prepare
     assert sorted(p.name for p in (tmp / "data").iterdir()) == ["tokenized"]  # nothing half-written beside it
     assert read_json(tmp / "metrics" / "tokens.json") == metrics
     data = limited_params.data
-    for split in tokenize.SPLITS:
+    for split in layout.SPLITS:
         table = pq.read_table(out / f"{split}.parquet")
         assert table.schema.remove_metadata().equals(EXPECTED_SCHEMA), table.schema
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k.startswith(b"dpo.")}
@@ -96,12 +98,12 @@ def test_writes_both_splits_with_the_exact_schema_and_metrics(tokenized, prepare
         kept = table["id"].to_pylist()
         assert kept == [i for i in ids if i in set(kept)]  # the prepared order, minus dropped rows
         assert metrics[f"rows_{split}"] == len(kept)
-        lengths = tokenize.token_lengths(table)
+        lengths = tokens.token_lengths(table)
         assert max(lengths["prompt"].to_pylist()) <= data.max_prompt_length
         assert max(table["length"].to_pylist()) <= data.max_length
     dropped = metrics["dropped_prompt_too_long"] + metrics["dropped_too_long"]
     assert metrics["dropped_prompt_too_long"] >= 1 and metrics["dropped_too_long"] >= 1
-    rows_in = sum(pq.read_metadata(prepared_dir / f"{s}.parquet").num_rows for s in tokenize.SPLITS)
+    rows_in = sum(pq.read_metadata(prepared_dir / f"{s}.parquet").num_rows for s in layout.SPLITS)
     assert metrics["rows_train"] + metrics["rows_test"] + dropped == rows_in
 
 
@@ -110,20 +112,19 @@ def test_ids_equal_trls_own_tokenization(tokenized, prepared_dir, tiny_base_dir,
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from stages import train
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tmp, _ = tokenized
     tokenizer = load_tokenizer(tiny_base_dir)
-    args = train.dpo_config(limited_params, tmp_path / "ckpt")
+    args = training.dpo_config(limited_params, tmp_path / "ckpt")
     stand_in = types.SimpleNamespace(_tokenizer=tokenizer)  # the one attribute trl's method reads
-    for split in tokenize.SPLITS:
+    for split in layout.SPLITS:
         ours = pq.read_table(tmp / "data" / "tokenized" / f"{split}.parquet")
-        texts = tokenize.trl_texts(tokenize.read_prepared(prepared_dir, split), tokenizer.eos_token)
+        texts = tokens.trl_texts(tokens.read_prepared(prepared_dir, split), tokenizer.eos_token)
         texts = texts.filter(pa.compute.is_in(texts["id"], value_set=ours["id"]))
         theirs = DPOTrainer._prepare_dataset(stand_in, Dataset(texts), tokenizer, args, split)
         assert list(theirs["id"]) == ours["id"].to_pylist()
-        for name in tokenize.IDS_COLUMNS:
+        for name in tokens.IDS_COLUMNS:
             assert list(theirs[name]) == ours[name].to_pylist(), name
 
 
@@ -134,13 +135,12 @@ def test_batched_tokenization_equals_trl_on_the_rows_trl_treats_specially(
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from stages import train
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
     from tests.stage.test_train import chatml_prompt
 
     tokenizer = load_tokenizer(tiny_base_dir)
     eos = tokenizer.eos_token
-    args = train.dpo_config(tiny_params, tmp_path / "ckpt")
+    args = training.dpo_config(tiny_params, tmp_path / "ckpt")
     # An answer without the eos (trl appends it), a prompt ending inside a word so that prompt+answer
     # tokenizes across the boundary (the answer starts where the token sequences diverge), and a prompt that
     # fills max_length (keep_start truncation drops the row).
@@ -160,7 +160,7 @@ def test_batched_tokenization_equals_trl_on_the_rows_trl_treats_specially(
     expected = DPOTrainer._prepare_dataset(
         types.SimpleNamespace(_tokenizer=tokenizer), Dataset(rows), tokenizer, args, "t"
     )
-    got = tokenize.tokenize_pairs(rows, tokenizer, eos, args.max_length, args.truncation_mode)
+    got = tokens.tokenize_pairs(rows, tokenizer, eos, args.max_length, args.truncation_mode)
     assert Dataset(got).features == expected.features
     assert got.num_rows == expected.num_rows == 3  # the too-long row is dropped
     for name in expected.column_names:

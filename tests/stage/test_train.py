@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline import models, tokens, training, trl_glue
+from dpo_pipeline import pairs as pairs_lib
 from tests.conftest import REPO, replace_params
 
 ANSWER_END = "<|im_end|>\n"
@@ -38,8 +40,6 @@ def write_pairs(root: Path, rows: list[dict], tokenizer, params, n_test: int) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import tokenize
-
     records = []
     for i, row in enumerate(rows):
         if not row["chosen"].strip() or not row["rejected"].strip() or row["chosen"] == row["rejected"]:
@@ -59,7 +59,7 @@ def write_pairs(root: Path, rows: list[dict], tokenizer, params, n_test: int) ->
     for split, part in {"test": records[:n_test], "train": records[n_test:]}.items():
         table = pa.Table.from_pylist(part)
         pq.write_table(table, root / "prepared" / f"{split}.parquet")
-        tokenized, _counts = tokenize.tokenize_split(table, tokenizer, params.data)
+        tokenized, _counts = tokens.tokenize_split(table, tokenizer, params.data)
         pq.write_table(tokenized, root / "tokenized" / f"{split}.parquet")
     write_selection(root, params)
     return root / "tokenized"
@@ -67,10 +67,9 @@ def write_pairs(root: Path, rows: list[dict], tokenizer, params, n_test: int) ->
 
 def write_selection(root: Path, params) -> Path:
     """root/pairs from root/tokenized, by the pairs stage's own functions (no tracking run)."""
-    from stages import pairs
 
-    selected, order, _metrics = pairs.build(params, root / "tokenized")
-    pairs.write(root / "pairs", selected, order)
+    selected, order, _metrics = pairs_lib.build(params, root / "tokenized")
+    pairs_lib.write(root / "pairs", selected, order)
     return root / "pairs"
 
 
@@ -85,7 +84,7 @@ def train_params(tiny_params):
 
 @pytest.fixture(scope="session")
 def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
-    from stages.common import load_tokenizer
+    from dpo_pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
     return write_pairs(tmp_path_factory.mktemp("pairs"), raw_rows[:60], tokenizer, train_params, 12)
@@ -167,7 +166,6 @@ def assert_adapters_close(a: dict, b: dict, atol: float = 1e-3, rtol: float = 1e
 
 
 def test_outputs_and_metrics(trained, train_params):
-    from stages import train
 
     adapter = trained / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -180,7 +178,7 @@ def test_outputs_and_metrics(trained, train_params):
     assert not list(adapter.glob("*.bin")), "pickle weights must never be written"
 
     metrics = json.loads((trained / "metrics" / "train.json").read_text())
-    assert set(metrics) == set(train.METRIC_KEYS)
+    assert set(metrics) == set(training.METRIC_KEYS)
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["train_steps"] == train_params.train.max_steps
     assert 0.0 <= metrics["eval_rewards_accuracies"] <= 1.0
@@ -190,7 +188,7 @@ def test_outputs_and_metrics(trained, train_params):
 
     with open(trained / "metrics" / "train_history.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(train.HISTORY_COLUMNS)
+    assert list(rows[0]) == list(training.HISTORY_COLUMNS)
     assert [int(r["step"]) for r in rows] == list(range(1, train_params.train.max_steps + 1))
     assert float(rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
 
@@ -198,7 +196,7 @@ def test_outputs_and_metrics(trained, train_params):
     summary = json.loads((adapter / "train_summary.json").read_text())
     assert summary["params"]["train"]["lora"]["r"] == 4 and summary["params"]["seed"] == train_params.seed
     assert summary["params"]["data.max_length"] == train_params.data.max_length
-    assert summary["metrics"] == {k: metrics[k] for k in train.SUMMARY_METRIC_KEYS}
+    assert summary["metrics"] == {k: metrics[k] for k in training.SUMMARY_METRIC_KEYS}
     assert "train_runtime_s" not in summary["metrics"] and "mlflow_run_id" not in summary
 
     # A finished run deletes its checkpoints.
@@ -209,7 +207,7 @@ def test_lora_weights_changed_and_base_did_not(trained, tiny_base_dir):
     import torch
     from peft import PeftModel
 
-    from stages.common import load_model
+    from dpo_pipeline.models import load_model
 
     assert (
         hashlib.sha256((tiny_base_dir / "model.safetensors").read_bytes()).hexdigest()
@@ -266,22 +264,20 @@ def test_cached_reference_matches_on_the_fly(
     import pyarrow.parquet as pq
     import torch
 
-    from stages import pairs, train
-
     # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled), on the selected
     # training pairs ...
-    tokenizer = train.load_tokenizer(tiny_base_dir)
-    selected = sorted(pairs.read_selected(pairs_of(tokenized_dir))["train"])
-    dataset = train.to_dataset(
-        train.rows_in_order(train.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
+    tokenizer = models.load_tokenizer(tiny_base_dir)
+    selected = sorted(pairs_lib.read_selected(pairs_of(tokenized_dir))["train"])
+    dataset = training.to_dataset(
+        pairs_lib.rows_in_order(tokens.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
     )
     params = replace_params(train_params, train={"precompute_ref": True})
-    trainer = train._trainer_class()(
-        model=train.load_policy(tiny_base_dir, params.train),
-        args=train.dpo_config(params, tmp_path / "ckpt"),
+    trainer = trl_glue.trainer_class()(
+        model=models.load_policy(tiny_base_dir, params.train),
+        args=training.dpo_config(params, tmp_path / "ckpt"),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=train.lora_config(params.train.lora),
+        peft_config=models.lora_config(params.train.lora),
     )
     on_the_fly = {
         c: torch.tensor(trainer.train_dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")
@@ -303,7 +299,7 @@ def test_cached_reference_matches_on_the_fly(
 
 
 def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir):
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     # A param the reference declares (the seed no longer is one: it cannot change a reference log-prob).
     other = replace_params(train_params, train={"bnb_4bit_quant_type": "fp4"})
@@ -332,7 +328,8 @@ KILLABLE = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from transformers import TrainerCallback
-from stages import config, train
+from stages import train
+from dpo_pipeline import config
 from tests.conftest import replace_params
 
 class Slow(TrainerCallback):
@@ -382,9 +379,7 @@ def test_resume_after_kill_matches_uninterrupted(
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / "adapter").exists(), "a killed run publishes nothing"
 
-    from stages import train
-
-    assert train.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
+    assert training.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
     run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     resumed_history = (tmp_path / "metrics" / "train_history.csv").read_text()
     assert resumed_history == (trained / "metrics" / "train_history.csv").read_text(), (
@@ -412,7 +407,7 @@ def test_nan_loss_stops_training_and_publishes_nothing(
 ):
     from trl import DPOTrainer
 
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     original = DPOTrainer.compute_loss
 
@@ -430,7 +425,7 @@ def test_nan_loss_stops_training_and_publishes_nothing(
 
 
 def test_missing_tokenized_data_is_a_clear_error(tmp_path, train_params, tiny_base_dir, reference_dir):
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found"):
         run_train(train_params, tiny_base_dir, tmp_path / "nowhere", reference_dir, tmp_path)

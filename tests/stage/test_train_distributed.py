@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpo_pipeline import pairs as pairs_lib
 from tests.conftest import REPO, replace_params
 from tests.stage import test_train as single_process
 from tests.stage.test_train import load_adapter, train_runs
@@ -37,12 +38,12 @@ def repo_layout(root: Path, params, tiny_base_dir: Path, tokenized_dir: Path) ->
     """A working directory laid out like the repo: params.yaml, models/base, data/tokenized, and data/pairs and
     data/reference made for `params` by the pairs stage's functions and the reference stage (more processes
     consume more pairs per step, so the selection and its reference log-probs differ from the fixtures')."""
-    from stages import pairs, reference
+    from stages import reference
 
     shutil.copytree(tiny_base_dir, root / "models" / "base")
     shutil.copytree(tokenized_dir, root / "data" / "tokenized")
-    selected, order, _ = pairs.build(params, root / "data" / "tokenized")
-    pairs.write(root / "data" / "pairs", selected, order)
+    selected, order, _ = pairs_lib.build(params, root / "data" / "tokenized")
+    pairs_lib.write(root / "data" / "pairs", selected, order)
     reference.run(
         params, root / "models" / "base", root / "data" / "tokenized", root / "data" / "reference",
         root / "data" / "pairs",
@@ -139,8 +140,8 @@ def test_run_refuses_a_process_group_of_another_size(
     tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir, monkeypatch
 ):
     """run() called directly (not through main's launcher) must not train 2-process params in 1 process."""
+    from dpo_pipeline.errors import StageError
     from stages import train
-    from stages.common import StageError
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     params = replace_params(train_params, train={"num_processes": PROCESSES})
@@ -164,7 +165,7 @@ def test_run_refuses_a_process_group_of_another_size(
 def test_secondary_ranks_do_not_track(train_params, monkeypatch, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from stages import tracking
+    from dpo_pipeline import tracking
 
     monkeypatch.setenv("RANK", "1")
     with tracking.stage_run("train", train_params, sections=["seed"], inputs={"x": tmp_path}) as run:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline.errors import StageError
 from stages import base, prepare
-from stages.common import StageError
 from tests.conftest import REPO, replace_params
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdef"

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dpo_pipeline.config import ConfigError
+from dpo_pipeline.errors import StageError
 from stages import validate
-from stages.common import StageError
-from stages.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RAW = "raw/pairs.jsonl"

@@ -266,7 +266,7 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
 
 def test_bench_params_override_applies_to_the_one_params_both_sides_read():
     from bench import training
-    from stages import config
+    from dpo_pipeline import config
 
     params = config.load("params.yaml")
     assert params.train.gradient_checkpointing is False  # the small profile's setting

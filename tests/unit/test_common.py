@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.common import atomic_dir, atomic_write_bytes, remove_stale_temps, write_json
+from dpo_pipeline.io import atomic_dir, atomic_write_bytes, remove_stale_temps, write_json
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):

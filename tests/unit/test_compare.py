@@ -1,4 +1,4 @@
-"""stages.compare: the metric diff, the table, rev resolution and the run selection (no MLflow server)."""
+"""tools.compare: the metric diff, the table, rev resolution and the run selection (no MLflow server)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stages import compare
-from stages.common import StageError
+from dpo_pipeline.errors import StageError
+from tools import compare
 
 
 def test_diff_metrics_covers_both_sides_sorted():

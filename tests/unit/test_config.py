@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import config
-from stages.config import ConfigError
+from dpo_pipeline import config
+from dpo_pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]

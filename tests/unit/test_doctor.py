@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from stages import config
+from dpo_pipeline import config
 from tests.conftest import REPO
 from tools import doctor
 

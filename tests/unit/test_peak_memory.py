@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.train import peak_memory_mb
+from dpo_pipeline.models import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[2]
 PARENT_MB = 600  # what the parent touches before starting the child: well above an idle child with torch

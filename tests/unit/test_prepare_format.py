@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from stages import prepare
-from stages.common import CHATML_TEMPLATE, StageError
+from dpo_pipeline import builtin, chatml, filters, preparation, raw
+from dpo_pipeline.chatml import CHATML_TEMPLATE
+from dpo_pipeline.errors import StageError
 
 # Intel/orca_dpo_pairs row 1, as printed in Maxime Labonne's "Fine-tune a Mistral-7b model with Direct
 # Preference Optimization" (NeuralHermes-2.5) before and after `chatml_format`.
@@ -37,14 +38,13 @@ WORDS = "the of and to in a is that for it as was with be by on not he this are 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small byte-level BPE tokenizer with the ChatML template, as the base stage builds it."""
-    from stages import base
 
-    texts = [" ".join(WORDS)] * 4 + [MIDSUMMER_ROW[k] for k in prepare.TEXT_COLUMNS]
-    return base.build_tokenizer(texts, vocab_size=300)
+    texts = [" ".join(WORDS)] * 4 + [MIDSUMMER_ROW[k] for k in raw.TEXT_COLUMNS]
+    return builtin.build_tokenizer(texts, vocab_size=300)
 
 
 def table_of(rows: list[dict[str, str]]) -> pa.Table:
-    return pa.table({name: pa.array([r[name] for r in rows], pa.string()) for name in prepare.TEXT_COLUMNS})
+    return pa.table({name: pa.array([r[name] for r in rows], pa.string()) for name in raw.TEXT_COLUMNS})
 
 
 def data_params(**overrides):
@@ -82,11 +82,11 @@ def test_tokenizer_fixture_uses_the_project_chatml_template(tokenizer):
 
 
 def test_format_row_midsummer_house_matches_the_article_byte_for_byte(tokenizer):
-    assert prepare.format_row(MIDSUMMER_ROW, tokenizer) == MIDSUMMER_EXPECTED
+    assert chatml.format_row(MIDSUMMER_ROW, tokenizer) == MIDSUMMER_EXPECTED
 
 
 def test_vectorised_formatting_midsummer_house_matches_the_article(tokenizer):
-    prompt, chosen, rejected = prepare.format_table(table_of([MIDSUMMER_ROW]), tokenizer)
+    prompt, chosen, rejected = chatml.format_table(table_of([MIDSUMMER_ROW]), tokenizer)
     assert prompt[0].as_py() == MIDSUMMER_EXPECTED["prompt"]
     assert chosen[0].as_py() == MIDSUMMER_EXPECTED["chosen"]
     assert rejected[0].as_py() == MIDSUMMER_EXPECTED["rejected"]
@@ -94,27 +94,27 @@ def test_vectorised_formatting_midsummer_house_matches_the_article(tokenizer):
 
 def test_empty_system_has_no_system_turn(tokenizer):
     row = dict(MIDSUMMER_ROW, system="")
-    formatted = prepare.format_row(row, tokenizer)
+    formatted = chatml.format_row(row, tokenizer)
     assert formatted["prompt"] == (
         "<|im_start|>user\n" + MIDSUMMER_ROW["question"] + "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert "system" not in formatted["prompt"]
-    (prompt, _, _) = prepare.format_table(table_of([row]), tokenizer)
+    (prompt, _, _) = chatml.format_table(table_of([row]), tokenizer)
     assert prompt[0].as_py() == formatted["prompt"]
 
 
 def test_whitespace_system_keeps_its_turn_as_in_the_article(tokenizer):
     # The article tests len(system) > 0, so a whitespace-only system prompt still gets a turn.
-    formatted = prepare.format_row(dict(MIDSUMMER_ROW, system=" "), tokenizer)
+    formatted = chatml.format_row(dict(MIDSUMMER_ROW, system=" "), tokenizer)
     assert formatted["prompt"].startswith("<|im_start|>system\n <|im_end|>\n<|im_start|>user\n")
 
 
 def test_vectorised_formatting_equals_format_row_on_random_rows(tokenizer):
     rows = random_rows(300, seed=3)
     assert any(r["system"] == "" for r in rows) and any(r["system"] for r in rows)
-    prompt, chosen, rejected = prepare.format_table(table_of(rows), tokenizer)
+    prompt, chosen, rejected = chatml.format_table(table_of(rows), tokenizer)
     for i, row in enumerate(rows):
-        expected = prepare.format_row(row, tokenizer)
+        expected = chatml.format_row(row, tokenizer)
         assert prompt[i].as_py() == expected["prompt"], i
         assert chosen[i].as_py() == expected["chosen"], i
         assert rejected[i].as_py() == expected["rejected"], i
@@ -122,17 +122,17 @@ def test_vectorised_formatting_equals_format_row_on_random_rows(tokenizer):
 
 def test_run_time_check_catches_a_formatting_difference(tokenizer):
     table = table_of(random_rows(5, seed=4))
-    prompt, chosen, rejected = prepare.format_table(table, tokenizer)
-    prepare.check_formatting(table, (prompt, chosen, rejected), tokenizer, range(5))
+    prompt, chosen, rejected = chatml.format_table(table, tokenizer)
+    chatml.check_formatting(table, (prompt, chosen, rejected), tokenizer, range(5))
     broken = pa.array([p.as_py() + "x" for p in prompt])
     with pytest.raises(StageError, match="differs from format_row"):
-        prepare.check_formatting(table, (broken, chosen, rejected), tokenizer, [2])
+        chatml.check_formatting(table, (broken, chosen, rejected), tokenizer, [2])
 
 
 def test_check_rows_include_rows_with_and_without_system():
     rows = [dict(MIDSUMMER_ROW) for _ in range(20)] + [dict(MIDSUMMER_ROW, system="")]
-    picks = prepare.check_rows(table_of(rows))
-    assert 0 in picks and 20 in picks and len(picks) <= prepare.CHECK_ROWS + 2
+    picks = chatml.check_rows(table_of(rows))
+    assert 0 in picks and 20 in picks and len(picks) <= chatml.CHECK_ROWS + 2
 
 
 def test_template_that_edits_content_is_refused(tokenizer):
@@ -141,7 +141,7 @@ def test_template_that_edits_content_is_refused(tokenizer):
     trimming = copy.deepcopy(tokenizer)
     trimming.chat_template = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
     with pytest.raises(StageError, match="constant prefix"):
-        prepare.template_pieces(trimming)
+        chatml.template_pieces(trimming)
 
 
 def test_template_without_im_end_is_refused(tokenizer):
@@ -153,7 +153,7 @@ def test_template_without_im_end_is_refused(tokenizer):
         "{% if add_generation_prompt %}[assistant] {% endif %}"
     )
     with pytest.raises(StageError, match="<\\|im_end\\|>"):
-        prepare.template_pieces(other)
+        chatml.template_pieces(other)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,12 +161,12 @@ def test_template_without_im_end_is_refused(tokenizer):
 
 
 def test_row_id_is_16_hex_and_separates_columns():
-    a = prepare.row_digest("s", "ab", "c", "d")
-    b = prepare.row_digest("s", "a", "bc", "d")
+    a = filters.row_digest("s", "ab", "c", "d")
+    b = filters.row_digest("s", "a", "bc", "d")
     assert a != b
-    assert len(prepare.row_id(a)) == 16 and int(prepare.row_id(a), 16) >= 0
+    assert len(filters.row_id(a)) == 16 and int(filters.row_id(a), 16) >= 0
     # Stable across runs, machines and versions: ids and splits of published data must never change.
-    assert prepare.row_id(prepare.row_digest("", "q", "c", "r")) == "d856549446972b85"
+    assert filters.row_id(filters.row_digest("", "q", "c", "r")) == "d856549446972b85"
 
 
 # Every character json.dumps escapes (ensure_ascii=False), and neighbours it must leave alone.
@@ -186,34 +186,30 @@ def test_vectorised_digests_equal_row_digest_on_every_escape():
     rng = random.Random(11)
     rows = [[rng.choice(ESCAPE_PROBES) + rng.choice(ESCAPE_PROBES) for _ in range(4)] for _ in range(400)]
     rows += [list(r.values()) for r in random_rows(100, seed=12)]
-    table = pa.table(
-        {n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(prepare.TEXT_COLUMNS)}
-    )
-    expected = [prepare.row_digest(*r) for r in rows]
-    assert prepare.digests(table) == expected
+    table = pa.table({n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(raw.TEXT_COLUMNS)})
+    expected = [filters.row_digest(*r) for r in rows]
+    assert filters.digests(table) == expected
     # Sliced and multi-chunk columns (as filters and readers produce) give the same digests.
-    assert prepare.digests(table.slice(37, 200)) == expected[37:237]
+    assert filters.digests(table.slice(37, 200)) == expected[37:237]
     chunked = pa.concat_tables([table.slice(0, 150), table.slice(150)])
     assert chunked["question"].num_chunks == 2
-    assert prepare.digests(chunked) == expected
-    plain = pa.table(
-        {n: pa.array(["abc", ""], pa.string()) for n in prepare.TEXT_COLUMNS}
-    )  # nothing to escape
-    assert prepare.digests(plain) == [prepare.row_digest(*["abc"] * 4), prepare.row_digest(*[""] * 4)]
+    assert filters.digests(chunked) == expected
+    plain = pa.table({n: pa.array(["abc", ""], pa.string()) for n in raw.TEXT_COLUMNS})  # nothing to escape
+    assert filters.digests(plain) == [filters.row_digest(*["abc"] * 4), filters.row_digest(*[""] * 4)]
 
 
 def test_split_fraction_is_close_to_test_fraction():
     rows = random_rows(4000, seed=6)
-    share = sum(prepare.is_test(prepare.row_digest(*r.values()), 0.1) for r in rows) / len(rows)
+    share = sum(filters.is_test(filters.row_digest(*r.values()), 0.1) for r in rows) / len(rows)
     assert 0.08 < share < 0.12
 
 
 def test_adding_rows_does_not_move_existing_rows_between_splits(tokenizer):
     rows = random_rows(400, seed=7)
-    train, test, _ = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
+    train, test, _ = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
     more = random_rows(300, seed=8)
     mixed = more[:150] + rows + more[150:]  # new rows before and after the old ones
-    train2, test2, _ = prepare.prepare_table(table_of(mixed), tokenizer, data_params(test_fraction=0.2))
+    train2, test2, _ = preparation.prepare_table(table_of(mixed), tokenizer, data_params(test_fraction=0.2))
     old_train, old_test = set(train["id"].to_pylist()), set(test["id"].to_pylist())
     new_train, new_test = set(train2["id"].to_pylist()), set(test2["id"].to_pylist())
     assert old_test and old_train
@@ -238,7 +234,7 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
     # Length is not prepare's business (the tokenize stage applies the limits): long rows are kept.
     long_rows = [dict(good[5], question=long_text), dict(good[6], chosen=long_text)]
     rows = good + bad + long_rows
-    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
     assert counts["rows_in"] == len(rows)
     assert counts["dropped"] == {
         "blank_question": 1,
@@ -246,10 +242,10 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
         "identical_answers": 1,
         "duplicate": 1,
     }
-    assert tuple(counts["dropped"]) == prepare.REASONS
+    assert tuple(counts["dropped"]) == filters.REASONS
     assert train.num_rows + test.num_rows == len(good) + len(long_rows)
     kept = pa.concat_tables([train, test])
-    assert kept.column_names == list(prepare.OUTPUT_COLUMNS)
+    assert kept.column_names == list(filters.OUTPUT_COLUMNS)
     # The first copy of a duplicate is kept: every id is unique.
     assert len(set(kept["id"].to_pylist())) == kept.num_rows
 
@@ -259,20 +255,20 @@ def test_a_row_is_counted_once_under_its_first_reason(tokenizer):
     rows.append(
         dict(rows[0], question=" ", chosen="", rejected="")
     )  # blank question, blank answers, identical
-    _, _, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    _, _, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
     assert counts["dropped"]["blank_question"] == 1
     assert sum(counts["dropped"].values()) == 1
 
 
 def test_metrics_are_flat_and_complete(tokenizer):
     rows = random_rows(60, seed=11)
-    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
-    metrics = prepare.data_metrics(train, test, counts)
+    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    metrics = filters.data_metrics(train, test, counts)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
-    for reason in prepare.REASONS:
+    for reason in filters.REASONS:
         assert metrics[f"dropped_{reason}"] == 0
     assert set(metrics) == {"rows_in", "rows_out", "rows_train", "rows_test"} | {
-        f"dropped_{reason}" for reason in prepare.REASONS
+        f"dropped_{reason}" for reason in filters.REASONS
     }
     assert metrics["rows_out"] == metrics["rows_train"] + metrics["rows_test"] == 60
 
@@ -285,19 +281,19 @@ def test_template_that_fails_to_render_is_a_stage_error(tokenizer):
     with pytest.raises(
         StageError, match="rendering a single system turn failed.*must start with a user turn"
     ):
-        prepare.template_pieces(failing)
+        chatml.template_pieces(failing)
 
 
 def test_no_rows_left_or_an_empty_split_stops_the_stage(tokenizer):
     rows = [dict(r, chosen=" ") for r in random_rows(5, seed=12)]
-    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params())
-    metrics = prepare.data_metrics(train, test, counts)
+    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params())
+    metrics = filters.data_metrics(train, test, counts)
     with pytest.raises(
         StageError, match=r"raw.jsonl: no rows left after the content filters \(.*blank_answer=5"
     ):
-        prepare.check_split(train, test, metrics, "raw.jsonl", data_params())
+        filters.check_split(train, test, metrics, "raw.jsonl", data_params())
     one = random_rows(1, seed=13)
-    train, test, counts = prepare.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
-    metrics = prepare.data_metrics(train, test, counts)
+    train, test, counts = preparation.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
+    metrics = filters.data_metrics(train, test, counts)
     with pytest.raises(StageError, match="the test split is empty"):
-        prepare.check_split(train, test, metrics, "raw.jsonl", data_params(test_fraction=1e-9))
+        filters.check_split(train, test, metrics, "raw.jsonl", data_params(test_fraction=1e-9))

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import prepare
-from stages.common import StageError
+from dpo_pipeline import raw
+from dpo_pipeline.errors import StageError
 
 ROW = {"system": "", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}
 ORIGINAL_ROW = {"system": "", "question": "What is 2 + 2?", "chatgpt": "4.", "llama2-13b-chat": "5."}
@@ -20,8 +20,8 @@ ORIGINAL_ROW = {"system": "", "question": "What is 2 + 2?", "chatgpt": "4.", "ll
 def write_jsonl(path: Path, rows: list, lines: dict[int, str] | None = None) -> Path:
     """Rows as JSON Lines; `lines` replaces given 1-based lines with raw text."""
     text = [json.dumps(r) for r in rows]
-    for number, raw in (lines or {}).items():
-        text[number - 1] = raw
+    for number, raw_text in (lines or {}).items():
+        text[number - 1] = raw_text
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
 
@@ -32,7 +32,7 @@ def rows(n: int) -> list[dict]:
 
 def error_of(path: Path, columns: str = "auto") -> str:
     with pytest.raises(StageError) as info:
-        prepare.read_local(path, columns)
+        raw.read_local(path, columns)
     return str(info.value)
 
 
@@ -41,17 +41,13 @@ def error_of(path: Path, columns: str = "auto") -> str:
 
 
 def test_detect_current_and_original_schema_ignoring_extra_columns():
-    assert (
-        prepare.detect_schema(["system", "question", "chosen", "rejected", "extra"], "auto", "f") == "current"
-    )
-    assert (
-        prepare.detect_schema(["llama2-13b-chat", "chatgpt", "question", "system"], "auto", "f") == "original"
-    )
+    assert raw.detect_schema(["system", "question", "chosen", "rejected", "extra"], "auto", "f") == "current"
+    assert raw.detect_schema(["llama2-13b-chat", "chatgpt", "question", "system"], "auto", "f") == "original"
 
 
 def test_unknown_schema_names_file_columns_found_and_expected():
     with pytest.raises(StageError) as info:
-        prepare.detect_schema(["prompt", "chosen", "rejected"], "auto", "raw/x.jsonl")
+        raw.detect_schema(["prompt", "chosen", "rejected"], "auto", "raw/x.jsonl")
     message = str(info.value)
     assert message.startswith("raw/x.jsonl: unknown raw schema")
     assert "found columns: chosen, prompt, rejected" in message
@@ -61,28 +57,26 @@ def test_unknown_schema_names_file_columns_found_and_expected():
 def test_both_schemas_present_asks_for_data_columns():
     columns = ["system", "question", "chosen", "rejected", "chatgpt", "llama2-13b-chat"]
     with pytest.raises(StageError, match="set data.columns"):
-        prepare.detect_schema(columns, "auto", "f")
-    assert prepare.detect_schema(columns, "original", "f") == "original"
+        raw.detect_schema(columns, "auto", "f")
+    assert raw.detect_schema(columns, "original", "f") == "original"
 
 
 def test_forced_schema_reports_missing_columns():
     with pytest.raises(
         StageError, match=r"f: data.columns is 'original' but column\(s\) chatgpt, llama2-13b-chat"
     ):
-        prepare.detect_schema(list(ROW), "original", "f")
+        raw.detect_schema(list(ROW), "original", "f")
 
 
 def test_original_schema_maps_chatgpt_to_chosen(tmp_path):
-    table, schema = prepare.read_local(write_jsonl(tmp_path / "o.jsonl", [ORIGINAL_ROW]), "auto")
+    table, schema = raw.read_local(write_jsonl(tmp_path / "o.jsonl", [ORIGINAL_ROW]), "auto")
     assert schema == "original"
-    assert table.column_names == list(prepare.TEXT_COLUMNS)
+    assert table.column_names == list(raw.TEXT_COLUMNS)
     assert table.to_pylist() == [ROW]
 
 
 def test_extra_columns_are_ignored(tmp_path):
-    table, schema = prepare.read_local(
-        write_jsonl(tmp_path / "x.jsonl", [dict(ROW, id=3, score=None)]), "auto"
-    )
+    table, schema = raw.read_local(write_jsonl(tmp_path / "x.jsonl", [dict(ROW, id=3, score=None)]), "auto")
     assert schema == "current" and table.to_pylist() == [ROW]
 
 
@@ -161,7 +155,7 @@ def test_unknown_schema_in_a_file_names_the_file(tmp_path):
 def test_json_array_is_read(tmp_path):
     path = tmp_path / "raw.json"
     path.write_text(json.dumps(rows(3), indent=2), encoding="utf-8")
-    table, schema = prepare.read_local(path, "auto")
+    table, schema = raw.read_local(path, "auto")
     assert table.num_rows == 3 and schema == "current"
 
 
@@ -199,7 +193,7 @@ def test_empty_json_array_is_an_error(tmp_path):
 def test_parquet_is_read_with_either_schema(tmp_path):
     path = tmp_path / "raw.parquet"
     pq.write_table(pa.Table.from_pylist([ORIGINAL_ROW, ORIGINAL_ROW]), path)
-    table, schema = prepare.read_local(path, "auto")
+    table, schema = raw.read_local(path, "auto")
     assert schema == "original" and table.to_pylist() == [ROW, ROW]
 
 
@@ -278,7 +272,7 @@ def test_hub_rows_go_through_datasets_with_the_pinned_revision(monkeypatch):
     data = SimpleNamespace(
         hub_name="Intel/orca_dpo_pairs", hub_revision=revision, hub_split="train", columns="auto"
     )
-    table, schema, label = prepare.read_hub(data)
+    table, schema, label = raw.read_hub(data)
     assert calls == [("Intel/orca_dpo_pairs", revision, "train")]
     assert schema == "original" and label == f"Intel/orca_dpo_pairs@{revision}"
     assert table.to_pylist() == [ROW, ROW]
@@ -293,7 +287,7 @@ def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(broken))
     data = SimpleNamespace(hub_name="org/set", hub_revision="b" * 40, hub_split="train", columns="auto")
     with pytest.raises(StageError) as info:
-        prepare.read_hub(data)
+        raw.read_hub(data)
     assert (
         str(info.value)
         == f"org/set@{'b' * 40} (split train): row index 1: column 'chosen' is null where text is required"
@@ -305,8 +299,8 @@ def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
 
 
 def _slow(path: Path, columns: str = "auto"):
-    rows_, where = prepare.read_json_rows(path)
-    return prepare.rows_to_table(rows_, where, columns, str(path))
+    rows_, where = raw.read_json_rows(path)
+    return raw.rows_to_table(rows_, where, columns, str(path))
 
 
 TRICKY = [
@@ -321,7 +315,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("ensure_ascii", [True, False])
 def test_fast_reader_equals_line_by_line_reader(tmp_path, ensure_ascii):
-    raw = [
+    rows = [
         {"system": a, "question": b, "chosen": c, "rejected": d, "extra": i}
         for i, (a, b, c, d) in enumerate(
             zip(
@@ -330,18 +324,18 @@ def test_fast_reader_equals_line_by_line_reader(tmp_path, ensure_ascii):
         )
     ]
     path = tmp_path / "tricky.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in raw), encoding="utf-8")
-    fast = prepare.read_json_lines_fast(path, "auto")
+    path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), encoding="utf-8")
+    fast = raw.read_json_lines_fast(path, "auto")
     assert fast is not None, "a valid JSON Lines file must take the fast path"
     slow = _slow(path)
     assert fast[1] == slow[1] == "current"
     assert fast[0].equals(slow[0])
-    assert fast[0].column("system").to_pylist() == [r["system"] for r in raw]
+    assert fast[0].column("system").to_pylist() == [r["system"] for r in rows]
 
 
 def test_fast_reader_equals_line_by_line_reader_on_the_shipped_sample():
     path = Path("data/raw/orca_dpo_sample.jsonl")
-    fast = prepare.read_json_lines_fast(path, "auto")
+    fast = raw.read_json_lines_fast(path, "auto")
     assert fast is not None and fast[0].num_rows == 3000
     assert fast[0].equals(_slow(path)[0])
 
@@ -352,8 +346,8 @@ def test_read_local_takes_the_fast_path_for_valid_files(tmp_path, monkeypatch):
     def boom(*_args, **_kwargs):
         raise AssertionError("the line-by-line reader should not be needed for a valid file")
 
-    monkeypatch.setattr(prepare, "read_json_rows", boom)
-    table, schema = prepare.read_local(path, "auto")
+    monkeypatch.setattr(raw, "read_json_rows", boom)
+    table, schema = raw.read_local(path, "auto")
     assert table.num_rows == 5 and schema == "current"
 
 
@@ -371,10 +365,10 @@ def test_read_local_takes_the_fast_path_for_valid_files(tmp_path, monkeypatch):
 )
 def test_fast_reader_gives_way_to_the_precise_one_on_bad_rows(tmp_path, lines, expected):
     path = write_jsonl(tmp_path / "raw.jsonl", rows(5), lines)
-    assert prepare.read_json_lines_fast(path, "auto") is None
+    assert raw.read_json_lines_fast(path, "auto") is None
     if expected is None:  # duplicate key: json.loads keeps the last value, like the fallback reader
-        table, _ = prepare.read_local(path, "auto")
+        table, _ = raw.read_local(path, "auto")
         assert table.column("rejected")[0].as_py() == "x"
     else:
         with pytest.raises(StageError, match=expected):
-            prepare.read_local(path, "auto")
+            raw.read_local(path, "auto")

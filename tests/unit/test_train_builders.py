@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from dpo_pipeline import launch, models, tokens, training
+from dpo_pipeline import reference as reference_lib
 from tests.conftest import replace_params
 
 
 def test_bnb_config(default_params):
     import torch
 
-    from stages import train
-
-    config = train.bnb_config(default_params.train)
+    config = models.bnb_config(default_params.train)
     assert config.load_in_4bit and not config.load_in_8bit
     assert config.bnb_4bit_quant_type == default_params.train.bnb_4bit_quant_type
     assert config.bnb_4bit_compute_dtype == torch.float32
@@ -29,27 +29,25 @@ def test_bnb_config(default_params):
             "bnb_4bit_use_double_quant": False,
         },
     )
-    config = train.bnb_config(other.train)
+    config = models.bnb_config(other.train)
     assert config.bnb_4bit_quant_type == "fp4"
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert config.bnb_4bit_use_double_quant is False
-    assert train.bnb_config(replace_params(default_params, train={"load_in_4bit": False}).train) is None
+    assert models.bnb_config(replace_params(default_params, train={"load_in_4bit": False}).train) is None
 
 
 def test_lora_config(default_params):
-    from stages import train
 
     lora = replace_params(
         default_params, train={"lora": {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "lora_only"}}
     ).train.lora
-    config = train.lora_config(lora)
+    config = models.lora_config(lora)
     assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 32, 0.1, "lora_only")
     assert config.target_modules == set(default_params.train.lora.target_modules)
     assert config.task_type == "CAUSAL_LM"
 
 
 def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
-    from stages import train
 
     p = replace_params(
         default_params,
@@ -72,7 +70,7 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
             "group_by_length": False,
         },
     )
-    config = train.dpo_config(p, tmp_path / "ckpt")
+    config = training.dpo_config(p, tmp_path / "ckpt")
     assert config.output_dir == str(tmp_path / "ckpt")
     assert config.beta == 0.25 and config.loss_type == ["ipo"]
     assert config.learning_rate == 1.0e-4 and config.lr_scheduler_type == "linear"
@@ -89,7 +87,7 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
     assert config.disable_dropout is False, "the LoRA dropout of params.yaml must stay active"
     assert config.report_to == [] or config.report_to == "none"
 
-    grouped = train.dpo_config(
+    grouped = training.dpo_config(
         replace_params(p, train={"group_by_length": True, "precompute_ref": True}), tmp_path
     )
     assert grouped.train_sampling_strategy == "sequential"
@@ -97,26 +95,23 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
 
 
 def test_precision_flags(default_params):
-    from stages import train
 
     assert (
-        train.precision_kwargs(replace_params(default_params, train={"precision": "bf16"}).train)["bf16"]
+        models.precision_kwargs(replace_params(default_params, train={"precision": "bf16"}).train)["bf16"]
         is True
     )
-    flags = train.precision_kwargs(
+    flags = models.precision_kwargs(
         replace_params(default_params, train={"precision": "fp16", "device": "cuda"}).train
     )
     assert flags == {"bf16": False, "fp16": True, "use_cpu": False}
-    assert train.model_dtype("bf16") == "bfloat16" and train.model_dtype("fp32") == "float32"
+    assert models.model_dtype("bf16") == "bfloat16" and models.model_dtype("fp32") == "float32"
 
 
 def test_reference_config_reads_only_declared_params(default_params, tmp_path):
     from trl import DPOConfig
 
-    from stages import reference
-
     p = replace_params(default_params, train={"per_device_train_batch_size": 3, "beta": 0.9, "max_steps": 5})
-    config = reference.reference_config(p, tmp_path)
+    config = reference_lib.reference_config(p, tmp_path)
     defaults = {name: field.default for name, field in DPOConfig.__dataclass_fields__.items()}
     assert config.precompute_ref_log_probs is True
     # No length limit (tokenize already applied it: trl must cut nothing) and no seed (not a reference param).
@@ -127,22 +122,20 @@ def test_reference_config_reads_only_declared_params(default_params, tmp_path):
 
 
 def test_checkpoint_key(default_params):
-    from stages import train
 
     inputs = {"base": "a" * 64, "prepared": "b" * 64, "reference": "c" * 64}
-    key = train.checkpoint_key(default_params, inputs)
-    assert key == train.checkpoint_key(default_params, dict(reversed(list(inputs.items()))))
-    assert key != train.checkpoint_key(replace_params(default_params, train={"beta": 0.2}), inputs)
-    assert key != train.checkpoint_key(replace_params(default_params, seed=1), inputs)
-    assert key != train.checkpoint_key(default_params, {**inputs, "prepared": "d" * 64})
+    key = training.checkpoint_key(default_params, inputs)
+    assert key == training.checkpoint_key(default_params, dict(reversed(list(inputs.items()))))
+    assert key != training.checkpoint_key(replace_params(default_params, train={"beta": 0.2}), inputs)
+    assert key != training.checkpoint_key(replace_params(default_params, seed=1), inputs)
+    assert key != training.checkpoint_key(default_params, {**inputs, "prepared": "d" * 64})
     # Params train does not read cannot make a checkpoint incompatible.
-    assert key == train.checkpoint_key(replace_params(default_params, eval={"batch_size": 1}), inputs)
+    assert key == training.checkpoint_key(replace_params(default_params, eval={"batch_size": 1}), inputs)
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path):
-    from stages import train
 
-    assert train.latest_checkpoint(tmp_path / "none") is None
+    assert training.latest_checkpoint(tmp_path / "none") is None
     for step in (2, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
@@ -150,11 +143,10 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
     (tmp_path / "checkpoint-14").mkdir()
     (tmp_path / "checkpoint-14" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
     (tmp_path / "checkpoint-x").mkdir()
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert training.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
 
 
 def test_history_rows_and_csv():
-    from stages import train
 
     log = [
         {"loss": 0.69, "rewards/margins": 0.0, "learning_rate": 1e-4, "step": 1, "epoch": 0.1},
@@ -162,32 +154,31 @@ def test_history_rows_and_csv():
         {"eval_loss": 0.5, "step": 2},
         {"train_runtime": 1.0, "train_loss": 0.65, "step": 2},
     ]
-    rows = train.history_rows(log)
+    rows = training.history_rows(log)
     assert [r["step"] for r in rows] == [1, 2]
-    assert list(rows[0]) == list(train.HISTORY_COLUMNS)
-    text = train.history_csv(rows)
-    assert text.splitlines()[0] == ",".join(train.HISTORY_COLUMNS)
+    assert list(rows[0]) == list(training.HISTORY_COLUMNS)
+    text = training.history_csv(rows)
+    assert text.splitlines()[0] == ",".join(training.HISTORY_COLUMNS)
     assert text.splitlines()[2] == "2,0.6,,,0.3,0.75,0.0002"
 
 
 def test_collapse_rule():
-    from stages import train
 
     collapsed = {"loss": 0.001, "rewards/accuracies": 1.0}
-    assert train.is_collapse(collapsed, step=10, max_steps=120)
-    assert not train.is_collapse(collapsed, step=13, max_steps=120), "only early in training"
-    assert not train.is_collapse({"loss": 0.02, "rewards/accuracies": 1.0}, step=5, max_steps=120)
-    assert not train.is_collapse({"loss": 0.001, "rewards/accuracies": 0.9}, step=5, max_steps=120)
-    assert not train.is_collapse({"eval_loss": 0.001}, step=5, max_steps=120)
-    assert train.is_collapse(collapsed, step=1, max_steps=4), "at least the first step counts"
+    assert training.is_collapse(collapsed, step=10, max_steps=120)
+    assert not training.is_collapse(collapsed, step=13, max_steps=120), "only early in training"
+    assert not training.is_collapse({"loss": 0.02, "rewards/accuracies": 1.0}, step=5, max_steps=120)
+    assert not training.is_collapse({"loss": 0.001, "rewards/accuracies": 0.9}, step=5, max_steps=120)
+    assert not training.is_collapse({"eval_loss": 0.001}, step=5, max_steps=120)
+    assert training.is_collapse(collapsed, step=1, max_steps=4), "at least the first step counts"
 
 
 def test_collapse_callback_warns_and_tags(monkeypatch, caplog):
-    from stages import tracking, train
+    from dpo_pipeline import tracking
 
     tags = {}
     monkeypatch.setattr(tracking, "set_tags", tags.update)
-    callback = train._collapse_callback(max_steps=100)
+    callback = training.collapse_callback(max_steps=100)
     callback.on_log(None, SimpleNamespace(global_step=5), None, logs={"loss": 0.5, "rewards/accuracies": 1.0})
     assert tags == {}
     callback.on_log(
@@ -216,8 +207,7 @@ def tokenized_table(ids):
 def test_attach_reference_joins_by_id_in_tokenized_order():
     import pyarrow as pa
 
-    from stages import train
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     table = tokenized_table(["b", "a", "c"])
     reference = pa.table(
@@ -227,24 +217,22 @@ def test_attach_reference_joins_by_id_in_tokenized_order():
             "ref_rejected_logps": [-4.0, -5.0, -6.0],
         }
     )
-    joined = train.attach_reference(table, reference, "ref/train.parquet")
+    joined = reference_lib.attach_reference(table, reference, "ref/train.parquet")
     assert joined.column("id").to_pylist() == ["b", "a", "c"]
     assert joined.column("ref_chosen_logps").to_pylist() == [-2.0, -1.0, -3.0]
     assert joined.schema.field("ref_rejected_logps").type == pa.float32()
 
     with pytest.raises(StageError, match=r"ref/train\.parquet: no reference log-probs for 1 .* id 'c'"):
-        train.attach_reference(table, reference.slice(0, 2), "ref/train.parquet")
+        reference_lib.attach_reference(table, reference.slice(0, 2), "ref/train.parquet")
 
 
 def test_to_dataset():
     import pyarrow as pa
 
-    from stages import train
-
     table = tokenized_table(["a", "b"]).append_column(
         "ref_chosen_logps", pa.array([-1.0, -2.0], pa.float32())
     )
-    dataset = train.to_dataset(table, ("ref_chosen_logps",))
+    dataset = training.to_dataset(table, ("ref_chosen_logps",))
     assert dataset.column_names == [
         "id",
         "prompt_ids",
@@ -254,46 +242,42 @@ def test_to_dataset():
         "ref_chosen_logps",
     ]
     assert dataset[1]["prompt_ids"] == [1] * 11 and dataset[0]["rejected_ids"] == [5, 6, 7, 8, 9]
-    assert list(dataset[train.LENGTH_COLUMN]) == [15, 16]
-    assert train.to_dataset(table).column_names == list(train.OUTPUT_COLUMNS)
+    assert list(dataset[tokens.LENGTH_COLUMN]) == [15, 16]
+    assert training.to_dataset(table).column_names == list(tokens.OUTPUT_COLUMNS)
 
 
 def test_read_tokenized_errors(tmp_path):
     import pyarrow.parquet as pq
 
-    from stages import train
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found .*dvc repro tokenize"):
-        train.read_tokenized(tmp_path, "train")
+        tokens.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table(["a", "b"]).drop_columns(["chosen_ids"]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match=r"train\.parquet: missing column\(s\) chosen_ids"):
-        train.read_tokenized(tmp_path, "train")
+        tokens.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table(["a", "a"]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match="duplicate"):
-        train.read_tokenized(tmp_path, "train")
+        tokens.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table([]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match=r"train\.parquet: no rows"):
-        train.read_tokenized(tmp_path, "train")
+        tokens.read_tokenized(tmp_path, "train")
 
 
 def test_read_reference_checks_meta(tmp_path):
-    from stages import train
-    from stages.common import StageError
+    from dpo_pipeline.errors import StageError
 
     with pytest.raises(StageError, match="meta.json: not found"):
-        train.read_reference(tmp_path, "train", {})
+        reference_lib.read_reference(tmp_path, "train", {})
     (tmp_path / "meta.json").write_text(json.dumps({"precompute_ref": True, "base_sha256": "old"}))
     with pytest.raises(StageError, match="meta.json: base_sha256 is 'old', this run expects 'new'"):
-        train.read_reference(tmp_path, "train", {"base_sha256": "new"})
+        reference_lib.read_reference(tmp_path, "train", {"base_sha256": "new"})
 
 
 def test_last_step_is_always_logged():
     from transformers import TrainerControl
 
-    from stages import train
-
-    callback = train._collapse_callback(max_steps=7)
+    callback = training.collapse_callback(max_steps=7)
     control = TrainerControl()
     callback.on_step_end(None, SimpleNamespace(global_step=6, max_steps=7), control)
     assert not control.should_log
@@ -305,38 +289,35 @@ def test_recipe_builders(repo_root):
     """The 7B recipe goes through the same builders: QLoRA NF4 with bf16 compute."""
     import torch
 
-    from stages import config, train
+    from dpo_pipeline import config
 
     recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
-    bnb = train.bnb_config(recipe.train)
+    bnb = models.bnb_config(recipe.train)
     assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
-    assert train.lora_config(recipe.train.lora).r == 16
-    assert train.precision_kwargs(recipe.train) == {"bf16": True, "fp16": False, "use_cpu": False}
+    assert models.lora_config(recipe.train.lora).r == 16
+    assert models.precision_kwargs(recipe.train) == {"bf16": True, "fp16": False, "use_cpu": False}
 
 
 @pytest.mark.gpu
 def test_recipe_dpo_config_on_cuda(repo_root, tmp_path):
-    from stages import config, train
+    from dpo_pipeline import config
 
     recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
-    args = train.dpo_config(recipe, tmp_path)
+    args = training.dpo_config(recipe, tmp_path)
     assert args.optim == "paged_adamw_32bit" and args.bf16 and args.gradient_checkpointing
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
 
 
 def test_dpo_config_tells_ddp_every_lora_weight_is_used(default_params, tmp_path):
-    from stages import train
 
-    assert train.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
+    assert training.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
 
 
 def test_launch_command_cpu_is_torchrun(default_params):
     import torch.distributed.run as torchrun
 
-    from stages import train
-
     params = replace_params(default_params, train={"num_processes": 3, "device": "cpu"})
-    argv = train.launch_command(params, port=29123, python="/venv/bin/python")
+    argv = launch.launch_command(params, port=29123, python="/venv/bin/python")
     assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
     # Parsed by torchrun's own parser, so a renamed or misspelt flag fails here.
     args = torchrun.get_args_parser().parse_args(argv[3:])
@@ -349,12 +330,10 @@ def test_launch_command_cpu_is_torchrun(default_params):
 def test_launch_command_cuda_is_accelerate_ddp(default_params, precision, flag):
     from accelerate.commands.launch import launch_command_parser
 
-    from stages import train
-
     params = replace_params(
         default_params, train={"num_processes": 2, "device": "cuda", "precision": precision}
     )
-    argv = train.launch_command(params, port=29124, python="py")
+    argv = launch.launch_command(params, port=29124, python="py")
     assert argv[:3] == ["py", "-m", "accelerate.commands.launch"]
     args = launch_command_parser().parse_args(argv[3:])
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed and args.config_file is None
@@ -367,32 +346,30 @@ def test_launch_command_cuda_with_an_accelerate_config_file(default_params):
     """FSDP / DeepSpeed: the config file picks the distributed type, so --multi_gpu must not override it."""
     from accelerate.commands.launch import launch_command_parser
 
-    from stages import train
-
     params = replace_params(default_params, train={"num_processes": 4, "device": "cuda", "precision": "bf16"})
-    argv = train.launch_command(params, port=1, config_file="fsdp.yaml", python="py")
+    argv = launch.launch_command(params, port=1, config_file="fsdp.yaml", python="py")
     args = launch_command_parser().parse_args(argv[3:])
     assert args.config_file == "fsdp.yaml" and not args.multi_gpu
     assert (args.num_processes, args.mixed_precision) == (4, "bf16")
 
 
 def test_is_distributed_worker():
-    from stages import train
 
-    assert not train.is_distributed_worker({"PATH": "/bin", "RANK": "0"})
-    assert train.is_distributed_worker({"LOCAL_RANK": "1"})
-    assert train.is_distributed_worker({"WORLD_SIZE": "2"})
+    assert not launch.is_distributed_worker({"PATH": "/bin", "RANK": "0"})
+    assert launch.is_distributed_worker({"LOCAL_RANK": "1"})
+    assert launch.is_distributed_worker({"WORLD_SIZE": "2"})
 
 
 def test_train_summary_holds_declared_params_and_deterministic_metrics(default_params):
-    from stages import tracking, train
+    from dpo_pipeline import tracking
+    from stages import train
 
-    metrics = {key: float(i) for i, key in enumerate(train.METRIC_KEYS)}
-    summary = train.train_summary(default_params, metrics)
+    metrics = {key: float(i) for i, key in enumerate(training.METRIC_KEYS)}
+    summary = training.train_summary(default_params, metrics)
     assert set(summary) == {"params", "metrics"}
     assert summary["params"] == tracking.params_for(default_params, train.SECTIONS)
     assert set(summary["params"]) == {"seed", "data.max_length", "train"}
-    assert set(summary["metrics"]) == set(train.SUMMARY_METRIC_KEYS) <= set(train.METRIC_KEYS)
+    assert set(summary["metrics"]) == set(training.SUMMARY_METRIC_KEYS) <= set(training.METRIC_KEYS)
     for varying in ("train_runtime_s", "pairs_per_s", "tokens_per_s", "peak_memory_mb", "pad_fraction"):
         assert varying not in summary["metrics"]
     assert summary["metrics"]["eval_loss"] == metrics["eval_loss"]

@@ -1,4 +1,4 @@
-"""stages.verify: DVC's hash semantics and the checks, on a hand-built cache (no dvc process)."""
+"""tools.verify: DVC's hash semantics and the checks, on a hand-built cache (no dvc process)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import verify
-from stages.verify import Output
+from tools import verify
+from tools.verify import Output
 
 
 def md5(data: bytes) -> str:

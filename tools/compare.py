@@ -1,6 +1,6 @@
 """compare: metric differences between the MLflow runs of two commits, without checking out their files.
 
-    python -m stages.compare REV_A REV_B [--experiment NAME] [--stage STAGE] [--tracking-uri URI]
+    python -m tools.compare REV_A REV_B [--experiment NAME] [--stage STAGE] [--tracking-uri URI]
 
 Reads: the MLflow store (--tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db as the stages use);
 the experiment name from params.yaml `tracking.experiment` unless --experiment is given; git, to turn a
@@ -9,7 +9,7 @@ another machine (pushed to a shared tracking server) can be compared even if thi
 Writes: nothing; prints one table per stage: metric, A, B, delta (B - A).
 
 For each rev and stage the latest FINISHED run tagged `git.commit = <sha>` and `stage = <stage>` is used
-(the tags stages/tracking.py writes: the commit checked out when the stage ran). When the rev itself has no
+(the tags dpo_pipeline/tracking.py writes: the commit checked out when the stage ran). When the rev itself has no
 runs, e.g. a branch whose tip only commits the dvc.lock that `dvc repro` wrote, its first-parent ancestors
 are searched (up to --max-back commits) and the table says which commit the runs belong to. A run made
 with uncommitted changes (`git.dirty = true`) is still used but flagged, since its commit does not fully
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common import StageError, run_main
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.runner import run_main
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -222,7 +223,7 @@ def latest_runs(client: Any, experiment_id: str, commit: str, stage: str | None 
 
 
 def default_experiment() -> str:
-    from stages import config
+    from dpo_pipeline import config
 
     return config.load().tracking.experiment
 
@@ -238,7 +239,7 @@ def run(
 ) -> str:
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking import default_uri
+    from dpo_pipeline.tracking import default_uri
 
     sha_a, sha_b = resolve_rev(rev_a), resolve_rev(rev_b)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
@@ -270,7 +271,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.split("\n")[0])
     parser.add_argument("rev_a", help="branch, tag or sha (a full sha need not exist in this clone)")
     parser.add_argument("rev_b", help="branch, tag or sha")
     parser.add_argument("--experiment", help="MLflow experiment (default: params.yaml tracking.experiment)")

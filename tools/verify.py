@@ -1,6 +1,6 @@
 """verify: re-hash the workspace outputs and the local DVC cache against dvc.lock; name every bad file.
 
-    python -m stages.verify [--workspace] [--cache] [--all-cache]        (make verify)
+    python -m tools.verify [--workspace] [--cache] [--all-cache]        (make verify)
 
 Why: DVC trusts its cache. `dvc checkout` and `dvc push` copy cache objects without re-hashing them, so
 a flipped bit in .dvc/cache spreads silently; and `dvc status` only notices a workspace change when
@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.common import StageError, run_main
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.runner import run_main
 
 DIR_SUFFIX = ".dir"
 
@@ -279,7 +280,7 @@ def verify(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.verify", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.verify", description=__doc__.split("\n")[0])
     parser.add_argument("--workspace", action="store_true", help="check only the workspace outputs")
     parser.add_argument("--cache", action="store_true", help="check only the cache objects")
     parser.add_argument("--all-cache", action="store_true", help="re-hash every object in the cache")

@@ -39,7 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.common import StageError, flatten, sha256_tree
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.io import flatten, sha256_tree
 
 LIBRARIES = (
     "torch",
@@ -158,7 +159,9 @@ def params_for(params: Any, sections: list[str]) -> dict[str, Any]:
     """The declared params (dotted names as in dvc.yaml) as a nested dict of plain data."""
     import dataclasses
 
-    plain = dataclasses.asdict(params)
+    from dpo_pipeline.config import plain as untraced
+
+    plain = dataclasses.asdict(untraced(params))
     picked: dict[str, Any] = {}
     for dotted in sections:
         value: Any = plain

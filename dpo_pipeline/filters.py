@@ -1,0 +1,197 @@
+"""The prepare stage's counted drops, row ids, the content-hash split and the data metrics."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.layout import TEXT_COLUMNS
+
+# Why rows are dropped, in the order they are tested (a row counts under its first reason).
+REASONS = (
+    "blank_question",  # question is empty or whitespace only
+    "blank_answer",  # chosen or rejected is empty or whitespace only
+    "identical_answers",  # chosen == rejected: no preference to learn
+    "duplicate",  # same system/question/chosen/rejected as an earlier row (the first is kept)
+)
+
+
+OUTPUT_COLUMNS = ("id", "system", "question", "prompt", "chosen", "rejected")
+
+
+def row_digest(system: str, question: str, chosen: str, rejected: str) -> bytes:
+    """sha256 of a row's content (after mapping to current column names): its identity everywhere.
+
+    JSON-encoding the four strings keeps the encoding unambiguous whatever characters they hold.
+    """
+    payload = json.dumps([system, question, chosen, rejected], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).digest()
+
+
+def row_id(digest: bytes) -> str:
+    return digest[:8].hex()
+
+
+def is_test(digest: bytes, test_fraction: float) -> bool:
+    """The split of a row depends only on its own content: first 8 bytes of the digest as a uniform [0, 1)."""
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+# json.dumps(ensure_ascii=False) escapes exactly these: two-character forms, then \u00xx for other controls.
+_SHORT_ESCAPES = (
+    (b"\\", b"\\\\"),  # the backslash first, so the ones added below are not escaped again
+    (b'"', b'\\"'),
+    (b"\n", b"\\n"),
+    (b"\r", b"\\r"),
+    (b"\t", b"\\t"),
+    (b"\b", b"\\b"),
+    (b"\f", b"\\f"),
+)
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+@functools.cache
+def _escape_growth():
+    """Bytes that JSON-escaping adds to each byte value: 1 for the two-character escapes, 5 for \\u00xx."""
+    import numpy as np
+
+    growth = np.zeros(256, dtype=np.uint8)
+    growth[:0x20] = 5
+    for char, _escaped in _SHORT_ESCAPES:
+        growth[char[0]] = 1
+    return growth
+
+
+def _json_escaped(array) -> tuple[bytes, Any]:
+    """(UTF-8 bytes, offsets) of a string column with every value escaped as `json.dumps(ensure_ascii=False)`
+    escapes a string: backslash, double quote and the control characters U+0000-U+001F, nothing else.
+
+    UTF-8 encodes those characters as single bytes below 0x80, which never occur inside a multi-byte
+    sequence, so the column's whole data buffer is escaped at once with bytes.replace; each value's new
+    offset is its old one plus the bytes that the escapes before it added.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32  # string: int32 offsets, no copy
+    _validity, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[array.offset : array.offset + len(array) + 1]
+    offsets = offsets.astype(np.int64)
+    start, end = int(offsets[0]), int(offsets[-1])
+    raw = np.frombuffer(data_buffer, dtype=np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
+    offsets = offsets - start
+    growth = _escape_growth()[raw]
+    where = np.flatnonzero(growth)
+    data = raw.tobytes()
+    if where.size == 0:
+        return data, offsets
+    growth = growth[where]
+    added = np.concatenate(([0], np.cumsum(growth, dtype=np.int64)))
+    offsets = offsets + added[np.searchsorted(where, offsets)]
+    for char, escaped in _SHORT_ESCAPES:
+        data = data.replace(char, escaped)
+    if (growth == 5).any():
+        data = _CONTROL.sub(lambda match: b"\\u%04x" % match.group()[0], data)
+    return data, offsets
+
+
+def digests(table) -> list[bytes]:
+    """`row_digest` of every row, computed on the Arrow buffers (12,859 orca rows: 0.09 s instead of 0.21 s).
+
+    Gives the same bytes as `row_digest` (tests/unit/test_prepare_format.py checks it on every escape)."""
+    columns = [_json_escaped(table[name]) for name in TEXT_COLUMNS]
+    bounds = [offsets.tolist() for _data, offsets in columns]
+    views = [memoryview(data) for data, _offsets in columns]
+    (s, so), (q, qo), (c, co), (r, ro) = zip(views, bounds, strict=True)
+    sha256 = hashlib.sha256
+    out = []
+    for i in range(table.num_rows):
+        j = i + 1
+        out.append(
+            sha256(
+                b"".join(
+                    (
+                        b'["',
+                        s[so[i] : so[j]],
+                        b'", "',
+                        q[qo[i] : qo[j]],
+                        b'", "',
+                        c[co[i] : co[j]],
+                        b'", "',
+                        r[ro[i] : ro[j]],
+                        b'"]',
+                    )
+                )
+            ).digest()
+        )
+    return out
+
+
+def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
+    """Boolean drop masks of the token-free filters, each True where that reason applies."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def blank(name: str):
+        return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table[name])), 0)
+
+    seen: set[bytes] = set()
+    duplicate = []
+    for digest in row_digests:
+        duplicate.append(digest in seen)
+        seen.add(digest)
+    return {
+        "blank_question": blank("question"),
+        "blank_answer": pc.or_(blank("chosen"), blank("rejected")),
+        "identical_answers": pc.equal(table["chosen"], table["rejected"]),
+        "duplicate": pa.array(duplicate, pa.bool_()),
+    }
+
+
+def first_reason(masks: dict[str, Any], n: int, reasons: Sequence[str]):
+    """Per row: the first of `reasons` whose mask is True (or None) -> (keep mask, counts per reason).
+
+    Shared by prepare's content filters (REASONS) and the tokenize stage's length limits."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    remaining = pa.array([True] * n, pa.bool_())
+    counts = {}
+    for reason in reasons:
+        hit = pc.and_(remaining, masks[reason])
+        counts[reason] = pc.sum(hit).as_py() or 0
+        remaining = pc.and_(remaining, pc.invert(masks[reason]))
+    return remaining, counts
+
+
+def data_metrics(train, test, counts: dict[str, Any]) -> dict[str, Any]:
+    """Flat metrics for metrics/data.json (readable in `dvc metrics diff`)."""
+    metrics: dict[str, Any] = {
+        "rows_in": counts["rows_in"],
+        "rows_out": train.num_rows + test.num_rows,
+        "rows_train": train.num_rows,
+        "rows_test": test.num_rows,
+    }
+    for reason in REASONS:
+        metrics[f"dropped_{reason}"] = counts["dropped"].get(reason, 0)
+    return metrics
+
+
+def check_split(train, test, metrics: dict[str, Any], source: str, data) -> None:
+    dropped = ", ".join(f"{r}={metrics[f'dropped_{r}']}" for r in REASONS)
+    if metrics["rows_out"] == 0:
+        raise StageError(f"{source}: no rows left after the content filters (dropped: {dropped})")
+    for name, table in (("train", train), ("test", test)):
+        if table.num_rows == 0:
+            raise StageError(
+                f"{source}: the {name} split is empty ({metrics['rows_out']} rows kept, "
+                f"data.test_fraction={data.test_fraction}); add rows or change data.test_fraction"
+            )

@@ -1,0 +1,109 @@
+"""Several processes / GPUs: torchrun on CPU (gloo), accelerate on GPUs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from dpo_pipeline.models import (
+    resolve_device,
+)
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's flag
+
+
+def is_distributed_worker(env: Mapping[str, str]) -> bool:
+    """True inside a process started by torchrun / accelerate launch (they set LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in env or "WORLD_SIZE" in env
+
+
+def launch_command(
+    params: Any, port: int, config_file: str | None = None, python: str = sys.executable
+) -> list[str]:
+    """argv that runs this stage as `train.num_processes` workers on one machine.
+
+    CPU: torchrun (gloo). CUDA: accelerate launch, DDP unless `config_file` (an accelerate config file,
+    e.g. FSDP or DeepSpeed) says otherwise. `port` is the rendezvous port on 127.0.0.1.
+    """
+    t = params.train
+    n = str(t.num_processes)
+    if resolve_device(t.device) == "cpu":
+        return [
+            python, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc_per_node", n,
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            "-m", "stages.train",
+        ]  # fmt: skip
+    distribution = (
+        ["--config_file", config_file] if config_file else ["--multi_gpu", "--dynamo_backend", "no"]
+    )
+    return [
+        python, "-m", "accelerate.commands.launch",
+        *distribution,
+        "--num_machines", "1", "--num_processes", n,
+        "--mixed_precision", MIXED_PRECISION[t.precision],
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+        "-m", "stages.train",
+    ]  # fmt: skip
+
+
+def _prepare_tracking_store(params: Any) -> None:
+    """Check the tracking server and create the store and experiment once, before the workers start.
+
+    An unreachable server then stops the stage before N processes load models. And rank 0 does not run MLflow's
+    database migrations while a worker that failed on bad input gets it stopped (torchrun stops the remaining
+    workers when one fails), which could leave a half-migrated SQLite store behind.
+    """
+    import mlflow
+
+    from dpo_pipeline import tracking
+
+    uri = tracking.resolve_uri(params.tracking.on_unreachable)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(params.tracking.experiment)
+    except Exception:  # noqa: BLE001 - rank 0's stage_run tries again and reports (or falls back) itself
+        pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(params: Any) -> int:
+    """Run the workers and wait for them; returns their launcher's exit code (128 + N when killed by signal N).
+
+    SIGTERM (e.g. from a CI timeout) is passed on to the launcher, which stops the workers; Ctrl-C reaches
+    the whole process group by itself, so this process only keeps waiting for the workers to go.
+    """
+    _prepare_tracking_store(params)
+    argv = launch_command(params, free_port(), os.environ.get("ACCELERATE_CONFIG_FILE") or None)
+    env = dict(os.environ)
+    if resolve_device(params.train.device) == "cpu":
+        # torchrun would pin every worker to 1 thread; share the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.num_processes)))
+    print(f"train: launching {params.train.num_processes} processes: {' '.join(argv)}", file=sys.stderr)
+    child = subprocess.Popen(argv, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        print(
+            f"error: the train workers failed (exit code {code}); see their messages above", file=sys.stderr
+        )
+    return 128 - code if code < 0 else code

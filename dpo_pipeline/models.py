@@ -1,0 +1,231 @@
+"""Model and tokenizer loading (dtype, device, 4-bit, LoRA): the only place that knows about devices."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from dpo_pipeline.errors import StageError
+
+
+def require_safetensors(model_dir: str | Path) -> None:
+    """Refuse a model folder whose weights are not safetensors (pickle weights can run code on load)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise StageError(f"{model_dir}: model folder not found (run the stage that produces it first)")
+    files = {p.name for p in model_dir.iterdir()}
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(n for n in files if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if pickles:
+        raise StageError(
+            f"{model_dir}: holds only pickle weights ({', '.join(pickles)}); expected *.safetensors. "
+            "Pickle files can execute code when loaded, so they are refused."
+        )
+    raise StageError(f"{model_dir}: no *.safetensors weights found")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved with a model folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tokenizer.chat_template is None:
+        raise StageError(f"{model_dir}: tokenizer has no chat template (expected ChatML)")
+    return tokenizer
+
+
+def load_model(model_dir: str | Path, **kwargs: Any):
+    """A causal LM from a local folder: safetensors only, no remote code, never the hub."""
+    from transformers import AutoModelForCausalLM
+
+    require_safetensors(model_dir)
+    kwargs.setdefault("trust_remote_code", False)
+    with weights_read_not_mapped():
+        return AutoModelForCausalLM.from_pretrained(
+            str(model_dir), local_files_only=True, use_safetensors=True, **kwargs
+        )
+
+
+@contextlib.contextmanager
+def weights_read_not_mapped():
+    """Inside: transformers reads safetensors shards with pread instead of memory-mapping them.
+
+    On Linux transformers maps every shard for the whole load, so all of a checkpoint's pages count as
+    resident until the load ends, on top of the (4-bit) model being built: loading the bench's 0.6B model
+    in 4-bit peaks at ~2.7 GB RSS mapped, ~1.5 GB read (bench/, `large_*_load_peak_rss_mb`). pread is the
+    backend transformers itself uses on Windows and MPS; the loaded tensors are bit-identical (tested).
+    transformers 5.x has no option for it, so its module-level `safe_open` is swapped for the duration
+    (restored after, also on errors); where that name is gone, loading is unchanged.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:
+        yield
+        return
+
+    def pread_open(filename, framework="pt", device="cpu", backend="mmap"):
+        return original(filename, framework=framework, device=device, backend="pread")
+
+    modeling_utils.safe_open = pread_open
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
+
+
+def one_visible_gpu(visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a single-process stage: the first device of what the user made visible.
+
+    unset -> "0"; "2,3" -> "2"; "GPU-1a2b,GPU-3c4d" -> "GPU-1a2b"; "" (none visible) stays "". On a host with
+    several GPUs, the Trainer sets n_gpu to the visible count for a model placed on one device and wraps it in
+    nn.DataParallel, which trl refuses; lm-eval and the merge would spread or pick devices of their own.
+    """
+    if visible is None:
+        return "0"
+    first = visible.split(",")[0].strip()
+    return first
+
+
+def pin_single_device(device: str, env: dict[str, str] | None = None) -> str | None:
+    """Before any CUDA call, make a single-process stage on `device` ("cuda", "cpu" or "auto") see one GPU.
+
+    Returns the CUDA_VISIBLE_DEVICES it set, or None when the stage runs on the CPU (nothing to pin). Stages
+    started by torchrun / accelerate (LOCAL_RANK set) are left alone: there each process owns GPU LOCAL_RANK.
+    """
+    env = os.environ if env is None else env
+    if device == "cpu" or "LOCAL_RANK" in env:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = one_visible_gpu(env.get("CUDA_VISIBLE_DEVICES"))
+    return env["CUDA_VISIBLE_DEVICES"]
+
+
+def resolve_device(device: str) -> str:
+    """A params device ("cpu", "cuda", "auto") -> "cpu" or "cuda" ("auto" picks CUDA when it is available)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def model_dtype(precision: str) -> str:
+    """The dtype the unquantized parts of the base are loaded in, from `train.precision`."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def bnb_config(t: Any):
+    """BitsAndBytesConfig for the frozen base (None when `train.load_in_4bit` is false)."""
+    if not t.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=t.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=torch_dtype(t.bnb_4bit_compute_dtype),
+        bnb_4bit_use_double_quant=t.bnb_4bit_use_double_quant,
+    )
+
+
+def lora_config(lora: Any):
+    """peft LoraConfig from `train.lora`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def precision_kwargs(t: Any) -> dict[str, Any]:
+    """Trainer precision and device flags shared by the train and reference stages."""
+    return {
+        "bf16": t.precision == "bf16",
+        "fp16": t.precision == "fp16",
+        "use_cpu": resolve_device(t.device) == "cpu",
+    }
+
+
+def load_base(base_dir: str | Path, t: Any):
+    """The base as `train.*` loads it: dtype, 4-bit through bitsandbytes when `train.load_in_4bit`, device.
+
+    No k-bit training preparation (see load_policy); bench's article-style ref_model is this alone.
+    """
+    device = resolve_device(t.device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(model_dtype(t.precision))}
+    quantization = bnb_config(t)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        # One whole model per process: under DDP, worker LOCAL_RANK owns GPU LOCAL_RANK.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": local_rank} if device == "cuda" else {"": "cpu"}
+    model = load_model(base_dir, **kwargs)
+    model.config.use_cache = False
+    if quantization is not None:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # On CPUs with AVX512-BF16, bitsandbytes repacks the weights on the first no-grad eval-mode
+                # forward and from then on multiplies in bf16: the reference log-probs would then depend on
+                # whether they were computed in eval mode (reference stage, evaluation) or train mode (on the
+                # fly), and the repacking fails for layers narrower than its 64-wide blocks. One path for all.
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_policy(base_dir: str | Path, t: Any):
+    """The frozen base for QLoRA: load_base, then k-bit preparation when it is 4-bit.
+
+    The reference stage loads the base through this same function, so cached and on-the-fly reference
+    log-probs come from the same weights and dtypes.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    model = load_base(base_dir, t)
+    if bnb_config(t) is not None:
+        # Gradient checkpointing is switched on by the Trainer from `train.gradient_checkpointing`, not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def rss_peak_mb() -> float:
+    """This process's resident-set high-water mark in MiB.
+
+    /proc/self/status VmHWM belongs to this process's own address space and starts afresh at exec.
+    ru_maxrss does not: Linux carries it over fork + exec, so under `dvc repro` (or in a bench worker) it
+    would report at least the parent's peak. ru_maxrss is only the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory in MiB: torch.cuda.max_memory_allocated on CUDA, else rss_peak_mb."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_peak_mb()

@@ -1,0 +1,272 @@
+"""Raw rows: readers (jsonl / json / parquet / hub) and schema detection (current and original columns)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.layout import TEXT_COLUMNS
+
+ANSWER_COLUMNS = (("chosen", "rejected"), ("chatgpt", "llama2-13b-chat"))  # current and original schema
+
+
+def read_corpus(path: str | Path) -> list[dict[str, str]]:
+    """Raw rows from a .jsonl file as {system, question, answers...}; StageError names the line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: corpus file not found (base.builtin.corpus)")
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise StageError(
+            f"{path}: not UTF-8 text (byte {err.start}); base.builtin.corpus must be a JSON Lines file"
+        ) from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise StageError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        answers = next((cols for cols in ANSWER_COLUMNS if all(c in row for c in cols)), None)
+        if answers is None:
+            raise StageError(
+                f"{path}:{line_no}: expected columns system, question and chosen/rejected "
+                f"(or chatgpt/llama2-13b-chat), got {sorted(row)}"
+            )
+        picked = {}
+        for key, name in (
+            ("system", "system"),
+            ("question", "question"),
+            ("chosen", answers[0]),
+            ("rejected", answers[1]),
+        ):
+            value = row.get(name, "")
+            if not isinstance(value, str):
+                raise StageError(
+                    f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
+                )
+            picked[key] = value
+        rows.append(picked)
+    if not rows:
+        raise StageError(f"{path}: corpus is empty")
+    return rows
+
+
+# Raw schemas: name -> the source columns that become (system, question, chosen, rejected).
+SCHEMAS: dict[str, tuple[str, str, str, str]] = {
+    "current": ("system", "question", "chosen", "rejected"),
+    # The original Intel/orca_dpo_pairs columns: the ChatGPT answer is the preferred one.
+    "original": ("system", "question", "chatgpt", "llama2-13b-chat"),
+}
+
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def detect_schema(columns: Sequence[str], wanted: str, source: str) -> str:
+    """'current' or 'original' for these column names; `wanted` is data.columns (auto|current|original)."""
+    found = set(columns)
+    listing = ", ".join(sorted(found)) or "none"
+    if wanted != "auto":
+        missing = [c for c in SCHEMAS[wanted] if c not in found]
+        if missing:
+            raise StageError(
+                f"{source}: data.columns is {wanted!r} but column(s) {', '.join(missing)} are missing; "
+                f"found columns: {listing}; expected: {', '.join(SCHEMAS[wanted])}"
+            )
+        return wanted
+    matches = [name for name, cols in SCHEMAS.items() if found.issuperset(cols)]
+    if len(matches) == 1:
+        return matches[0]
+    expected = " or ".join(f"({', '.join(cols)}) [{name}]" for name, cols in SCHEMAS.items())
+    if not matches:
+        raise StageError(f"{source}: unknown raw schema: found columns: {listing}; expected {expected}")
+    raise StageError(
+        f"{source}: columns of both raw schemas are present ({listing}); set data.columns to "
+        "'current' or 'original' in params.yaml to say which pair of answers to use"
+    )
+
+
+def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[str]]:
+    rows, where = [], []
+    # JSON Lines are separated by \n only: str.splitlines would also split inside strings holding U+2028,
+    # U+0085 and the like, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing one) carry no row
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(
+                f"{source}: line {number}: not valid JSON ({err.msg}; column {err.colno})"
+            ) from None
+        if not isinstance(value, dict):
+            raise StageError(f"{source}: line {number}: expected a JSON object, got {_type_name(value)}")
+        rows.append(value)
+        where.append(f"line {number}")
+    return rows, where
+
+
+def read_json_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a .jsonl file, or of a .json file holding a JSON array or JSON Lines.
+
+    Returns the rows and, for each, where it is in the file ('line 12' or 'row index 3') for messages.
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise StageError(f"{source}: not UTF-8 text ({err})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StageError(
+                f"{source}: not valid JSON ({err.msg}; line {err.lineno}, column {err.colno})"
+            ) from None
+        rows, where = [], []
+        for index, value in enumerate(data):
+            if not isinstance(value, dict):
+                raise StageError(
+                    f"{source}: row index {index}: expected a JSON object, got {_type_name(value)}"
+                )
+            rows.append(value)
+            where.append(f"row index {index}")
+        return rows, where
+    return _parse_json_lines(text, source)
+
+
+def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
+    """Validate JSON rows and return (table with TEXT_COLUMNS, detected schema)."""
+    import pyarrow as pa
+
+    if not rows:
+        raise StageError(f"{source}: no rows (empty input); expected {' / '.join(SCHEMAS['current'])} rows")
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    schema = detect_schema(list(columns), wanted, source)
+    source_columns = SCHEMAS[schema]
+    values: list[list[str]] = [[] for _ in source_columns]
+    for row, place in zip(rows, where, strict=True):
+        for j, column in enumerate(source_columns):
+            if column not in row:
+                raise StageError(
+                    f"{source}: {place}: column {column!r} is missing "
+                    f"(this row has: {', '.join(row) or 'no columns'})"
+                )
+            value = row[column]
+            if value is None:
+                raise StageError(f"{source}: {place}: column {column!r} is null where text is required")
+            if not isinstance(value, str):
+                raise StageError(
+                    f"{source}: {place}: column {column!r}: expected a string, "
+                    f"got {_type_name(value)} {json.dumps(value)[:60]}"
+                )
+            values[j].append(value)
+    table = pa.table(
+        {name: pa.array(col, pa.string()) for name, col in zip(TEXT_COLUMNS, values, strict=True)}
+    )
+    return table, schema
+
+
+def validate_arrow(table, wanted: str, source: str):
+    """Validate an Arrow table (Parquet or hub rows) and return (table with TEXT_COLUMNS, schema)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        raise StageError(f"{source}: no rows (empty input)")
+    schema = detect_schema(table.column_names, wanted, source)
+    out = {}
+    for name, column in zip(TEXT_COLUMNS, SCHEMAS[schema], strict=True):
+        array = table[column]
+        nulls = pc.is_null(array)
+        if pc.any(nulls).as_py():
+            index = pc.index(nulls, True).as_py()
+            raise StageError(f"{source}: row index {index}: column {column!r} is null where text is required")
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+            sample = array[0].as_py()
+            raise StageError(
+                f"{source}: row index 0: column {column!r}: expected a string, got {array.type} "
+                f"{json.dumps(sample, default=str)[:60]}"
+            )
+        out[name] = array.cast(pa.string()).combine_chunks()
+    return pa.table(out), schema
+
+
+def read_local(path: Path, wanted: str):
+    """(table with TEXT_COLUMNS, detected schema) from a local raw file."""
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    if path.suffix not in SUFFIXES:
+        raise StageError(
+            f"{source}: unsupported file type {path.suffix or '(no extension)'!r}; "
+            f"expected one of {', '.join(SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise StageError(f"{source}: raw data file not found (set data.path, or `dvc pull` / `dvc add` it)")
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # noqa: BLE001 - any reader error means the file is not usable Parquet
+            raise StageError(f"{source}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+        return validate_arrow(table, wanted, source)
+    fast = read_json_lines_fast(path, wanted)
+    if fast is not None:
+        return fast
+    rows, where = read_json_rows(path)
+    return rows_to_table(rows, where, wanted, source)
+
+
+def read_json_lines_fast(path: Path, wanted: str):
+    """(table, schema) of a JSON Lines file read by pyarrow's C++ reader, or None to use the Python reader.
+
+    pyarrow parses and validates in a fraction of the time of json.loads per line (0.15 s vs 0.6 s for the
+    12,859 orca rows) but cannot say on which line a problem is. So any parse or validation failure here
+    returns None and the file is read again line by line by `read_json_rows` + `rows_to_table`, which raise
+    the error that names the line and column. A file both readers accept gives the same table (tested).
+    """
+    import pyarrow.json as pj
+
+    if path.suffix == ".json":
+        with path.open("rb") as handle:
+            head = handle.read(4096).lstrip()
+        if head.startswith(b"["):
+            return None  # a JSON array: the Python reader's job
+    try:
+        table = pj.read_json(path)
+        return validate_arrow(table, wanted, str(path))
+    except Exception:  # noqa: BLE001 - whatever went wrong, the line-by-line reader says it precisely
+        return None
+
+
+def read_hub(data) -> tuple[Any, str, str]:
+    """(table, schema, label) from the hub dataset pinned in params; the only hub access for data."""
+    label = f"{data.hub_name}@{data.hub_revision}"
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(data.hub_name, revision=data.hub_revision, split=data.hub_split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, bad revision: all mean "no data"
+        raise StageError(
+            f"dataset {data.hub_name} at revision {data.hub_revision} (split {data.hub_split}) could not be "
+            f"loaded from the hub ({type(err).__name__}: {err}). Check the name and revision and the network "
+            "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE must be unset), or download it once and use data.source: "
+            "local with data.path"
+        ) from None
+    table = dataset.with_format("arrow")[:]
+    validated, schema = validate_arrow(table, data.columns, f"{label} (split {data.hub_split})")
+    return validated, schema, label

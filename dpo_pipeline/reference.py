@@ -1,0 +1,160 @@
+"""Reference log-probs: compute (trl's own machinery), attach to the training rows, staleness checks."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dpo_pipeline import layout, models, pairs, training, trl_glue
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.layout import PAIRS_DIR, REF_COLUMNS
+from dpo_pipeline.models import (
+    load_tokenizer,
+    require_safetensors,
+)
+from dpo_pipeline.pairs import index_by_id
+
+# Exactly the params the reference stage declares in dvc.yaml (train checks meta.json against them).
+SECTIONS = [
+    "train.load_in_4bit",
+    "train.bnb_4bit_quant_type",
+    "train.bnb_4bit_compute_dtype",
+    "train.bnb_4bit_use_double_quant",
+    "train.precision",
+    "train.device",
+    "train.precompute_ref",
+]
+
+
+def reference_config(p: Any, out_dir: str | Path):
+    """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size).
+
+    max_length=None: the tokenize stage already applied data.max_length, so trl must not cut anything."""
+    from trl import DPOConfig
+
+    from dpo_pipeline.models import precision_kwargs
+
+    return DPOConfig(
+        output_dir=str(out_dir),
+        max_length=None,
+        **precision_kwargs(p.train),
+        precompute_ref_log_probs=True,
+        gradient_checkpointing=False,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def placeholder_adapter():
+    """A LoRA config that is never enabled: the Trainer refuses a bare 4-bit model, so the base is wrapped as
+    in train and trl computes the reference with the adapter disabled, i.e. from the base alone (its B matrices
+    are zero too). Fixed here, not from params: LoRA settings cannot change the reference."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def longest_first(dataset):
+    """`dataset` reordered by the length column, longest first (stable: ties keep the tokenized order).
+
+    Fixed, not a param: the order changes only how much padding the batches carry, never the output, which is
+    joined back by id. Longest first, so a batch too large for the device fails at once, not at the end.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from dpo_pipeline.tokens import LENGTH_COLUMN
+
+    order = pc.array_sort_indices(pa.array(dataset[LENGTH_COLUMN], pa.int64()), order="descending")
+    return dataset.select(order.to_pylist())
+
+
+def compute(
+    params: Any, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
+) -> dict[str, Any]:
+    """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the selected train and test pairs."""
+    import pyarrow as pa
+
+    from dpo_pipeline.pairs import read_selected
+    from dpo_pipeline.tokens import read_tokenized
+
+    require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
+    tokenizer = load_tokenizer(base_dir)
+    selected = read_selected(pairs_dir)
+    tokenized = {
+        split: pairs.rows_in_order(
+            read_tokenized(tokenized_dir, split),
+            sorted(selected[split]),
+            Path(tokenized_dir) / f"{split}.parquet",
+        )
+        for split in layout.SPLITS
+    }
+    datasets = {split: training.to_dataset(table) for split, table in tokenized.items()}
+    model = models.load_policy(base_dir, params.train)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = trl_glue.trainer_class()(
+            model=model,
+            args=reference_config(params, out_dir),
+            train_dataset=longest_first(datasets["train"]),
+            eval_dataset=longest_first(datasets["test"]),
+            processing_class=tokenizer,
+            peft_config=placeholder_adapter(),
+        )
+        computed = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
+        tables = {}
+        for split, dataset in computed.items():
+            path = Path(tokenized_dir) / f"{split}.parquet"
+            in_computed_order = pa.table(
+                {
+                    "id": pa.array(dataset["id"], pa.string()),
+                    **{name: pa.array(dataset[name], pa.float32()) for name in REF_COLUMNS},
+                }
+            )
+            # Back to id order (the order of `tokenized` here), joined by id.
+            ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
+            tables[split] = attach_reference(ids, in_computed_order, path).combine_chunks()
+    return tables
+
+
+def attach_reference(table, reference, reference_path: str | Path):
+    """Add the cached ref_chosen_logps / ref_rejected_logps to `table` by id, keeping `table`'s row order."""
+    missing_columns = [c for c in ("id", *REF_COLUMNS) if c not in reference.column_names]
+    if missing_columns:
+        raise StageError(f"{reference_path}: missing column(s) {', '.join(missing_columns)}")
+    index, missing, first = index_by_id(table.column("id"), reference)
+    if missing:
+        raise StageError(
+            f"{reference_path}: no reference log-probs for {missing} tokenized row(s), e.g. id {first!r}; "
+            "the reference is stale (run: dvc repro reference)"
+        )
+    for name in REF_COLUMNS:
+        table = table.append_column(name, reference.column(name).take(index).cast("float32"))
+    return table
+
+
+def read_reference(reference_dir: str | Path, split: str, expected: dict[str, Any]):
+    """The cached reference log-probs of a split, after checking they were made from the same inputs/params."""
+    import pyarrow.parquet as pq
+
+    reference_dir = Path(reference_dir)
+    meta_path = reference_dir / "meta.json"
+    if not meta_path.is_file():
+        raise StageError(f"{meta_path}: not found (train.precompute_ref is true: run dvc repro reference)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if not meta.get("precompute_ref"):
+        raise StageError(
+            f"{meta_path}: the reference stage ran with train.precompute_ref false and cached nothing "
+            "(run: dvc repro reference)"
+        )
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise StageError(
+                f"{meta_path}: {key} is {meta.get(key)!r}, this run expects {value!r}; the cached reference "
+                "log-probs were made from other inputs or params (run: dvc repro reference)"
+            )
+    path = reference_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise StageError(f"{path}: not found (run: dvc repro reference)")
+    return pq.read_table(path)

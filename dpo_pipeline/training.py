@@ -1,0 +1,239 @@
+"""DPO training pieces: trl's DPOConfig from params, checkpoints, history, the train summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpo_pipeline.io import (
+    sha256_bytes,
+)
+from dpo_pipeline.models import precision_kwargs
+from dpo_pipeline.tokens import OUTPUT_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+
+# The params the train stage declares in dvc.yaml (logged, and part of the checkpoint key and summary).
+SECTIONS = ["seed", "data.max_length", "train"]
+HISTORY_COLUMNS = (
+    "step",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "learning_rate",
+)
+
+
+# Metrics that differ between identical runs: timings, throughput, memory, and pad_fraction, which a
+# resumed run counts over its own steps only.
+RUN_DEPENDENT_KEYS = ("train_runtime_s", "pairs_per_s", "tokens_per_s", "pad_fraction", "peak_memory_mb")
+
+
+METRIC_KEYS = (
+    "train_loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_margins",
+    "rewards_accuracies",
+    "eval_loss",
+    "eval_rewards_accuracies",
+    "eval_rewards_margins",
+    "train_steps",
+    *RUN_DEPENDENT_KEYS,
+)
+
+
+# The metrics that are the same on every identical run: what train_summary.json carries.
+SUMMARY_METRIC_KEYS = tuple(key for key in METRIC_KEYS if key not in RUN_DEPENDENT_KEYS)
+
+
+COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
+
+
+COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the preference was learnt too easily
+
+
+def dpo_config(p: Any, out_dir: str | Path):
+    """trl DPOConfig with every knob from params; `out_dir` receives the checkpoints."""
+    from trl import DPOConfig
+
+    t = p.train
+    return DPOConfig(
+        output_dir=str(out_dir),
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        optim=t.optim,
+        **precision_kwargs(t),
+        seed=p.seed,
+        data_seed=p.seed,
+        max_length=p.data.max_length,
+        precompute_ref_log_probs=t.precompute_ref,
+        # The pairs stage decided the order (seeded epochs, length-grouped when train.group_by_length) and the
+        # training dataset is already in it: the trainer reads it front to back.
+        train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        # Only the last checkpoint is needed to resume; older ones are rotated away as new ones land.
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        # Show NaN/inf in the logs as they are; the NaN guard stops training anyway.
+        logging_nan_inf_filter=False,
+        eval_strategy="no",
+        # trl's default (True) would also switch off the LoRA dropout, leaving `train.lora.dropout` inert.
+        # The builtin Mistral config has no other dropout (attention_dropout 0.0).
+        disable_dropout=False,
+        # The MLflow callback is added explicitly (tracking.mlflow_callback) so it logs into the stage's run
+        # and a tracking failure cannot stop training.
+        report_to="none",
+        run_name="train",
+        dataloader_num_workers=0,
+        # Only used with several processes (DDP): every LoRA weight takes part in every step, so DDP need not
+        # search the graph for unused ones each step (the Trainer's default for a PEFT model would).
+        ddp_find_unused_parameters=False,
+    )
+
+
+def checkpoint_key(params: Any, input_hashes: dict[str, str]) -> str:
+    """Fingerprint of everything a checkpoint depends on: the declared params and the input hashes.
+
+    A resume only ever picks up a checkpoint written with the same key, i.e. a compatible run.
+    """
+    from dpo_pipeline import tracking
+
+    payload = {"params": tracking.params_for(params, SECTIONS), "inputs": dict(sorted(input_hashes.items()))}
+    return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())[:16]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder (its trainer_state.json, written last, parses)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # killed while writing this checkpoint
+        found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per training logging step (eval and summary entries skipped), HISTORY_COLUMNS only."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        rows.append({col: entry.get(col, "") for col in HISTORY_COLUMNS})
+    return rows
+
+
+def history_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(HISTORY_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
+    """Loss near 0 with reward accuracy pinned at 1.0 early in training."""
+    early = step <= max(1, math.ceil(COLLAPSE_EARLY_FRACTION * max_steps))
+    loss, accuracy = logs.get("loss"), logs.get("rewards/accuracies")
+    return early and loss is not None and accuracy is not None and loss < COLLAPSE_LOSS and accuracy >= 1.0
+
+
+def train_summary(params: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """models/adapter/train_summary.json: the declared params and the deterministic metrics only."""
+    from dpo_pipeline import tracking
+
+    return {
+        "params": tracking.params_for(params, SECTIONS),
+        "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS},
+    }
+
+
+def to_dataset(table, keep: Sequence[str] = ()):
+    """Tokenized rows -> a datasets.Dataset with what trl reads (the ids), the id, the length used by
+    length-grouped batching and any `keep` columns (cached reference log-probs)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    return Dataset(pa.table({name: table.column(name) for name in (*OUTPUT_COLUMNS, *keep)}))
+
+
+def collapse_callback(max_steps: int):
+    from transformers import TrainerCallback
+
+    class CollapseWatch(TrainerCallback):
+        """Flags a suspiciously easy preference: loss ~0 with accuracy 1.0 in the first 10% of steps.
+        Also makes sure the last step is logged."""
+
+        def __init__(self):
+            self.step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Always log the last step, so the history and the final metrics end where training ended even
+            # when max_steps is not a multiple of logging_steps.
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.step is None and logs and is_collapse(logs, state.global_step, max_steps):
+                self.step = state.global_step
+                logger.warning(
+                    "collapse warning: loss %.4g and reward accuracy %.2f at step %d of %d; the preference may "
+                    "be trivially separable (e.g. a length or format artifact) or beta/learning rate too high",
+                    logs["loss"],
+                    logs["rewards/accuracies"],
+                    state.global_step,
+                    max_steps,
+                )
+                from dpo_pipeline import tracking
+
+                tracking.set_tags({"collapse_warning": "true", "collapse_step": state.global_step})
+
+    return CollapseWatch()
+
+
+def across_processes(
+    accelerator: Any, counts: dict[str, int], peak_mb: float
+) -> tuple[dict[str, int], float]:
+    """Token/pair counts summed and the peak memory maxed over all processes (a collective: every rank calls)."""
+    import torch
+
+    names = sorted(counts)
+    local = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    peak = accelerator.gather(torch.tensor([peak_mb], dtype=torch.float64, device=accelerator.device))
+    return {n: int(v) for n, v in zip(names, total, strict=True)}, float(peak.max())
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
+    for entry in reversed(log_history):
+        if key in entry and "loss" in entry:
+            return float(entry[key])
+    return float("nan")

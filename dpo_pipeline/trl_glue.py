@@ -1,0 +1,60 @@
+"""Every override of trl/transformers internals (checked against trl 1.16, transformers 5.24, peft 0.21)."""
+
+from __future__ import annotations
+
+from dpo_pipeline.errors import StageError
+from dpo_pipeline.layout import REF_COLUMNS
+from dpo_pipeline.tokens import IDS_COLUMNS, LENGTH_COLUMN
+
+
+def trainer_class():
+    """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters."""
+    import torch
+    from trl import DPOTrainer
+
+    class PipelineDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # The tokenize stage's ids are what trl's own tokenization makes of the prepared strings (checked
+            # by a stage test), already within the length limits: trl 1.16 would tokenize them again.
+            if all(name in dataset.column_names for name in IDS_COLUMNS):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            # trl 1.16 recomputes even when the dataset already carries the columns; use the cached ones.
+            if all(c in dataset.column_names for c in REF_COLUMNS):
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            # Keep the length column through remove_unused_columns: the length-grouped sampler reads it.
+            if LENGTH_COLUMN not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, LENGTH_COLUMN]
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # peft's load_adapter upcasts the adapter to fp32 (autocast_adapter_dtype), while trl trains the
+            # adapter of a 4-bit model in bf16: without this a resumed run would continue in another dtype and
+            # end with a different adapter than an uninterrupted one. (Runs before the optimizer is built.)
+            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in self.model.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            self.pipeline_counts["pairs"] += mask.shape[0] // 2
+            self.pipeline_counts["tokens"] += int(mask.sum())
+            self.pipeline_counts["padded_tokens"] += mask.numel()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
+            # logging would only average NaNs away (logging_nan_inf_filter).
+            if not torch.isfinite(loss).all():
+                raise StageError(
+                    f"training loss is {loss.detach().float().cpu().item()} at step {self.state.global_step + 1}: "
+                    "training diverged, nothing was published (lower train.learning_rate, check the data)"
+                )
+            return loss
+
+    return PipelineDPOTrainer
