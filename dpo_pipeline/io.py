@@ -128,18 +128,6 @@ def parquet_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
     return {f"dpo.{key}".encode(): str(value).encode() for key, value in meta.items()}
 
 
-def input_hashes(run: Any, inputs: dict[str, Path]) -> dict[str, str]:
-    """sha256 of the inputs: the ones tracking already computed for the run's tags, else computed here."""
-    tags = getattr(getattr(run, "data", None), "tags", None) or {}
-    out = {}
-    for name, path in inputs.items():
-        value = tags.get(f"input.{name}.sha256")
-        if not value or value == "missing":
-            value = sha256_tree(path) if Path(path).exists() else "missing"
-        out[name] = value
-    return out
-
-
 def write_prepared(out_dir: Path, train, test, meta: dict[str, Any]) -> None:
     """data/prepared/{train,test}.parquet (zstd) with `meta` and the split name in the schema metadata."""
     import pyarrow.parquet as pq

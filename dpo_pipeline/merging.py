@@ -82,7 +82,7 @@ def model_card(info: dict[str, Any]) -> str:
 
     `info` keys: base (pipeline_base.json), data (train.parquet metadata), adapter (adapter_config.json
     subset), train_params / train_metrics (train_summary.json), merge (params merge section + seed),
-    fidelity (metrics/merge.json numbers), adapter_sha256, chat_template_sha.
+    fidelity (metrics/merge.json numbers), adapter_hash, chat_template_sha.
     """
     base = info.get("base", {})
     base_name = base.get("name") or "unknown base model"
@@ -108,7 +108,7 @@ def model_card(info: dict[str, Any]) -> str:
         + _table(info.get("data", {}))
         + "\n## Training\n\nAdapter (adapter_config.json):\n\n"
         + _table(info.get("adapter", {}))
-        + f"\nAdapter sha256 (models/adapter): `{info.get('adapter_sha256', '')}`\n\n"
+        + f"\nAdapter content hash (models/adapter; md5 = DVC's, as in dvc.lock): `{info.get('adapter_hash', '')}`\n\n"
         + f"Train run (MLflow run id, metrics/train_run.json): `{info.get('train_run_id') or '(not tracked)'}`\n\n"
         + "Training params (models/adapter/train_summary.json):\n\n"
         + _table(flatten(train_params))

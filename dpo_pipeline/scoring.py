@@ -20,7 +20,7 @@ HELDOUT_DATASET = re.compile(r"^custom_dataset:\s*!function\s+heldout\.load_prep
 
 
 # models/merged/pipeline_merge.json keys -> MLflow tags (the merge run sets the same ones).
-LINEAGE_TAGS = {"adapter_sha256": "lineage.adapter.sha256", "train_run_id": "lineage.train_run_id"}
+LINEAGE_TAGS = {"adapter_hash": "lineage.adapter.hash", "train_run_id": "lineage.train_run_id"}
 
 
 # The metric each task is ranked by (lm-eval's "metric,filter" keys), as the Open LLM Leaderboard v1 read

@@ -3,10 +3,11 @@
 Every stage wraps its work in `stage_run(...)`. A run gets:
 - params: the params sections the stage declares in dvc.yaml, flattened (`train.lora.r`); values longer
   than MLflow's limit are truncated and the full sections are logged as the artifact `params.json`;
-- tags: stage, git commit / branch / dirty flag, host and pid, library versions, and for every input the
-  DVC md5 recorded in dvc.lock (`input.<name>.md5`) plus our own sha256 (`input.<name>.sha256`); outputs get
-  `output.<name>.sha256`, so runs chain: a merge run's `input.adapter.sha256` equals the train run's
-  `output.adapter.sha256`.
+- tags: stage, git commit / branch / dirty flag, host and pid, library versions, and for every input its
+  path and `input.<name>.hash` (see lineage_hash: DVC's md5 from dvc.lock under `dvc repro`, where the
+  producing stage has just recorded it, so nothing DVC hashed is read again; our own sha256 only for a path
+  DVC has not recorded). Runs chain through dvc.lock: a merge run's `input.adapter.hash` is the md5 that the
+  train stage's entry in dvc.lock (at the run's commit) gives models/adapter.
 
 Store: MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` at the repo root (gitignored).
 Faults:
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import flatten, sha256_tree
+from dpo_pipeline.io import flatten
 
 LIBRARIES = (
     "torch",
@@ -136,23 +137,75 @@ def library_tags() -> dict[str, str]:
     return tags
 
 
-def dvc_lock_md5(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
-    """The md5 DVC recorded for `path` as an output of any stage in dvc.lock (None if absent)."""
+def _lock_entries(lock_file: Path) -> list[dict[str, Any]]:
     import yaml
 
-    lock_file = Path(lock_file)
     if not lock_file.exists():
-        return None
+        return []
     try:
         lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
-        return None
+        return []
+    return [entry for stage in (lock.get("stages") or {}).values() for entry in stage.get("outs", [])]
+
+
+def _size_and_count(path: Path) -> tuple[int, int]:
+    if path.is_file():
+        return path.stat().st_size, 1
+    files = [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def _dvc_file_entries(path: Path) -> list[dict[str, Any]]:
+    """The outs of `<path>.dvc` (data brought in with `dvc add`), if there is one."""
+    import yaml
+
+    dvc_file = path.parent / (path.name + ".dvc")
+    if not dvc_file.is_file():
+        return []
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs", [])
+    except yaml.YAMLError:
+        return []
+    return [{**entry, "path": (path.parent / entry.get("path", "")).as_posix()} for entry in outs]
+
+
+def dvc_lock_md5(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for `path` as a stage's output in dvc.lock (or in `<path>.dvc` after `dvc add`),
+    if the path still has the size (and, for a folder, the file count) recorded with it; None otherwise.
+    Only outputs count: a stage's deps in dvc.lock are from its previous run, stale by definition while it
+    runs again. Reads file sizes, never contents."""
     wanted = Path(path).as_posix().rstrip("/")
-    for stage in (lock.get("stages") or {}).values():
-        for entry in stage.get("outs", []) + stage.get("deps", []):
-            if Path(entry.get("path", "")).as_posix().rstrip("/") == wanted and entry.get("md5"):
-                return entry["md5"]
+    for entry in _lock_entries(Path(lock_file)) + _dvc_file_entries(Path(path)):
+        if Path(entry.get("path", "")).as_posix().rstrip("/") != wanted or not entry.get("md5"):
+            continue
+        target = Path(path)
+        if not target.exists():
+            return None
+        size, count = _size_and_count(target)
+        if entry.get("size") not in (None, size) or entry.get("nfiles") not in (None, count):
+            return None  # changed since DVC recorded it (a stage run by hand): not DVC's content any more
+        return entry["md5"]
     return None
+
+
+def lineage_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str:
+    """The content hash lineage tags and staleness records use: "md5:<DVC's md5>" when dvc.lock records the
+    path as an output (see dvc_lock_md5), else "sha256:<ours>" (a path DVC does not track, or a stage run
+    outside `dvc repro`: the tests), "missing" when it does not exist."""
+    from dpo_pipeline.io import sha256_tree
+
+    md5 = dvc_lock_md5(path, lock_file)
+    if md5:
+        return f"md5:{md5}"
+    return f"sha256:{sha256_tree(path)}" if Path(path).exists() else "missing"
+
+
+def input_hashes(run: Any, inputs: dict[str, str | Path]) -> dict[str, str]:
+    """lineage_hash of each input: the values the run's tags already hold, else worked out here (on the
+    ranks that open no run)."""
+    tags = getattr(getattr(run, "data", None), "tags", None) or {}
+    return {name: tags.get(f"input.{name}.hash") or lineage_hash(path) for name, path in inputs.items()}
 
 
 def params_for(params: Any, sections: list[str]) -> dict[str, Any]:
@@ -277,8 +330,7 @@ def stage_run(
     }
     for name, path in (inputs or {}).items():
         run_tags[f"input.{name}.path"] = str(path)
-        run_tags[f"input.{name}.md5"] = dvc_lock_md5(path) or "not-in-dvc.lock"
-        run_tags[f"input.{name}.sha256"] = sha256_tree(path) if Path(path).exists() else "missing"
+        run_tags[f"input.{name}.hash"] = lineage_hash(path)
 
     declared = params_for(params, sections)
     flat = {k: _truncate(v) for k, v in flatten(declared).items()}
@@ -340,9 +392,11 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 
 def log_outputs(outputs: dict[str, str | Path]) -> None:
+    """Name the outputs (paths only: DVC hashes them right after the stage, into dvc.lock, and the next
+    stage's `input.<name>.hash` carries that md5)."""
     if is_secondary_rank():
         return
-    set_tags({f"output.{name}.sha256": sha256_tree(path) for name, path in outputs.items()})
+    set_tags({f"output.{name}.path": str(path) for name, path in outputs.items()})
 
 
 def log_artifact(path: str | Path) -> None:

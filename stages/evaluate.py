@@ -151,7 +151,7 @@ def run(
 
     tokenizer = load_tokenizer(model_dir)
     lineage = _lineage(model_dir)
-    # Named as the producing stage names its output, so input.<name>.sha256 here equals its output tag.
+    # Named as the producing stage names its output.
     inputs: dict[str, Path] = {part.model: model_dir, "tasks": tasks_dir}
     if reads_data:
         inputs["prepared"] = prepared_dir

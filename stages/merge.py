@@ -34,7 +34,7 @@ from typing import Any
 
 from dpo_pipeline import models, runner
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import atomic_dir, read_json, sha256_tree, template_hash, write_json
+from dpo_pipeline.io import atomic_dir, read_json, template_hash, write_json
 from dpo_pipeline.layout import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -93,7 +93,7 @@ def run(
     # The adapter folder carries the tokenizer it was trained with; fall back to the base's.
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
-    adapter_sha = sha256_tree(adapter_dir)
+    adapter_hash = tracking.lineage_hash(adapter_dir)  # DVC's md5 under dvc repro
     train_run_path = Path(train_run_path)
     if not train_run_path.is_file():
         raise StageError(
@@ -164,7 +164,7 @@ def run(
                 "base": base_info,
                 "data": data_meta,
                 "adapter": adapter_summary(adapter_config),
-                "adapter_sha256": adapter_sha,
+                "adapter_hash": adapter_hash,
                 "train_run_id": train_run_id,
                 "train_params": train_summary.get("params"),
                 "train_metrics": train_summary.get("metrics"),
@@ -179,7 +179,7 @@ def run(
             write_json(
                 tmp / MERGE_INFO,
                 {
-                    "adapter_sha256": adapter_sha,
+                    "adapter_hash": adapter_hash,
                     "train_run_id": train_run_id,
                     "base": base_info,
                     "dtype": m.dtype,
@@ -187,7 +187,7 @@ def run(
                 },
             )
         write_json(metrics_path, metrics)
-        tracking.set_tags({"lineage.adapter.sha256": adapter_sha})
+        tracking.set_tags({"lineage.adapter.hash": adapter_hash})
         tracking.log_outputs({"merged": merged_dir})
     return metrics
 

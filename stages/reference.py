@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import io
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
 from dpo_pipeline.models import pin_single_device
@@ -51,12 +50,12 @@ def run(
     selected_file = Path(pairs_dir) / SELECTED_FILE
     inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir), "selected": selected_file}
     with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
-        hashes = io.input_hashes(mlflow_run, inputs)
+        hashes = tracking.input_hashes(mlflow_run, inputs)
         meta: dict[str, Any] = {
             "precompute_ref": params.train.precompute_ref,
-            "base_sha256": hashes["base"],
-            "tokenized_sha256": hashes["tokenized"],
-            "selected_sha256": hashes["selected"],
+            "base_hash": hashes["base"],
+            "tokenized_hash": hashes["tokenized"],
+            "selected_hash": hashes["selected"],
             "params": tracking.params_for(params, SECTIONS),
         }
         tables = compute(params, base_dir, tokenized_dir, pairs_dir) if params.train.precompute_ref else {}

@@ -64,7 +64,6 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     atomic_dir,
     atomic_write_bytes,
-    input_hashes,
     template_hash,
     write_json,
 )
@@ -156,7 +155,7 @@ def run(
         tracking.set_tags(
             {"chat_template.sha256": template_hash(tokenizer.chat_template), "collapse_warning": "false"}
         )
-        hashes = input_hashes(mlflow_run, inputs)
+        hashes = tracking.input_hashes(mlflow_run, inputs)
 
         datasets = {}
         tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
@@ -166,9 +165,9 @@ def run(
             keep: tuple[str, ...] = ()
             if t.precompute_ref:
                 expected = {
-                    "base_sha256": hashes["base"],
-                    "tokenized_sha256": hashes["tokenized"],
-                    "selected_sha256": hashes["selected"],
+                    "base_hash": hashes["base"],
+                    "tokenized_hash": hashes["tokenized"],
+                    "selected_hash": hashes["selected"],
                     "params": tracking.params_for(params, reference.SECTIONS),
                 }
                 cached = read_reference(reference_dir, split, expected)

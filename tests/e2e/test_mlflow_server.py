@@ -88,13 +88,14 @@ def test_stage_records_run_lineage_and_metrics_on_server(clone, mlflow_server):
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     assert run.info.status == "FINISHED"
     assert tags["git.branch"] == "main" and tags["git.dirty"] == "false"
-    # lineage: inputs by DVC's md5 (as in dvc.lock) and our sha256, outputs by sha256
-    assert tags["input.base.md5"] == lock_md5(project, "models/base")
-    assert tags["input.raw.md5"] == lock_md5(project, "data/raw/orca_dpo_sample.jsonl")
-    from dpo_pipeline.io import sha256_tree
+    # lineage: an input another stage produced by DVC's md5 from dvc.lock (never hashed again); the raw
+    # file, git-tracked and no stage's output, by our sha256; outputs by path (dvc.lock holds their md5)
+    assert tags["input.base.hash"] == "md5:" + lock_md5(project, "models/base")
+    from dpo_pipeline.io import sha256_file
 
-    assert tags["input.base.sha256"] == sha256_tree(project.root / "models/base")
-    assert tags["output.prepared.sha256"] == sha256_tree(project.root / "data/prepared")
+    assert tags["input.raw.hash"] == "sha256:" + sha256_file(project.root / "data/raw/orca_dpo_sample.jsonl")
+    assert tags["output.prepared.path"] == "data/prepared"
+    assert not [k for k in tags if k.endswith(".sha256") or k.endswith(".md5")]
     for lib in ("torch", "transformers", "dvc", "mlflow"):
         assert tags[f"version.{lib}"] == metadata.version(lib)
     # metrics and params as the stage wrote / read them

@@ -107,7 +107,7 @@ def test_builtin_is_recorded_in_mlflow(built, tracking_uri):
     assert run.data.metrics["pretrain_loss_final"] == pytest.approx(info["pretrain_loss_final"], abs=1e-5)
     assert run.data.metrics["parameter_count"] == info["parameter_count"]
     assert run.data.params["base.builtin.pretrain_steps"] == "3"
-    assert "input.corpus.sha256" in run.data.tags and "output.base.sha256" in run.data.tags
+    assert "input.corpus.hash" in run.data.tags and "output.base.path" in run.data.tags
 
 
 def test_builtin_is_deterministic(built, builtin_params, tmp_path):

@@ -156,7 +156,7 @@ def test_merged_folder_is_a_float16_model_with_tokenizer_and_lineage(merged, mer
         assert not any("lora" in k for k in fh.keys())
     assert load_tokenizer(merged_dir).chat_template == load_tokenizer(merge_inputs["base"]).chat_template
     info = read_json(merged_dir / "pipeline_merge.json")
-    assert info["train_run_id"] == "0123abcd" and len(info["adapter_sha256"]) == 64
+    assert info["train_run_id"] == "0123abcd" and info["adapter_hash"].startswith("sha256:")
 
 
 def test_merged_logprobs_match_the_adapter_on_base_in_float32(merged, merge_inputs, tiny_params):
@@ -217,7 +217,7 @@ def test_merge_run_is_tracked_with_lineage(merged, merge_inputs):
     run = runs.iloc[0]
     assert run["metrics.fidelity_max_abs_diff"] == pytest.approx(merged["second"]["fidelity_max_abs_diff"])
     assert run["tags.lineage.train_run_id"] == "0123abcd"
-    assert run["tags.input.adapter.sha256"] == run["tags.lineage.adapter.sha256"]
+    assert run["tags.input.adapter.hash"] == run["tags.lineage.adapter.hash"]
     assert run["params.merge.dtype"] == "float16"
 
 

@@ -238,7 +238,7 @@ def test_mlflow_run_records_the_limits_and_lineage(tokenized, limited_params):
         "data.max_prompt_length": str(limited_params.data.max_prompt_length),
         "data.max_length": str(limited_params.data.max_length),
     }
-    assert run.data.tags["input.prepared.sha256"] not in ("", "missing")
-    assert run.data.tags["input.base.sha256"] not in ("", "missing")
-    assert run.data.tags["output.tokenized.sha256"]
+    assert run.data.tags["input.prepared.hash"].startswith("sha256:")
+    assert run.data.tags["input.base.hash"].startswith("sha256:")
+    assert run.data.tags["output.tokenized.path"]
     assert run.data.metrics["rows_train"] == metrics["rows_train"]
