@@ -42,7 +42,6 @@ from tools.hub_layout import MISTRAL_7B_SHAPE as SHAPE_7B
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "neuralhermes-2.5.yaml"
-REFERENCE_BATCH = 8  # trl's per_device_train_batch_size default, which its precompute pass uses
 
 
 def model_counts(shape: dict[str, int]) -> dict[str, int]:
@@ -150,8 +149,8 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
     def longest_first(ids):
         return sorted(ids, key=lambda i: rows[i][0] + max(rows[i][1], rows[i][2]), reverse=True)
 
-    reference = fwd(dpo_batches(rows, longest_first(selected_train), REFERENCE_BATCH)) + fwd(
-        dpo_batches(rows, longest_first(held_out), REFERENCE_BATCH)
+    reference = fwd(dpo_batches(rows, longest_first(selected_train), t.reference_batch_size)) + fwd(
+        dpo_batches(rows, longest_first(held_out), t.reference_batch_size)
     )
     ours_batches = dpo_batches(rows, order.column("id").to_pylist(), batch)
     training = train_cost(ours_batches)
@@ -188,7 +187,7 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
                 dpo_batches(
                     rows,
                     longest_first(train_ids + tokenized["test"].column("id").to_pylist()),
-                    REFERENCE_BATCH,
+                    t.reference_batch_size,
                 )
             )
         )

@@ -8,9 +8,17 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
 
 
+def has_system_turn(system: str) -> bool:
+    """THE rule for the system turn, everywhere (prepare's rows, the builtin base's pre-training text, the
+    evaluation prompts): a system turn whenever the system text is non-empty, even only whitespace, exactly as
+    the article's `chatml_format` (`len(example['system']) > 0`). format_table applies it vectorised
+    (utf8_length > 0), checked against format_row on every run."""
+    return len(system) > 0
+
+
 def conversation(system: str, question: str, answer: str | None = None) -> list[dict[str, str]]:
-    """ChatML messages: a system turn only when the system text is non-empty (as the article does)."""
-    messages = [{"role": "system", "content": system}] if system.strip() else []
+    """ChatML messages for (system, question[, answer]), the system turn by has_system_turn."""
+    messages = [{"role": "system", "content": system}] if has_system_turn(system) else []
     messages.append({"role": "user", "content": question})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
@@ -26,10 +34,11 @@ CHATML_TEMPLATE = (
 
 
 def format_prompt(system: str, question: str, tokenizer) -> str:
-    """ChatML prompt as the prepare stage builds it: a system turn only when the system text is non-empty."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """A ChatML prompt as the prepare stage builds it (the same turns as format_row's prompt), ending in the
+    assistant's generation prompt."""
+    return tokenizer.apply_chat_template(
+        conversation(system, question), tokenize=False, add_generation_prompt=True
+    )
 
 
 # The article appends the end-of-turn marker to both answers by hand.
@@ -42,7 +51,7 @@ CHECK_ROWS = 8  # rows on which the vectorised formatting is compared with forma
 def format_row(row: dict[str, str], tokenizer) -> dict[str, str]:
     """One row in ChatML, exactly as the article's `chatml_format`: the reference implementation."""
     # Format system
-    if len(row["system"]) > 0:
+    if has_system_turn(row["system"]):
         message = {"role": "system", "content": row["system"]}
         system = tokenizer.apply_chat_template([message], tokenize=False)
     else:

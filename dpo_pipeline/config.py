@@ -93,6 +93,7 @@ class TrainParams:
     lora: LoraParams
     beta: float
     loss_type: str
+    label_smoothing: float
     learning_rate: float
     lr_scheduler_type: str
     warmup_steps: int
@@ -106,6 +107,7 @@ class TrainParams:
     save_steps: int
     logging_steps: int
     group_by_length: bool
+    reference_batch_size: int
     precompute_ref: bool
     num_processes: int
     pairs_seed: int
@@ -140,6 +142,7 @@ class EvalParams:
     limit: int
     device: Literal["cpu", "cuda"]
     dtype: Literal["float16", "bfloat16", "float32"]
+    task_max_new_tokens: int
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -247,30 +250,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def known_loss_types() -> list[str]:
-    """The DPO loss types of the installed trl, read from DPOConfig's own help text.
-
-    Read from the source file rather than by importing trl (a 9 s import), so that a bad params file
-    fails in well under a second.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("trl")
-    if spec is None or spec.origin is None:
-        raise ConfigError("trl is not installed: cannot check train.loss_type")
-    source = (Path(spec.origin).parent / "trainer" / "dpo_config.py").read_text(encoding="utf-8")
-    match = re.search(r"loss_type: list\[str\] = field\((.*?)\n    \)", source, re.S)
-    if not match:
-        raise ConfigError("cannot find DPOConfig.loss_type in the installed trl")
-    return re.findall(r"`'([a-z_]+)'`", match.group(1))
-
-
 def _check(p: Params, source: str) -> None:
     def fail(key: str, expected: str, got: Any) -> ConfigError:
         return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
 
     positive_ints = {
         "base.builtin.vocab_size": p.base.builtin.vocab_size,
+        "train.reference_batch_size": p.train.reference_batch_size,
+        "eval.task_max_new_tokens": p.eval.task_max_new_tokens,
         "base.builtin.hidden_size": p.base.builtin.hidden_size,
         "base.builtin.num_hidden_layers": p.base.builtin.num_hidden_layers,
         "base.builtin.num_attention_heads": p.base.builtin.num_attention_heads,
@@ -350,11 +337,15 @@ def _check(p: Params, source: str) -> None:
         raise fail("train.lora.target_modules", "a non-empty list of module names", [])
     if not p.eval.tasks:
         raise fail("eval.tasks", "a non-empty list of tasks", [])
-    known = known_loss_types()
-    if p.train.loss_type not in known:
-        raise fail(
-            "train.loss_type", f"a loss type the installed trl knows ({', '.join(known)})", p.train.loss_type
-        )
+    from dpo_pipeline.trl_glue import DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES
+
+    if p.train.loss_type not in DPO_LOSS_TYPES:
+        raise fail("train.loss_type", f"a trl DPO loss type ({', '.join(DPO_LOSS_TYPES)})", p.train.loss_type)
+    if not 0.0 <= p.train.label_smoothing <= 0.5:
+        raise fail("train.label_smoothing", "a number in [0, 0.5]", p.train.label_smoothing)
+    rule = LABEL_SMOOTHING_RULES.get(p.train.loss_type)
+    if rule and not rule[0](p.train.label_smoothing):
+        raise fail("train.label_smoothing", rule[1], p.train.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parquet_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
-    return {f"dpo.{key}".encode(): str(value).encode() for key, value in meta.items()}
+    from dpo_pipeline.layout import DATA_META_PREFIX
+
+    return {f"{DATA_META_PREFIX}{key}".encode(): str(value).encode() for key, value in meta.items()}
 
 
 def write_prepared(out_dir: Path, train, test, meta: dict[str, Any]) -> None:

@@ -52,25 +52,6 @@ def launch_command(
     ]  # fmt: skip
 
 
-def _prepare_tracking_store(params: Any) -> None:
-    """Check the tracking server and create the store and experiment once, before the workers start.
-
-    An unreachable server then stops the stage before N processes load models. And rank 0 does not run MLflow's
-    database migrations while a worker that failed on bad input gets it stopped (torchrun stops the remaining
-    workers when one fails), which could leave a half-migrated SQLite store behind.
-    """
-    import mlflow
-
-    from dpo_pipeline import tracking
-
-    uri = tracking.resolve_uri(params.tracking.on_unreachable)
-    try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(params.tracking.experiment)
-    except Exception:  # noqa: BLE001 - rank 0's stage_run tries again and reports (or falls back) itself
-        pass
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -84,7 +65,9 @@ def launch(params: Any) -> int:
     SIGTERM (e.g. from a CI timeout) is passed on to the launcher, which stops the workers; Ctrl-C reaches
     the whole process group by itself, so this process only keeps waiting for the workers to go.
     """
-    _prepare_tracking_store(params)
+    from dpo_pipeline import tracking
+
+    tracking.prepare_store(params)
     argv = launch_command(params, free_port(), os.environ.get("ACCELERATE_CONFIG_FILE") or None)
     env = dict(os.environ)
     if resolve_device(params.train.device) == "cpu":

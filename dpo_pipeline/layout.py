@@ -33,3 +33,7 @@ MERGE_INFO = "pipeline_merge.json"  # in models/merged: the lineage back to the 
 DATA_META_PREFIX = "dpo."  # prefix of the prepare stage's Parquet schema metadata keys
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # data/reference columns (trl's names)
 TEXT_COLUMNS = ("system", "question", "chosen", "rejected")  # a raw row, whatever its schema called them
+
+# data/tokenized columns (trl's names for the ids).
+IDS_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+LENGTH_COLUMN = "length"  # prompt + longer answer, in tokens: what length-grouped batching sorts on

@@ -10,8 +10,6 @@ from typing import Any
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
 
-ANSWER_COLUMNS = (("chosen", "rejected"), ("chatgpt", "llama2-13b-chat"))  # current and original schema
-
 
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
     """Raw rows from a .jsonl file as {system, question, answers...}; StageError names the line and key."""
@@ -34,20 +32,11 @@ def read_corpus(path: str | Path) -> list[dict[str, str]]:
             raise StageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
         if not isinstance(row, dict):
             raise StageError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        answers = next((cols for cols in ANSWER_COLUMNS if all(c in row for c in cols)), None)
-        if answers is None:
-            raise StageError(
-                f"{path}:{line_no}: expected columns system, question and chosen/rejected "
-                f"(or chatgpt/llama2-13b-chat), got {sorted(row)}"
-            )
+        # The same schema detection as the prepare stage's (one rule for raw columns).
+        schema = detect_schema(list(row), "auto", f"{path}:{line_no}")
         picked = {}
-        for key, name in (
-            ("system", "system"),
-            ("question", "question"),
-            ("chosen", answers[0]),
-            ("rejected", answers[1]),
-        ):
-            value = row.get(name, "")
+        for key, name in zip(TEXT_COLUMNS, SCHEMAS[schema], strict=True):
+            value = row[name]
             if not isinstance(value, str):
                 raise StageError(
                     f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
@@ -239,6 +228,7 @@ def read_json_lines_fast(path: Path, wanted: str):
     returns None and the file is read again line by line by `read_json_rows` + `rows_to_table`, which raise
     the error that names the line and column. A file both readers accept gives the same table (tested).
     """
+    import pyarrow as pa
     import pyarrow.json as pj
 
     if path.suffix == ".json":
@@ -249,7 +239,9 @@ def read_json_lines_fast(path: Path, wanted: str):
     try:
         table = pj.read_json(path)
         return validate_arrow(table, wanted, str(path))
-    except Exception:  # noqa: BLE001 - whatever went wrong, the line-by-line reader says it precisely
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, StageError, UnicodeDecodeError):
+        # A problem with the file's content: the line-by-line reader finds it and names the line. Anything
+        # else (MemoryError, an I/O error) is not the file's fault and would only fail again: it propagates.
         return None
 
 

@@ -25,6 +25,7 @@ SECTIONS = [
     "train.precision",
     "train.device",
     "train.precompute_ref",
+    "train.reference_batch_size",
 ]
 
 
@@ -41,7 +42,8 @@ def reference_config(p: Any, out_dir: str | Path):
         max_length=None,
         **precision_kwargs(p.train),
         precompute_ref_log_probs=True,
-        gradient_checkpointing=False,
+        precompute_ref_batch_size=p.train.reference_batch_size,
+        **trl_glue.checkpointing_kwargs(False),
         report_to="none",
         dataloader_num_workers=0,
     )
@@ -65,7 +67,7 @@ def longest_first(dataset):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from dpo_pipeline.tokens import LENGTH_COLUMN
+    from dpo_pipeline.layout import LENGTH_COLUMN
 
     order = pc.array_sort_indices(pa.array(dataset[LENGTH_COLUMN], pa.int64()), order="descending")
     return dataset.select(order.to_pylist())

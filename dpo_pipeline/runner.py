@@ -1,17 +1,64 @@
-"""The stage runner: how a stage script's main() reports failures."""
+"""The stage runner: one set-up of every stage's output, and how a stage script's main() reports failures.
+
+Output (setup_output, called by run_main before the stage's work, so no stage configures logging itself):
+- Python logging at INFO on stderr, `name: message` (with `[rank N] ` in front under torchrun / accelerate);
+  transformers' own logger at WARNING (TRANSFORMERS_VERBOSITY, read when transformers is imported).
+- Progress bars (tqdm: the Trainer's, datasets' maps, lm-eval's requests) only on a terminal, one bar per
+  long step. When stderr is a file or pipe (CI, `dvc repro > log`) they are switched off (TQDM_DISABLE,
+  HF_DATASETS_DISABLE_PROGRESS_BARS), so a log holds lines, not a wall of carriage-return updates; training
+  still logs a line per `train.logging_steps`.
+- Known noise, explained once here instead of printed every time: bitsandbytes' CPU backend logs "Failed to
+  load CPU gemm_4bit_forward from kernels-community" on every load when the optional `kernels` package (a
+  faster CPU 4-bit kernel from the hub) is absent; its own fallback then runs, with identical results. That
+  message is dropped; any other bitsandbytes message still shows.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any
 
 from dpo_pipeline.errors import StageError
 
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOISE = "from kernels-community"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def setup_output(stream: Any = None) -> None:
+    """Logging, progress bars and known noise for one stage process (see the module docstring)."""
+    stream = stream if stream is not None else sys.stderr
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(
+        level=logging.INFO, format=f"{prefix}%(name)s: %(message)s", stream=stream, force=True
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    noisy = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropMessage) for f in noisy.filters):
+        noisy.addFilter(_DropMessage(BNB_KERNELS_NOISE))
+
 
 def run_main(fn, *args: Any) -> None:
-    """Run a stage entry point: StageError / ConfigError become one clear line on stderr and exit 1."""
+    """Run a stage entry point after setup_output: StageError / ConfigError become one clear line on stderr
+    and exit 1."""
     from dpo_pipeline.config import ConfigError
 
+    setup_output()
     try:
         fn(*args)
     except (StageError, ConfigError) as err:

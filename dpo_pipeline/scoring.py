@@ -256,7 +256,8 @@ def run_lm_eval(
     `names`: the eval.tasks to score (default all)."""
     e = params.eval
     names = [t.name for t in e.tasks] if names is None else names
-    all_local = all(name in local_task_names(tasks_dir) for name in names)
+    local = local_task_names(tasks_dir)
+    all_local = all(name in local for name in names)
     if all_local:
         os.environ.update(OFFLINE_ENV)
     import lm_eval
@@ -281,6 +282,12 @@ def run_lm_eval(
         task_set = manager.load([spec.name])
         for task in task_set["tasks"].values():
             task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            if spec.name in local and task.config.output_type == "generate_until":
+                # Our own generation tasks take their length from params (eval.task_max_new_tokens), not
+                # from a number in their YAML; the registry's (gsm8k) keep the leaderboard's settings.
+                task.set_config(
+                    key="generation_kwargs", value={"max_gen_toks": e.task_max_new_tokens}, update=True
+                )
         if spec.name in task_set["groups"]:
             built.append(task_set["groups"][spec.name])
         else:

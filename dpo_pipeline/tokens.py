@@ -7,18 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.layout import SPLITS
+from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, SPLITS
 
 logger = logging.getLogger(__name__)
 
 
 PREPARED_COLUMNS = ("id", "prompt", "chosen", "rejected")
-
-
-IDS_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-
-
-LENGTH_COLUMN = "length"  # prompt + longer answer, in tokens: what length-grouped batching sorts on
 
 
 OUTPUT_COLUMNS = ("id", *IDS_COLUMNS, LENGTH_COLUMN)

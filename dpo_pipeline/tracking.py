@@ -16,7 +16,9 @@ Faults:
   The tracking section is deliberately not a DVC param of any stage: it changes where results are
   recorded, never what a stage produces, so switching it must not re-run the pipeline.
 - A tracking error after the run started (server died mid-training) never fails the stage: the error
-  is reported once on stderr, further logging is skipped, and the stage's outputs are still published.
+  is reported once on stderr, further logging is skipped, and the stage's outputs are still published;
+  the run then ends FAILED with tags `tracking.incomplete: true` and `tracking.error` (a partial record must
+  not pass for a complete one).
 - With several processes (torchrun / accelerate launch set RANK), only rank 0 records: on other ranks
   `stage_run` yields None and the logging functions do nothing.
 - SIGTERM / Ctrl-C end the run KILLED; an exception ends it FAILED. A run killed with SIGKILL cannot
@@ -61,7 +63,7 @@ MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflo
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-_state: dict[str, Any] = {"broken": False}
+_state: dict[str, Any] = {"broken": False, "error": ""}
 
 
 class StageKilled(SystemExit):
@@ -237,6 +239,7 @@ def _guarded(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - any tracking failure must not cost the stage's work
         _state["broken"] = True
+        _state["error"] = f"{type(err).__name__}: {err}"[:500]
         print(
             f"warning: MLflow tracking failed ({type(err).__name__}: {err}); the stage goes on and its "
             "outputs are still written, but the rest of this run is not recorded in MLflow",
@@ -260,14 +263,45 @@ def _set_experiment(mlflow: Any, name: str, attempts: int = 3) -> Any:
     raise AssertionError("unreachable")
 
 
+def prepare_store(params: Any) -> None:
+    """Check the tracking server and create the store and experiment once, before `train.num_processes`
+    workers start (dpo_pipeline.launch).
+
+    An unreachable server then stops the stage before N processes load models. And rank 0 does not run MLflow's
+    database migrations while a worker that failed on bad input gets it stopped (torchrun stops the remaining
+    workers when one fails), which could leave a half-migrated SQLite store behind. A tracking error here is
+    not fatal: rank 0's stage_run tries again, and fails or falls back as `tracking.on_unreachable` says.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_uri(params.tracking.on_unreachable)
+    try:
+        mlflow.set_tracking_uri(uri)
+        _set_experiment(mlflow, params.tracking.experiment, attempts=1)
+    except (MlflowException, OSError) as err:
+        print(
+            f"warning: preparing the MLflow store {uri} before launching the workers failed "
+            f"({type(err).__name__}: {err}); rank 0 tries again when it opens its run",
+            file=sys.stderr,
+        )
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. A zombie does not: a SIGKILLed stage whose parent (dvc) was killed
+    too stays a zombie until something reaps it, and in a container whose PID 1 reaps nothing that is forever;
+    signal 0 alone would call it alive and its run would never be closed."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): signal 0 is all there is
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # the state field, after "(comm)"
 
 
 def close_stale_runs(client: Any, experiment_id: str, stage: str) -> list[str]:
@@ -303,6 +337,7 @@ def stage_run(
     from mlflow.tracking import MlflowClient
 
     _state["broken"] = False
+    _state["error"] = ""
     uri = resolve_uri(params.tracking.on_unreachable)
     mlflow.set_tracking_uri(uri)
     try:
@@ -361,7 +396,13 @@ def stage_run(
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        # end_run must happen even if logging broke, or the run stays RUNNING.
+        # end_run must happen even if logging broke, or the run stays RUNNING. A run whose logging broke
+        # holds only part of what the stage did: it must not pass for a complete record (FINISHED, which
+        # tools.compare and searches pick up), so it ends FAILED with the reason, the stage's work intact.
+        if _state["broken"] and status == "FINISHED":
+            status = "FAILED"
+            with contextlib.suppress(Exception):
+                mlflow.set_tags({"tracking.incomplete": "true", "tracking.error": _state["error"]})
         try:
             mlflow.end_run(status=status)
         except Exception as err:  # noqa: BLE001

@@ -16,6 +16,7 @@ from dpo_pipeline.io import (
 )
 from dpo_pipeline.models import precision_kwargs
 from dpo_pipeline.tokens import OUTPUT_COLUMNS
+from dpo_pipeline.trl_glue import checkpointing_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def dpo_config(p: Any, out_dir: str | Path):
         output_dir=str(out_dir),
         beta=t.beta,
         loss_type=[t.loss_type],
+        label_smoothing=t.label_smoothing,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
@@ -78,7 +80,7 @@ def dpo_config(p: Any, out_dir: str | Path):
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **checkpointing_kwargs(t.gradient_checkpointing),
         optim=t.optim,
         **precision_kwargs(t),
         seed=p.seed,
@@ -237,3 +239,52 @@ def last_logged(log_history: list[dict[str, Any]], key: str) -> float:
         if key in entry and "loss" in entry:
             return float(entry[key])
     return float("nan")
+
+
+def final_metrics(
+    history: list[dict[str, Any]],
+    evaluation: dict[str, Any],
+    runtime: float,
+    steps: int,
+    counts: dict[str, int],
+    peak_mb: float,
+) -> dict[str, float]:
+    """metrics/train.json (see the train stage's docstring for what each figure means)."""
+    return {
+        "train_loss": last_logged(history, "loss"),
+        "rewards_chosen": last_logged(history, "rewards/chosen"),
+        "rewards_rejected": last_logged(history, "rewards/rejected"),
+        "rewards_margins": last_logged(history, "rewards/margins"),
+        "rewards_accuracies": last_logged(history, "rewards/accuracies"),
+        "eval_loss": float(evaluation["eval_loss"]),
+        "eval_rewards_accuracies": float(evaluation["eval_rewards/accuracies"]),
+        "eval_rewards_margins": float(evaluation["eval_rewards/margins"]),
+        "train_runtime_s": runtime,
+        "train_steps": float(steps),
+        "pairs_per_s": counts["pairs"] / runtime,
+        "tokens_per_s": counts["tokens"] / runtime,
+        "pad_fraction": 1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
+        "peak_memory_mb": peak_mb,
+    }
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The LoRA adapter and its tokenizer into `folder`, deterministically: identical weights give a
+    byte-identical folder, so DVC does not re-run merge and evaluate for nothing."""
+    import json
+
+    from dpo_pipeline.layout import BASE_DIR
+
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    # Name the base by the path the pipeline loads it from, not by wherever this run found it.
+    config_path = folder / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = BASE_DIR.as_posix()
+    # peft keeps target_modules as a set and writes it in hash-seed order, which differs between processes.
+    if isinstance(adapter_config.get("target_modules"), list):  # a regex string stays as it is
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    readme = folder / "README.md"
+    if readme.exists():
+        readme.unlink()  # peft's generated model card has no content of ours and embeds versions

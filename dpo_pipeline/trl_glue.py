@@ -1,10 +1,58 @@
-"""Every override of trl/transformers internals (checked against trl 1.16, transformers 5.24, peft 0.21)."""
+"""Every override of trl/transformers internals, and the facts about trl the config checks rely on.
+
+Checked against trl 1.16, transformers 5.24, peft 0.21; tests/unit/test_trl_glue.py fails when an upgrade
+changes one of them (a loss type added or dropped, an overridden method renamed).
+"""
 
 from __future__ import annotations
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.layout import REF_COLUMNS
-from dpo_pipeline.tokens import IDS_COLUMNS, LENGTH_COLUMN
+from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, REF_COLUMNS
+
+# DPOConfig.loss_type's choices in trl 1.16 (its help text and DPOTrainer's loss dispatch). A constant, not read
+# from trl's help text at run time: a reworded help string must not break every params load.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# What trl 1.16 requires of `label_smoothing` per loss type (DPOTrainer.__init__): exo_pair raises at 0,
+# robust warns outside [0, 0.5). Checked by config, before any work.
+LABEL_SMOOTHING_RULES = {
+    "exo_pair": (
+        lambda eps: eps > 0.0,
+        "a number > 0 with train.loss_type exo_pair (the EXO paper uses 1.0e-3)",
+    ),
+    "robust": (lambda eps: 0.0 <= eps < 0.5, "a number in [0, 0.5) with train.loss_type robust"),
+}
+
+
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """The TrainingArguments keyword for activation (gradient) checkpointing: transformers 5.24 renamed
+    `gradient_checkpointing` to `activation_checkpointing` (the old name is a deprecated alias that mirrors the
+    new one, with a FutureWarning); older 5.x releases (the GPU image's 5.17) know only the old name."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing": enabled
+    }
 
 
 def trainer_class():

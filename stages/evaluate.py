@@ -67,7 +67,15 @@ class Part:
 
 
 # The scoring settings of `eval` (the held-out stage makes no samples, so the generation keys are not its).
-SCORING_SECTIONS = ("seed", "eval.tasks", "eval.batch_size", "eval.limit", "eval.device", "eval.dtype")
+SCORING_SECTIONS = (
+    "seed",
+    "eval.tasks",
+    "eval.batch_size",
+    "eval.limit",
+    "eval.device",
+    "eval.dtype",
+    "eval.task_max_new_tokens",
+)
 
 
 PARTS = {

@@ -23,8 +23,6 @@ of the tokens on the small profile in prepared order). Each row's log-probs do n
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +67,19 @@ def run(
         return meta
 
 
-def main() -> None:
+def _main() -> None:
     from dpo_pipeline import config
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = config.load()
     pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 
 
-if __name__ == "__main__":
+def main() -> None:
     from dpo_pipeline.runner import run_main
 
-    run_main(main)
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,7 +84,6 @@ def run(
 def main() -> None:
     from dpo_pipeline import config
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     runner.run_main(lambda: run(config.load()))
 
 

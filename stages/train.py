@@ -48,7 +48,6 @@ set to the compute dtype and a sharded save of the adapter, which this stage doe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -99,10 +98,11 @@ from dpo_pipeline.training import (
     checkpoint_key,
     collapse_callback,
     dpo_config,
+    final_metrics,
     history_csv,
     history_rows,
-    last_logged,
     latest_checkpoint,
+    save_adapter,
     to_dataset,
     train_summary,
 )
@@ -215,22 +215,7 @@ def run(
         evaluation = trainer.evaluate()
         history = trainer.state.log_history
         counts, peak_mb = across_processes(accelerator, trainer.pipeline_counts, peak_memory_mb(device))
-        metrics = {
-            "train_loss": last_logged(history, "loss"),
-            "rewards_chosen": last_logged(history, "rewards/chosen"),
-            "rewards_rejected": last_logged(history, "rewards/rejected"),
-            "rewards_margins": last_logged(history, "rewards/margins"),
-            "rewards_accuracies": last_logged(history, "rewards/accuracies"),
-            "eval_loss": float(evaluation["eval_loss"]),
-            "eval_rewards_accuracies": float(evaluation["eval_rewards/accuracies"]),
-            "eval_rewards_margins": float(evaluation["eval_rewards/margins"]),
-            "train_runtime_s": runtime,
-            "train_steps": float(trainer.state.global_step),
-            "pairs_per_s": counts["pairs"] / runtime,
-            "tokens_per_s": counts["tokens"] / runtime,
-            "pad_fraction": 1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
-            "peak_memory_mb": peak_mb,
-        }
+        metrics = final_metrics(history, evaluation, runtime, trainer.state.global_step, counts, peak_mb)
         bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad_metrics:
             raise StageError(
@@ -242,23 +227,7 @@ def run(
         if not accelerator.is_main_process:
             return metrics
         with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            # Name the base by the path the pipeline loads it from, not by wherever this run found it.
-            config_path = tmp / "adapter_config.json"
-            adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-            adapter_config["base_model_name_or_path"] = BASE_DIR.as_posix()
-            # peft keeps target_modules as a set and writes it in hash-seed order, which differs between
-            # processes: sorted, a re-run with identical weights gives an identical adapter folder, so DVC
-            # does not re-run merge and evaluate for nothing.
-            if isinstance(adapter_config.get("target_modules"), list):  # a regex string stays as it is
-                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-            config_path.write_text(
-                json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
-            readme = tmp / "README.md"
-            if readme.exists():
-                readme.unlink()  # peft's generated model card has no content of ours and embeds versions
+            save_adapter(trainer.model, tokenizer, tmp)
             write_json(tmp / TRAIN_SUMMARY, train_summary(params, metrics))
         write_json(metrics_path, metrics)
         run_id = getattr(getattr(mlflow_run, "info", None), "run_id", None) or ""
@@ -273,13 +242,9 @@ def run(
         return metrics
 
 
-def main() -> None:
+def _main() -> None:
     from dpo_pipeline import config
 
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = config.load()
     if params.train.num_processes > 1 and not is_distributed_worker(os.environ):
         sys.exit(launch(params))
@@ -288,7 +253,11 @@ def main() -> None:
     run(params)
 
 
-if __name__ == "__main__":
+def main() -> None:
     from dpo_pipeline.runner import run_main
 
-    run_main(main)
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
     return report
 
 
-def main() -> None:
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("params", nargs="?", default="params.yaml", help="params file to check")
     args = parser.parse_args()
@@ -57,7 +57,11 @@ def main() -> None:
     print("validate: ok " + " ".join(f"{k}={v}" for k, v in report.items()))
 
 
-if __name__ == "__main__":
+def main() -> None:
     from dpo_pipeline.runner import run_main
 
-    run_main(main)
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """What each dvc.yaml stage's code really is: the first-party modules its command imports, walked from the code.
 
     python -m tools.dag            # per stage: the module files dvc.yaml must list as deps, and any missing
+    python -m tools.dag --write    # rewrite each stage's .py deps in dvc.yaml to exactly those
 
 tests/unit/test_dag.py checks that every stage lists exactly these (plus its data deps); this command prints
 what to write when an import changes. Imports are read from the syntax tree, function-level ones included
@@ -77,11 +78,42 @@ def declared_code_deps(stage: dict) -> set[str]:
     return {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
 
 
+def write_code_deps(path: Path) -> None:
+    """Replace each stage's `.py` deps in dvc.yaml by code_deps (first in its deps list), keeping every other
+    line (comments, data deps, order) as it is."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    modules = stage_modules(yaml.safe_load(text))
+    out: list[str] = []
+    stage = None
+    in_deps = False
+    for line in text.splitlines(keepends=True):
+        match = re.match(r"^  ([\w-]+):\s*$", line)
+        if match:
+            stage = match.group(1)
+        if re.match(r"^    deps:\s*$", line) and stage in modules:
+            out.append(line)
+            out.extend(f"      - {dep}\n" for dep in code_deps(modules[stage]))
+            in_deps = True
+            continue
+        if in_deps:
+            if re.match(r"^      - \S+\.py\s*$", line):
+                continue
+            if not line.startswith("      - "):
+                in_deps = False
+        out.append(line)
+    path.write_text("".join(out), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
+    args = parser.parse_args(argv)
+    if args.write:
+        write_code_deps(REPO / "dvc.yaml")
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     wrong = 0
     for name, module in stage_modules(dvc_yaml).items():

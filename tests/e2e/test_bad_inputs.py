@@ -259,14 +259,14 @@ CASES: dict[str, Case] = {
     "params-unknown-loss-type": Case(
         edit_params({"train.loss_type": "dpo_magic"}),
         [
-            "error: params.yaml: train.loss_type: expected a loss type the installed trl knows (sigmoid,",
+            "error: params.yaml: train.loss_type: expected a trl DPO loss type (sigmoid,",
             "got 'dpo_magic'",
         ],
     ),
     "recipe-unknown-loss-type": Case(
         recipe_with_unknown_loss,
         [
-            "error: params.yaml: train.loss_type: expected a loss type the installed trl knows (",
+            "error: params.yaml: train.loss_type: expected a trl DPO loss type (",
             "'dpo_magic'",
         ],
     ),

@@ -24,10 +24,21 @@ def test_whole_graph_runs_on_the_openhermes_layout(clone, tmp_path):
     project = clone("hub", cache=False, checkout=False)
     project.env["HF_HOME"] = str(hf_home)
     project.set_params(
-        {"base.source": "hub", "base.name": hub_cache.REPO_ID, "base.revision": hub_cache.REVISION}
+        {
+            "base.source": "hub",
+            "base.name": hub_cache.REPO_ID,
+            "base.revision": hub_cache.REVISION,
+            "base.builtin.corpus": "data/raw/no_corpus.txt",  # as the recipe sets it
+        }
     )
     project.dvc("repro", timeout=900)
     assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+    # A data edit re-runs prepare and what follows, never the hub base (for the recipe, a 14.5 GB copy).
+    raw = project.root / project.params()["data"]["path"]
+    raw.write_text(raw.read_text() + raw.read_text().splitlines(keepends=True)[0])
+    dry = project.dvc("repro", "--dry").stdout
+    assert "Running stage 'prepare'" in dry and "Running stage 'base'" not in dry
+    raw.write_text("".join(raw.read_text().splitlines(keepends=True)[:-1]))  # back as it was
 
     base = project.root / "models" / "base"
     names = sorted(p.name for p in base.iterdir())

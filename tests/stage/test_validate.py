@@ -261,7 +261,7 @@ BAD_PARAMS = {
     "unknown-loss-type": (
         {"train.loss_type": "not_a_loss"},
         [
-            "params.yaml: train.loss_type: expected a loss type the installed trl knows (",
+            "params.yaml: train.loss_type: expected a trl DPO loss type (",
             "sigmoid",
             "'not_a_loss'",
         ],
@@ -360,4 +360,4 @@ def test_cli_takes_another_params_file(workdir, good_params):
     write_params(set_dotted(good_params, "train.loss_type", "nope"), "recipe.yaml")
     result = run_cli(workdir, "recipe.yaml")
     assert result.returncode == 1
-    assert result.stderr.startswith("error: recipe.yaml: train.loss_type: expected a loss type")
+    assert result.stderr.startswith("error: recipe.yaml: train.loss_type: expected a trl DPO loss type")

@@ -116,7 +116,9 @@ def test_read_corpus_accepts_both_schemas_and_names_bad_lines(tmp_path):
     with pytest.raises(StageError, match=r"bad\.jsonl:1: column 'question': expected a string"):
         raw.read_corpus(bad)
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(StageError, match=r"bad\.jsonl:1: expected columns"):
+    with pytest.raises(
+        StageError, match=r"bad\.jsonl:1: unknown raw schema: found columns: answer, question"
+    ):
         raw.read_corpus(bad)
     bad.write_text("\n")
     with pytest.raises(StageError, match="empty"):

@@ -109,6 +109,21 @@ def test_whitespace_system_keeps_its_turn_as_in_the_article(tokenizer):
     assert formatted["prompt"].startswith("<|im_start|>system\n <|im_end|>\n<|im_start|>user\n")
 
 
+@pytest.mark.parametrize("system", ["", " ", "\n", "Be brief."])
+def test_one_system_rule_for_prepared_rows_pretraining_text_and_eval_prompts(tokenizer, system):
+    """prepare (format_row, format_table), the builtin base's pre-training text (conversation) and the
+    evaluation prompts (format_prompt) give the same turns for every system text, whitespace-only included."""
+    row = dict(MIDSUMMER_ROW, system=system)
+    expected = chatml.format_row(row, tokenizer)["prompt"]
+    assert chatml.format_prompt(system, row["question"], tokenizer) == expected
+    assert chatml.format_table(table_of([row]), tokenizer)[0][0].as_py() == expected
+    rendered = tokenizer.apply_chat_template(
+        chatml.conversation(system, row["question"]), tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == expected
+    assert (system != "") == expected.startswith("<|im_start|>system\n")
+
+
 def test_vectorised_formatting_equals_format_row_on_random_rows(tokenizer):
     rows = random_rows(300, seed=3)
     assert any(r["system"] == "" for r in rows) and any(r["system"] for r in rows)

@@ -372,3 +372,22 @@ def test_fast_reader_gives_way_to_the_precise_one_on_bad_rows(tmp_path, lines, e
     else:
         with pytest.raises(StageError, match=expected):
             raw.read_local(path, "auto")
+
+
+def test_a_reader_failure_that_is_not_the_files_fault_is_not_retried(tmp_path, monkeypatch):
+    """MemoryError (or an I/O error) from pyarrow propagates: re-reading the file line by line would only
+    fail again, slower. Only content problems fall back to the line-by-line reader that names the line."""
+    import pyarrow.json as pj
+
+    path = write_jsonl(tmp_path / "raw.jsonl", rows(5))
+
+    def out_of_memory(*_args, **_kwargs):
+        raise MemoryError("arrow could not allocate")
+
+    def second_read(*_args, **_kwargs):
+        raise AssertionError("the file must not be read a second time")
+
+    monkeypatch.setattr(pj, "read_json", out_of_memory)
+    monkeypatch.setattr(raw, "read_json_rows", second_read)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        raw.read_local(path, "auto")

@@ -1,0 +1,56 @@
+"""dpo_pipeline.trl_glue against the installed trl: the facts it states and the internals it overrides.
+A trl upgrade that renames a method, changes its arguments or the loss-type list fails here, not in a run."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+
+from dpo_pipeline import trl_glue
+
+
+def trl_source(name: str) -> str:
+    spec = importlib.util.find_spec("trl")
+    return (Path(spec.origin).parent / "trainer" / name).read_text(encoding="utf-8")
+
+
+def test_the_loss_types_are_the_installed_trls():
+    help_text = re.search(r"loss_type: list\[str\] = field\((.*?)\n    \)", trl_source("dpo_config.py"), re.S)
+    assert help_text, "DPOConfig.loss_type moved: check trl_glue.DPO_LOSS_TYPES by hand"
+    assert tuple(re.findall(r"`'([a-z_]+)'`", help_text.group(1))) == trl_glue.DPO_LOSS_TYPES
+    dispatch = set(re.findall(r'loss_type == "([a-z_]+)"', trl_source("dpo_trainer.py")))
+    assert set(trl_glue.DPO_LOSS_TYPES) <= dispatch | {"sigmoid"}
+
+
+def test_the_label_smoothing_rules_are_the_installed_trls():
+    source = trl_source("dpo_trainer.py")
+    assert '"exo_pair" in self.loss_types and self.label_smoothing == 0.0' in source
+    assert '"robust" in self.loss_types and not (0.0 <= self.label_smoothing < 0.5)' in source
+    exo, robust = (trl_glue.LABEL_SMOOTHING_RULES[k][0] for k in ("exo_pair", "robust"))
+    assert not exo(0.0) and exo(1e-3) and robust(0.0) and not robust(0.5)
+
+
+def upstream_parameters(cls, name: str) -> list[str]:
+    """The first concrete signature of `name` along the MRO (a decorator may hide one behind *args, **kwargs)."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            params = list(inspect.signature(inspect.unwrap(vars(klass)[name])).parameters)
+            if params != ["self", "args", "kwargs"]:
+                return params
+    raise AssertionError(f"no concrete signature for {name}")
+
+
+def test_every_overridden_trainer_method_exists_upstream_with_the_same_arguments():
+    from trl import DPOTrainer
+
+    ours = trl_glue.trainer_class()
+    overridden = [n for n, f in vars(ours).items() if inspect.isfunction(f) and not n.startswith("__")]
+    assert overridden, "nothing overridden?"
+    for name in overridden:
+        upstream = getattr(DPOTrainer, name, None)
+        assert upstream is not None, f"DPOTrainer.{name} is gone: trl_glue overrides nothing"
+        mine = list(inspect.signature(getattr(ours, name)).parameters)
+        theirs = upstream_parameters(DPOTrainer, name)
+        assert mine == theirs, f"DPOTrainer.{name}{theirs} != ours {mine}"
