@@ -73,7 +73,7 @@ recipe:
 # is one, else the machine's python3 with .gpu-bundle/ (make gpu-bundle) on PYTHONPATH.
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	PYTHONPATH=$(CURDIR)/.gpu-bundle$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m tools.gpu_check $(if $(DRY_RUN),--dry-run)
+	PYTHONPATH=$(CURDIR)/.gpu-bundle$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run)
 
 # trl, bitsandbytes (its CUDA 13 library only) and lm-eval (without its task folders) at the locked versions,
 # for a GPU machine whose Python has torch, transformers, peft and accelerate but no network: under 64 MiB.

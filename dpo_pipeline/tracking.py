@@ -214,7 +214,7 @@ def params_for(params: Any, sections: list[str]) -> dict[str, Any]:
     """The declared params (dotted names as in dvc.yaml) as a nested dict of plain data."""
     import dataclasses
 
-    from dpo_pipeline.config import plain as untraced
+    from dpo_pipeline.params_trace import plain as untraced
 
     plain = dataclasses.asdict(untraced(params))
     picked: dict[str, Any] = {}
@@ -446,26 +446,3 @@ def log_artifact(path: str | Path) -> None:
     import mlflow
 
     _guarded(mlflow.log_artifact, str(path))
-
-
-def mlflow_callback():
-    """transformers' MLflowCallback, made unable to fail training: it logs into the stage's active run
-    and, after a tracking error, stops logging instead of raising out of the training loop."""
-    from transformers.integrations import MLflowCallback
-
-    class SafeMLflowCallback(MLflowCallback):
-        def setup(self, args, state, model):
-            _guarded(super().setup, args, state, model)
-            self._initialized = True
-
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            if not _state["broken"]:
-                _guarded(super().on_log, args, state, control, logs=logs, model=model, **kwargs)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            _guarded(super().on_train_end, args, state, control, **kwargs)
-
-        def on_save(self, args, state, control, **kwargs):
-            _guarded(super().on_save, args, state, control, **kwargs)
-
-    return SafeMLflowCallback()

@@ -102,7 +102,7 @@ def dpo_config(p: Any, out_dir: str | Path):
         # trl's default (True) would also switch off the LoRA dropout, leaving `train.lora.dropout` inert.
         # The builtin Mistral config has no other dropout (attention_dropout 0.0).
         disable_dropout=False,
-        # The MLflow callback is added explicitly (tracking.mlflow_callback) so it logs into the stage's run
+        # The MLflow callback is added explicitly (trl_glue.mlflow_callback) so it logs into the stage's run
         # and a tracking failure cannot stop training.
         report_to="none",
         run_name="train",

@@ -1,10 +1,19 @@
 """Every override of trl/transformers internals, and the facts about trl the config checks rely on.
 
-Checked against trl 1.16, transformers 5.24, peft 0.21; tests/unit/test_trl_glue.py fails when an upgrade
-changes one of them (a loss type added or dropped, an overridden method renamed).
+Checked against trl 1.16, transformers 5.24, peft 0.21.2:
+- trainer_class: DPOTrainer with the tokenize stage's ids and the cached reference columns taken as they are,
+  the length column kept, a resume that keeps the adapter's dtype, the NaN guard and throughput counters;
+- DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES: trl's loss types and what each needs of label_smoothing;
+- checkpointing_kwargs: the TrainingArguments name of activation checkpointing (renamed in 5.24);
+- weights_read_not_mapped: transformers' module-level safe_open swapped for pread while a model loads;
+- mlflow_callback: transformers' MLflowCallback made unable to fail training.
+tests/unit/test_trl_glue.py fails when an upgrade changes one of them (a loss type added or dropped, an
+overridden method renamed or given other arguments); tests/stage/test_load_model.py checks the pread swap.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, REF_COLUMNS
@@ -106,3 +115,56 @@ def trainer_class():
             return loss
 
     return PipelineDPOTrainer
+
+
+@contextlib.contextmanager
+def weights_read_not_mapped():
+    """Inside: transformers reads safetensors shards with pread instead of memory-mapping them.
+
+    On Linux transformers maps every shard for the whole load, so all of a checkpoint's pages count as
+    resident until the load ends, on top of the (4-bit) model being built: loading the bench's 0.6B model
+    in 4-bit peaks at ~2.7 GB RSS mapped, ~1.5 GB read (bench/, `large_*_load_peak_rss_mb`). pread is the
+    backend transformers itself uses on Windows and MPS; the loaded tensors are bit-identical (tested).
+    transformers 5.x has no option for it, so its module-level `safe_open` is swapped for the duration
+    (restored after, also on errors); where that name is gone, loading is unchanged.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:
+        yield
+        return
+
+    def pread_open(filename, framework="pt", device="cpu", backend="mmap"):
+        return original(filename, framework=framework, device=device, backend="pread")
+
+    modeling_utils.safe_open = pread_open
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
+
+
+def mlflow_callback():
+    """transformers' MLflowCallback, made unable to fail training: it logs into the stage's active run
+    and, after a tracking error, stops logging instead of raising out of the training loop."""
+    from transformers.integrations import MLflowCallback
+
+    from dpo_pipeline import tracking
+
+    class SafeMLflowCallback(MLflowCallback):
+        def setup(self, args, state, model):
+            tracking._guarded(super().setup, args, state, model)
+            self._initialized = True
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if not tracking._state["broken"]:
+                tracking._guarded(super().on_log, args, state, control, logs=logs, model=model, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            tracking._guarded(super().on_train_end, args, state, control, **kwargs)
+
+        def on_save(self, args, state, control, **kwargs):
+            tracking._guarded(super().on_save, args, state, control, **kwargs)
+
+    return SafeMLflowCallback()

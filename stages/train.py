@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import layout, pairs, reference
+from dpo_pipeline import layout, pairs, reference, trl_glue
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     atomic_dir,
@@ -191,7 +191,7 @@ def run(
             eval_dataset=datasets["test"],
             processing_class=tokenizer,
             peft_config=lora_config(t.lora),
-            callbacks=[tracking.mlflow_callback(), collapse, *extra_callbacks],
+            callbacks=[trl_glue.mlflow_callback(), collapse, *extra_callbacks],
         )
         trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
         accelerator = trainer.accelerator

@@ -114,7 +114,7 @@ def tiny_params(default_params):
 @pytest.fixture(scope="session")
 def raw_rows():
     """A small deterministic raw sample in the current orca_dpo_pairs columns."""
-    from scripts.make_raw_sample import generate_rows
+    from tools.make_raw_sample import generate_rows
 
     return generate_rows(200, seed=7)
 

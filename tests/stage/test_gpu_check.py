@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_dry_run_passes_and_reports_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
     result = subprocess.run(
-        [sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out)],
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -87,7 +87,7 @@ def test_writes_both_splits_with_the_exact_schema(prepared):
 
 
 def test_counts_add_up_and_quirks_are_dropped(prepared, raw_rows):
-    from scripts.make_raw_sample import quirk_counts
+    from tools.make_raw_sample import quirk_counts
 
     tmp, _, metrics = prepared
     assert read_json(tmp / "metrics" / "data.json") == metrics

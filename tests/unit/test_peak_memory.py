@@ -1,4 +1,4 @@
-"""stages.train.peak_memory_mb on the CPU: this process's own peak RSS, not an inherited one."""
+"""dpo_pipeline.models.peak_memory_mb on the CPU: this process's own peak RSS, not an inherited one."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_child_of_a_big_parent_reports_its_own_peak():
         import json, resource, subprocess, sys
         block = b"\\x01" * ({PARENT_MB} << 20)  # written, so resident
         child = subprocess.run(
-            [sys.executable, "-c", "from stages.train import peak_memory_mb; print(peak_memory_mb('cpu'))"],
+            [sys.executable, "-c", "from dpo_pipeline.models import peak_memory_mb; print(peak_memory_mb('cpu'))"],
             capture_output=True, text=True, check=True,
         )
         print(json.dumps({{

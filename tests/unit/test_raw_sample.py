@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from scripts.make_raw_sample import generate_rows, quirk_counts, to_jsonl
+from tools.make_raw_sample import generate_rows, quirk_counts, to_jsonl
 
 COLUMNS = ["system", "question", "chosen", "rejected"]
 SHIPPED = "data/raw/orca_dpo_sample.jsonl"
@@ -46,7 +46,7 @@ def test_shipped_file_is_what_the_script_writes(repo_root, tmp_path):
         [
             sys.executable,
             "-m",
-            "scripts.make_raw_sample",
+            "tools.make_raw_sample",
             "--rows",
             "3000",
             "--seed",

@@ -1,6 +1,6 @@
 """GPU check: the 7B recipe's settings on a Mistral-7B-shaped model, stage by stage, with figures.
 
-    python -m tools.gpu_check [--dry-run] [--steps 10] [--rows 1200] [--out metrics/gpu_check.json]
+    python -m bench.gpu_check [--dry-run] [--steps 10] [--rows 1200] [--out metrics/gpu_check.json]
     make gpu-check            (make gpu-check DRY_RUN=1 on a machine without CUDA)
 
 recipes/neuralhermes-2.5.yaml's params (QLoRA NF4 4-bit, bf16, LoRA r16 on all linear projections, beta 0.1,

@@ -1,6 +1,6 @@
 """Deterministic generator of the shipped raw sample, data/raw/orca_dpo_sample.jsonl.
 
-    python -m scripts.make_raw_sample --rows 3000 --seed 1234 --out data/raw/orca_dpo_sample.jsonl
+    python -m tools.make_raw_sample --rows 3000 --seed 1234 --out data/raw/orca_dpo_sample.jsonl
 
 Rows have the current Intel/orca_dpo_pairs columns (system, question, chosen, rejected), all strings.
 Standard library only (random.Random(seed)); the same arguments give a byte-identical file.
