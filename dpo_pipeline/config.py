@@ -10,6 +10,7 @@ expensive work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -261,6 +262,8 @@ def _check(p: Params, source: str) -> None:
         "train.reference_batch_size": p.train.reference_batch_size,
         "eval.task_max_new_tokens": p.eval.task_max_new_tokens,
         "base.builtin.hidden_size": p.base.builtin.hidden_size,
+        "base.builtin.intermediate_size": p.base.builtin.intermediate_size,
+        "base.builtin.max_position_embeddings": p.base.builtin.max_position_embeddings,
         "base.builtin.num_hidden_layers": p.base.builtin.num_hidden_layers,
         "base.builtin.num_attention_heads": p.base.builtin.num_attention_heads,
         "base.builtin.num_key_value_heads": p.base.builtin.num_key_value_heads,
@@ -284,6 +287,7 @@ def _check(p: Params, source: str) -> None:
         if value <= 0:
             raise fail(key, "an integer > 0", value)
     for key, value in {
+        "seed": p.seed,
         "base.builtin.pretrain_steps": p.base.builtin.pretrain_steps,
         "train.warmup_steps": p.train.warmup_steps,
         "train.pairs_seed": p.train.pairs_seed,
@@ -298,8 +302,10 @@ def _check(p: Params, source: str) -> None:
         "train.beta": p.train.beta,
         "eval.temperature": p.eval.temperature,
     }.items():
-        if not value > 0:
-            raise fail(key, "a number > 0", value)
+        if not (value > 0 and math.isfinite(value)):
+            raise fail(key, "a finite number > 0", value)
+    if not p.tracking.experiment.strip():
+        raise fail("tracking.experiment", "a non-empty MLflow experiment name", p.tracking.experiment)
     if not 0.0 < p.data.test_fraction < 1.0:
         raise fail("data.test_fraction", "a number strictly between 0 and 1", p.data.test_fraction)
     if not 0.0 <= p.train.lora.dropout < 1.0:
@@ -308,13 +314,19 @@ def _check(p: Params, source: str) -> None:
         raise fail("eval.top_p", "a number in (0, 1]", p.eval.top_p)
     for key in ("merge.fidelity_max_abs", "merge.fidelity_mean_abs"):
         value = getattr(p.merge, key.split(".")[1])
-        if not value > 0:
-            raise fail(key, "a number > 0", value)
+        if not (value > 0 and math.isfinite(value)):  # .inf would switch the fidelity gate off
+            raise fail(key, "a finite number > 0", value)
     if p.data.max_length <= p.data.max_prompt_length:
         raise fail(
             "data.max_length",
             f"an integer greater than data.max_prompt_length ({p.data.max_prompt_length})",
             p.data.max_length,
+        )
+    if p.base.source == "builtin" and p.base.builtin.max_position_embeddings < p.data.max_length:
+        raise fail(
+            "base.builtin.max_position_embeddings",
+            f"at least data.max_length ({p.data.max_length}): the model cannot attend over longer rows",
+            p.base.builtin.max_position_embeddings,
         )
     if p.base.builtin.hidden_size % p.base.builtin.num_attention_heads:
         raise fail(

@@ -8,6 +8,39 @@ from dpo_pipeline.chatml import check_formatting, check_rows, format_table
 from dpo_pipeline.filters import REASONS, content_masks, digests, first_reason, is_test, row_id
 
 
+def split_rows(table, data) -> tuple[dict[str, list[int]], dict[str, int], list[bytes]]:
+    """Which raw rows the content filters keep and which split each goes to: ({split: row indices in input
+    order}, drop counts per reason, each row's content digest). No formatting, no tokenizer: cheap enough for
+    the validate stage to run it on the whole file before DVC removes any output."""
+    row_digests = digests(table)
+    keep, counts = first_reason(content_masks(table, row_digests), table.num_rows, REASONS)
+    rows: dict[str, list[int]] = {"train": [], "test": []}
+    for i, (digest, kept) in enumerate(zip(row_digests, keep.to_pylist(), strict=True)):
+        if kept:
+            rows["test" if is_test(digest, data.test_fraction) else "train"].append(i)
+    return rows, counts, row_digests
+
+
+def check_split_sizes(table, data, source: str, global_batch: int) -> dict[str, Any]:
+    """The prepare stage's split checks (filters.check_split) on a raw table, plus enough training rows for
+    one optimizer step (`global_batch` distinct pairs); returns prepare's data metrics."""
+    from types import SimpleNamespace
+
+    from dpo_pipeline.errors import StageError
+    from dpo_pipeline.filters import check_split, data_metrics
+
+    rows, counts, _ = split_rows(table, data)
+    train, test = (SimpleNamespace(num_rows=len(rows[split])) for split in ("train", "test"))
+    metrics = data_metrics(train, test, {"rows_in": table.num_rows, "dropped": counts})
+    check_split(train, test, metrics, source, data)
+    if train.num_rows < global_batch:
+        raise StageError(
+            f"{source}: the train split keeps {train.num_rows} rows (data.test_fraction={data.test_fraction}), "
+            f"fewer than one global batch of {global_batch} pairs; add rows or lower data.test_fraction"
+        )
+    return metrics
+
+
 def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params.
 
@@ -17,12 +50,7 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     import pyarrow as pa
 
     rows_in = table.num_rows
-    row_digests = digests(table)
-    keep, counts = first_reason(content_masks(table, row_digests), rows_in, REASONS)
-    rows: dict[str, list[int]] = {"train": [], "test": []}
-    for i, (digest, kept) in enumerate(zip(row_digests, keep.to_pylist(), strict=True)):
-        if kept:
-            rows["test" if is_test(digest, data.test_fraction) else "train"].append(i)
+    rows, counts, row_digests = split_rows(table, data)
     splits = []
     for indices in rows.values():
         part = table.take(pa.array(indices, pa.int64()))

@@ -41,6 +41,12 @@ def read_corpus(path: str | Path) -> list[dict[str, str]]:
                 raise StageError(
                     f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
                 )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StageError(
+                    f"{path}:{line_no}: column {name!r}: a lone surrogate escape is not text"
+                ) from None
             picked[key] = value
         rows.append(picked)
     if not rows:
@@ -113,10 +119,16 @@ def read_json_rows(path: Path) -> tuple[list[dict], list[str]]:
     Returns the rows and, for each, where it is in the file ('line 12' or 'row index 3') for messages.
     """
     source = str(path)
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not content
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise StageError(f"{source}: not UTF-8 text ({err})") from None
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise StageError(
+            f"{source}: line {line}: not valid UTF-8 text (byte {column} of the line: "
+            f"{data[max(err.start - 8, 0) : err.start + 8]!r}); the raw file must be UTF-8"
+        ) from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -163,6 +175,13 @@ def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
                     f"{source}: {place}: column {column!r}: expected a string, "
                     f"got {_type_name(value)} {json.dumps(value)[:60]}"
                 )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise StageError(
+                    f"{source}: {place}: column {column!r}: a lone surrogate escape "
+                    f"({json.dumps(value[err.start])}) at character {err.start} is not text"
+                ) from None
             values[j].append(value)
     table = pa.table(
         {name: pa.array(col, pa.string()) for name, col in zip(TEXT_COLUMNS, values, strict=True)}
@@ -192,7 +211,29 @@ def validate_arrow(table, wanted: str, source: str):
                 f"{json.dumps(sample, default=str)[:60]}"
             )
         out[name] = array.cast(pa.string()).combine_chunks()
+        require_utf8(out[name], column, source)
     return pa.table(out), schema
+
+
+def require_utf8(array, column: str, source: str) -> None:
+    """StageError naming the first row whose text is not valid UTF-8. pyarrow's readers (JSON and Parquet)
+    take any bytes into a string column; Arrow's full validation finds them, then the row is looked up."""
+    import pyarrow as pa
+
+    try:
+        array.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for index, value in enumerate(array.cast(pa.binary()).to_pylist()):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise StageError(
+                f"{source}: row index {index}: column {column!r}: not valid UTF-8 text "
+                f"(byte {err.start}: {value[max(err.start - 8, 0) : err.start + 8]!r})"
+            ) from None
+    raise StageError(f"{source}: column {column!r}: not a valid Arrow string column")
 
 
 def read_local(path: Path, wanted: str):

@@ -25,6 +25,31 @@ from dpo_pipeline.layout import VALIDATED_MARKER as MARKER
 MARKER_TEXT = b"params.yaml and the raw data passed stages/validate.py\n"
 
 
+def require_devices(params: Any, source: str) -> None:
+    """Every `cuda` device the params ask for exists (torch is imported only when one is asked for)."""
+    from dpo_pipeline.config import ConfigError
+
+    wanted = {
+        k: v
+        for k, v in (
+            ("train.device", params.train.device),
+            ("merge.device", params.merge.device),
+            ("eval.device", params.eval.device),
+        )
+        if v == "cuda"
+    }
+    if not wanted:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        key = next(iter(wanted))
+        raise ConfigError(
+            f"{source}: {key}: expected a device this machine has, got 'cuda' (torch {torch.__version__} sees no CUDA "
+            "device; use cpu or auto here, or run on a CUDA machine: make doctor)"
+        )
+
+
 def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
     """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
     from dpo_pipeline import config
@@ -33,8 +58,15 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
     params = config.load(params_path)
     report: dict[str, Any] = {"params": str(params_path)}
     if params.data.source == "local":
+        from dpo_pipeline.pairs import global_batch
+        from dpo_pipeline.preparation import check_split_sizes
+
         table, schema = read_local(Path(params.data.path), params.data.columns)
         report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
+        # What prepare's content filters and split will leave (cheap, no tokenizer): an empty split fails here.
+        kept = check_split_sizes(table, params.data, params.data.path, global_batch(params.train))
+        report.update(rows_train=kept["rows_train"], rows_test=kept["rows_test"])
+    require_devices(params, str(params_path))
     if params.base.source == "builtin":
         # Read even when it is the raw file: the base stage reads JSON Lines only (read_corpus), while the
         # raw file may be .json or .parquet, which would pass read_local and then fail in `base`.

@@ -111,21 +111,21 @@ def format_table(rows: list[MetricDiff], only_changed: bool = False) -> str:
     return "\n".join(lines)
 
 
+def pipeline_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The stages in dvc.yaml's order (the pipeline's), or none when there is no dvc.yaml here."""
+    import yaml
+
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return []
+    return list((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}))
+
+
 def format_report(
     rev_a: str, rev_b: str, runs_a: dict[str, RunInfo], runs_b: dict[str, RunInfo], only_changed: bool = False
 ) -> str:
     """One section per stage found for either rev, in pipeline order, then any other stage by name."""
-    order = [
-        "base",
-        "prepare",
-        "tokenize",
-        "reference",
-        "train",
-        "merge",
-        "evaluate_base",
-        "evaluate_base_heldout",
-        "evaluate",
-    ]
+    order = pipeline_order()
     stages = sorted(
         set(runs_a) | set(runs_b), key=lambda s: (order.index(s) if s in order else len(order), s)
     )

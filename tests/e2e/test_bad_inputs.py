@@ -89,6 +89,27 @@ def replace_raw_line(number: int, text: str) -> Callable[[Path], None]:
     return apply
 
 
+def raw_line_bytes(number: int, old: bytes, new: bytes) -> Callable[[Path], None]:
+    """Replace bytes on 1-based line `number` of the raw file (to write what no text editor would)."""
+
+    def apply(root: Path) -> None:
+        path = root / RAW_PATH
+        lines = path.read_bytes().split(b"\n")
+        assert old in lines[number - 1], f"{old!r} not on line {number}"
+        lines[number - 1] = lines[number - 1].replace(old, new, 1)
+        path.write_bytes(b"\n".join(lines))
+
+    return apply
+
+
+def latin1_raw(root: Path) -> None:
+    """The sample re-encoded as Latin-1 (one accented row added so the bytes differ from UTF-8)."""
+    path = root / RAW_PATH
+    row = {"system": "", "question": "Un café ?", "chosen": "Oui.", "rejected": "Non."}
+    text = json.dumps(row, ensure_ascii=False) + "\n" + path.read_text(encoding="utf-8")
+    path.write_bytes(text.encode("latin-1", errors="replace"))
+
+
 def rename_raw_columns(root: Path) -> None:
     """Another dataset's schema: prompt / response_a / response_b on every row."""
     path = root / RAW_PATH
@@ -192,6 +213,16 @@ CASES: dict[str, Case] = {
         replace_raw_line(150, '{"system": "", "question": "cut off mid-wri'),
         [f"error: {RAW}: line 150: not valid JSON (Unterminated string"],
     ),
+    # Issue 15: text that is not UTF-8 never reaches data/prepared; the line is named.
+    "raw-invalid-utf8-bytes": Case(
+        raw_line_bytes(42, b'"question": "', b'"question": "\xff\xfe'),
+        [f"error: {RAW}: line 42: not valid UTF-8 text (byte "],
+    ),
+    "raw-latin1-file": Case(latin1_raw, [f"error: {RAW}: line 1: not valid UTF-8 text (byte "]),
+    "raw-lone-surrogate-escape": Case(
+        raw_line_bytes(77, b'"question": "', b'"question": "\\ud800'),
+        [f"error: {RAW}: line 77: column 'question': a lone surrogate escape"],
+    ),
     "raw-not-an-object": Case(
         replace_raw_line(33, '["system", "question", "chosen", "rejected"]'),
         [f"error: {RAW}: line 33: expected a JSON object, got list"],
@@ -247,7 +278,7 @@ CASES: dict[str, Case] = {
     ),
     "params-negative-learning-rate": Case(
         edit_params({"train.learning_rate": -5.0e-4}),
-        ["error: params.yaml: train.learning_rate: expected a number > 0, got -0.0005"],
+        ["error: params.yaml: train.learning_rate: expected a finite number > 0, got -0.0005"],
     ),
     "params-max-length-below-max-prompt-length": Case(
         edit_params({"data.max_length": 100}),

@@ -234,6 +234,9 @@ def test_server_killed_mid_training_keeps_the_adapter(clone, mlflow_server, tmp_
 
 def test_sigterm_ends_the_run_killed(clone, mlflow_server, tmp_path):
     project = with_tracking(clone("sigterm"), mlflow_server.url)
+    # Long enough that the SIGTERM lands inside the training loop: the tiny profile's few steps take ~2 s,
+    # less than it takes to see the first logged step on the server and send the signal.
+    project.set_params({"train.max_steps": 2000, "train.save_steps": 2000})
     adapter = project.root / "models" / "adapter"
     old = snapshot(adapter)
     client = client_for(mlflow_server.url)

@@ -28,7 +28,7 @@ RAW = "raw/pairs.jsonl"
 MARKER = Path("data/validated.txt")
 ROWS = [
     {"system": "", "question": f"What is {i} + 2?", "chosen": f"{i + 2}.", "rejected": f"{i + 3}."}
-    for i in range(5)
+    for i in range(40)  # enough for both splits and one global batch of training pairs
 ]
 
 
@@ -250,7 +250,7 @@ BAD_PARAMS = {
     ),
     "negative-learning-rate": (
         {"train.learning_rate": -1.0e-4},
-        ["params.yaml: train.learning_rate: expected a number > 0, got -0.0001"],
+        ["params.yaml: train.learning_rate: expected a finite number > 0, got -0.0001"],
     ),
     "max-length-below-prompt": (
         {"data.max_length": 128},
@@ -333,7 +333,9 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_cli_ok_writes_marker_and_reports(workdir):
     result = run_cli(workdir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("validate: ok params=params.yaml raw=raw/pairs.jsonl rows=5")
+    assert result.stdout.startswith(
+        "validate: ok params=params.yaml raw=raw/pairs.jsonl rows=40 schema=current rows_train="
+    )
     assert (workdir / MARKER).read_bytes() == validate.MARKER_TEXT
 
 
@@ -341,7 +343,7 @@ def test_cli_ok_writes_marker_and_reports(workdir):
     ("case", "expected"),
     [
         ("raw", f"error: {RAW}: line 4: column 'chosen' is null where text is required"),
-        ("params", "error: params.yaml: train.learning_rate: expected a number > 0, got -0.5"),
+        ("params", "error: params.yaml: train.learning_rate: expected a finite number > 0, got -0.5"),
     ],
 )
 def test_cli_error_is_one_line_exit_1_no_traceback(workdir, good_params, case, expected):
@@ -361,3 +363,47 @@ def test_cli_takes_another_params_file(workdir, good_params):
     result = run_cli(workdir, "recipe.yaml")
     assert result.returncode == 1
     assert result.stderr.startswith("error: recipe.yaml: train.loss_type: expected a trl DPO loss type")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 15: what prepare's filters and split will leave, and the devices, are known before DVC removes anything
+
+
+@pytest.mark.parametrize(
+    ("rows", "change", "message"),
+    [
+        (
+            [{**r, "rejected": r["chosen"]} for r in ROWS],  # every pair a tie: the content filters drop all
+            {},
+            r"raw/pairs\.jsonl: no rows left after the content filters \(dropped: .*identical_answers=40",
+        ),
+        (ROWS, {"data.test_fraction": 1.0e-9}, r"raw/pairs\.jsonl: the test split is empty \(40 rows kept"),
+        (
+            ROWS,
+            {"data.test_fraction": 0.9},
+            r"raw/pairs\.jsonl: the train split keeps \d rows .*fewer than one global batch of 8 pairs",
+        ),
+    ],
+    ids=["all-ties", "empty-test-split", "too-few-train-rows"],
+)
+def test_what_the_filters_and_split_leave_fails_in_validate(workdir, good_params, rows, change, message):
+    write_jsonl(workdir / RAW, rows)
+    data = good_params
+    for key, value in change.items():
+        data = set_dotted(data, key, value)
+    write_params(data)
+    with pytest.raises(StageError, match=message):
+        validate.run("params.yaml", MARKER)
+    assert not (workdir / MARKER).exists()
+
+
+def test_a_cuda_device_on_a_machine_without_one_fails_in_validate(workdir, good_params):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be shown here")
+    write_params(set_dotted(good_params, "eval.device", "cuda"))
+    with pytest.raises(
+        ConfigError, match=r"params\.yaml: eval\.device: expected a device this machine has, got 'cuda'"
+    ):
+        validate.run("params.yaml", MARKER)

@@ -249,7 +249,7 @@ def test_missing_file_is_an_error(tmp_path):
 def test_non_utf8_file_is_an_error(tmp_path):
     path = tmp_path / "raw.jsonl"
     path.write_bytes(b'{"system": "\xff"}\n')
-    assert error_of(path).startswith(f"{path}: not UTF-8 text")
+    assert error_of(path).startswith(f"{path}: line 1: not valid UTF-8 text (byte 13 of the line")
 
 
 # ---------------------------------------------------------------------------------------------------------
