@@ -189,6 +189,16 @@ def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
     return table, schema
 
 
+def _is_text(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or pa.types.is_string_view(arrow_type)
+    )
+
+
 def validate_arrow(table, wanted: str, source: str):
     """Validate an Arrow table (Parquet or hub rows) and return (table with TEXT_COLUMNS, schema)."""
     import pyarrow as pa
@@ -200,6 +210,11 @@ def validate_arrow(table, wanted: str, source: str):
     out = {}
     for name, column in zip(TEXT_COLUMNS, SCHEMAS[schema], strict=True):
         array = table[column]
+        # Other Arrow encodings of text (pandas' `category` is dictionary-encoded; string_view) are text too.
+        if pa.types.is_dictionary(array.type) and _is_text(array.type.value_type):
+            array = array.cast(array.type.value_type)
+        if pa.types.is_string_view(array.type):
+            array = array.cast(pa.string())
         nulls = pc.is_null(array)
         if pc.any(nulls).as_py():
             index = pc.index(nulls, True).as_py()
@@ -246,6 +261,8 @@ def read_local(path: Path, wanted: str):
             f"{source}: unsupported file type {path.suffix or '(no extension)'!r}; "
             f"expected one of {', '.join(SUFFIXES)}"
         )
+    if path.is_dir():
+        raise StageError(f"{source}: is a folder; data.path must name one {' / '.join(SUFFIXES)} file")
     if not path.is_file():
         raise StageError(f"{source}: raw data file not found (set data.path, or `dvc pull` / `dvc add` it)")
     if path.suffix == ".parquet":

@@ -77,3 +77,33 @@ def test_valid_non_ascii_text_reads_the_same_through_both_readers(tmp_path):
     slow = raw.rows_to_table(*raw.read_json_rows(path), "auto", str(path))
     assert fast is not None and fast[0].equals(slow[0])
     assert fast[0].column("question").to_pylist() == [r["question"] for r in rows]
+
+
+@pytest.mark.parametrize("encoding", ["dictionary", "string_view"])
+def test_parquet_text_in_other_arrow_encodings_is_read_as_text(tmp_path, encoding):
+    """pandas' `category` columns are dictionary-encoded in Parquet; string_view is Arrow's newer layout."""
+    questions = pa.array(["What is 2+2?", "What is 3+3?", "What is 2+2?"])
+    questions = (
+        questions.dictionary_encode() if encoding == "dictionary" else questions.cast(pa.string_view())
+    )
+    table = pa.table(
+        {
+            "system": ["", "", "s"],
+            "question": questions,
+            "chosen": ["4", "6", "4"],
+            "rejected": ["5", "7", "5"],
+        }
+    )
+    pq.write_table(table, tmp_path / "raw.parquet")
+    read, schema = raw.read_local(tmp_path / "raw.parquet", "auto")
+    assert schema == "current" and read.column("question").type == pa.string()
+    assert read.column("question").to_pylist() == ["What is 2+2?", "What is 3+3?", "What is 2+2?"]
+
+
+def test_a_folder_as_data_path_is_named_as_a_folder(tmp_path):
+    (tmp_path / "raw.jsonl").mkdir()
+    with pytest.raises(
+        StageError,
+        match=r"raw\.jsonl: is a folder; data\.path must name one \.jsonl / \.json / \.parquet file",
+    ):
+        raw.read_local(tmp_path / "raw.jsonl", "auto")
