@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpo_pipeline.params_trace import Traced, plain  # noqa: F401 - plain is part of config's interface
+from dpo_pipeline.params_trace import Traced
 
 PARAMS_FILE = "params.yaml"
 # A folder: when set, every process that loads params writes the dotted keys it read there (one JSON file per

@@ -11,6 +11,18 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
 
 
+def require_encodable(value: str, where: str, column: str) -> None:
+    """StageError unless `value` has a UTF-8 form: a JSON escape of a lone surrogate (\\ud800) decodes to a
+    str that has none, and would fail later, in the tokenizer, without a line number."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise StageError(
+            f"{where}: column {column!r}: a lone surrogate escape "
+            f"({json.dumps(value[err.start])}) at character {err.start} is not text"
+        ) from None
+
+
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
     """Raw rows from a .jsonl file as {system, question, answers...}; StageError names the line and key."""
     path = Path(path)
@@ -41,12 +53,7 @@ def read_corpus(path: str | Path) -> list[dict[str, str]]:
                 raise StageError(
                     f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
                 )
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise StageError(
-                    f"{path}:{line_no}: column {name!r}: a lone surrogate escape is not text"
-                ) from None
+            require_encodable(value, f"{path}:{line_no}", name)
             picked[key] = value
         rows.append(picked)
     if not rows:
@@ -175,13 +182,7 @@ def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
                     f"{source}: {place}: column {column!r}: expected a string, "
                     f"got {_type_name(value)} {json.dumps(value)[:60]}"
                 )
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise StageError(
-                    f"{source}: {place}: column {column!r}: a lone surrogate escape "
-                    f"({json.dumps(value[err.start])}) at character {err.start} is not text"
-                ) from None
+            require_encodable(value, f"{source}: {place}", column)
             values[j].append(value)
     table = pa.table(
         {name: pa.array(col, pa.string()) for name, col in zip(TEXT_COLUMNS, values, strict=True)}

@@ -103,6 +103,7 @@ def read_base_scores(
     to hold scores made with this run's settings. Checked before any scoring."""
     scores: dict[str, Any] = {}
     files: dict[str, Path] = {}
+    metas: dict[str, Any] = {}
     for stage in BASE_PARTS:
         part = PARTS[stage]
         for name in filter(None, (part.scores_file, part.samples_file)):
@@ -111,12 +112,12 @@ def read_base_scores(
                 raise StageError(f"{path}: base model results not found (run `dvc repro {stage}` first)")
         path = metrics_dir / part.scores_file
         found = read_json(path)
-        check_comparable(meta, found.get("meta", {}), path, stage)
+        metas[stage] = found.get("meta", {})
+        check_comparable(meta, metas[stage], path, stage)
         scores.update({k: v for k, v in found.items() if k != "meta"})
         files[stage] = path
     samples = read_json(metrics_dir / PARTS["evaluate_base"].samples_file)
-    base_meta = read_json(files["evaluate_base"]).get("meta", {})
-    scores["meta"] = base_meta
+    scores["meta"] = metas["evaluate_base"]
     return scores, samples, files
 
 
@@ -163,7 +164,7 @@ def run(
     inputs: dict[str, Path] = {part.model: model_dir, "tasks": tasks_dir}
     if reads_data:
         inputs["prepared"] = prepared_dir
-    inputs.update({f"{Path(path).stem}": path for path in base_files.values()})
+    inputs.update({Path(path).stem: path for path in base_files.values()})
     with tracking.stage_run(
         stage,
         params,

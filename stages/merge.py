@@ -93,7 +93,6 @@ def run(
     # The adapter folder carries the tokenizer it was trained with; fall back to the base's.
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
-    adapter_hash = tracking.lineage_hash(adapter_dir)  # DVC's md5 under dvc repro
     train_run_path = Path(train_run_path)
     if not train_run_path.is_file():
         raise StageError(
@@ -105,13 +104,16 @@ def run(
     device = resolve_device(m.device)
     torch.manual_seed(params.seed)
 
+    inputs = {"base": base_dir, "adapter": adapter_dir, "prepared": prepared_dir}
     with tracking.stage_run(
         "merge",
         params,
         sections=["seed", "merge"],
-        inputs={"base": base_dir, "adapter": adapter_dir, "prepared": prepared_dir},
+        inputs=inputs,
         tags={"lineage.train_run_id": train_run_id} if train_run_id else None,
-    ):
+    ) as mlflow_run:
+        # The hash the run's input tag already holds (DVC's md5 under dvc repro): not worked out twice.
+        adapter_hash = tracking.input_hashes(mlflow_run, {"adapter": adapter_dir})["adapter"]
         encoded = [
             tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0].to(device)
             for t in texts
