@@ -24,41 +24,13 @@ def require_encodable(value: str, where: str, column: str) -> None:
 
 
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
-    """Raw rows from a .jsonl file as {system, question, answers...}; StageError names the line and key."""
+    """The builtin base's corpus rows as {system, question, chosen, rejected}: read by `read_local`, the raw
+    data's own reader, so a file is accepted or refused (and the line named) the same way in both roles."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StageError(f"{path}: corpus file not found (base.builtin.corpus)")
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise StageError(
-            f"{path}: not UTF-8 text (byte {err.start}); base.builtin.corpus must be a JSON Lines file"
-        ) from None
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise StageError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        # The same schema detection as the prepare stage's (one rule for raw columns).
-        schema = detect_schema(list(row), "auto", f"{path}:{line_no}")
-        picked = {}
-        for key, name in zip(TEXT_COLUMNS, SCHEMAS[schema], strict=True):
-            value = row[name]
-            if not isinstance(value, str):
-                raise StageError(
-                    f"{path}:{line_no}: column {name!r}: expected a string, got {type(value).__name__}"
-                )
-            require_encodable(value, f"{path}:{line_no}", name)
-            picked[key] = value
-        rows.append(picked)
-    if not rows:
-        raise StageError(f"{path}: corpus is empty")
-    return rows
+    table, _schema = read_local(path, "auto")
+    return table.to_pylist()
 
 
 # Raw schemas: name -> the source columns that become (system, question, chosen, rejected).
@@ -73,7 +45,9 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
+    if value is None:
+        return "null"
+    return "dict" if isinstance(value, dict) else type(value).__name__  # _Object is a dict to the user
 
 
 def detect_schema(columns: Sequence[str], wanted: str, source: str) -> str:
@@ -100,6 +74,48 @@ def detect_schema(columns: Sequence[str], wanted: str, source: str) -> str:
     )
 
 
+class _Object(dict):
+    """A JSON object as json.loads builds it with `_pairs`; `repeated` is a key given twice in it (json.loads
+    alone keeps the last value and pyarrow refuses the row: either way a silent choice, so it is refused)."""
+
+    repeated: str | None = None
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        out.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return out
+
+
+def _loads(text: str, source: str, line: int | None = None) -> Any:
+    """json.loads of one JSON Lines line (`line`) or a whole JSON array file, naming where in a StageError."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs)
+    except json.JSONDecodeError as err:
+        if line is None:
+            raise StageError(
+                f"{source}: not valid JSON ({err.msg}; line {err.lineno}, column {err.colno})"
+            ) from None
+        if err.msg == "Extra data":
+            raise StageError(
+                f"{source}: line {line}: more than one JSON value on the line (the next begins at column "
+                f"{err.colno}); JSON Lines holds one object per line"
+            ) from None
+        raise StageError(f"{source}: line {line}: not valid JSON ({err.msg}; column {err.colno})") from None
+
+
+def _require_object(value: Any, source: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise StageError(f"{source}: {where}: expected a JSON object, got {_type_name(value)}")
+    if getattr(value, "repeated", None) is not None:
+        raise StageError(
+            f"{source}: {where}: key {value.repeated!r} appears twice in the object; expected each key once"
+        )
+    return value
+
+
 def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
     # JSON Lines are separated by \n only: str.splitlines would also split inside strings holding U+2028,
@@ -107,15 +123,7 @@ def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[str]]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no row
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StageError(
-                f"{source}: line {number}: not valid JSON ({err.msg}; column {err.colno})"
-            ) from None
-        if not isinstance(value, dict):
-            raise StageError(f"{source}: line {number}: expected a JSON object, got {_type_name(value)}")
-        rows.append(value)
+        rows.append(_require_object(_loads(line, source, number), source, f"line {number}"))
         where.append(f"line {number}")
     return rows, where
 
@@ -137,19 +145,10 @@ def read_json_rows(path: Path) -> tuple[list[dict], list[str]]:
             f"{data[max(err.start - 8, 0) : err.start + 8]!r}); the raw file must be UTF-8"
         ) from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise StageError(
-                f"{source}: not valid JSON ({err.msg}; line {err.lineno}, column {err.colno})"
-            ) from None
+        data = _loads(text, source)
         rows, where = [], []
         for index, value in enumerate(data):
-            if not isinstance(value, dict):
-                raise StageError(
-                    f"{source}: row index {index}: expected a JSON object, got {_type_name(value)}"
-                )
-            rows.append(value)
+            rows.append(_require_object(value, source, f"row index {index}"))
             where.append(f"row index {index}")
         return rows, where
     return _parse_json_lines(text, source)
@@ -270,7 +269,10 @@ def read_local(path: Path, wanted: str):
         try:
             table = pq.read_table(path)
         except Exception as err:  # noqa: BLE001 - any reader error means the file is not usable Parquet
-            raise StageError(f"{source}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+            detail = " ".join(str(err).split())  # pyarrow's thrift errors span lines: one line here
+            raise StageError(
+                f"{source}: not a readable Parquet file ({type(err).__name__}: {detail})"
+            ) from None
         return validate_arrow(table, wanted, source)
     fast = read_json_lines_fast(path, wanted)
     if fast is not None:
@@ -279,24 +281,45 @@ def read_local(path: Path, wanted: str):
     return rows_to_table(rows, where, wanted, source)
 
 
+def _object_lines(data: bytes) -> int | None:
+    """How many rows the line-by-line reader would make of `data`: its non-blank lines, when each is exactly
+    one `{...}` (else None). pyarrow's reader also takes two objects on one line or one object over two
+    lines, which JSON Lines does not allow; this keeps it to the files the line-by-line reader accepts.
+
+    A line that starts with `{` and ends with `}` holds whole objects only: a line break inside an object or
+    array is always next to a `,`, `:`, `[` or an opening brace after one of those, so never between `}` and
+    `{`; the count then rules out two on one line."""
+    count = 0
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if not line:
+            continue
+        if line[:1] != b"{" or line[-1:] != b"}":
+            return None
+        count += 1
+    return count
+
+
 def read_json_lines_fast(path: Path, wanted: str):
     """(table, schema) of a JSON Lines file read by pyarrow's C++ reader, or None to use the Python reader.
 
     pyarrow parses and validates in a fraction of the time of json.loads per line (0.15 s vs 0.6 s for the
     12,859 orca rows) but cannot say on which line a problem is. So any parse or validation failure here
     returns None and the file is read again line by line by `read_json_rows` + `rows_to_table`, which raise
-    the error that names the line and column. A file both readers accept gives the same table (tested).
+    the error that names the line and column; so does a file that is not one object per line. A file both
+    readers accept gives the same table (tests/unit/test_raw_fuzz.py checks it on generated files).
     """
     import pyarrow as pa
     import pyarrow.json as pj
 
-    if path.suffix == ".json":
-        with path.open("rb") as handle:
-            head = handle.read(4096).lstrip()
-        if head.startswith(b"["):
-            return None  # a JSON array: the Python reader's job
+    data = path.read_bytes()
+    rows = _object_lines(data)
+    if rows is None:
+        return None  # a JSON array, a BOM, a line that is not one object: the Python reader's job
     try:
-        table = pj.read_json(path)
+        table = pj.read_json(pa.BufferReader(data))
+        if table.num_rows != rows:
+            return None
         return validate_arrow(table, wanted, str(path))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, StageError, UnicodeDecodeError):
         # A problem with the file's content: the line-by-line reader finds it and names the line. Anything

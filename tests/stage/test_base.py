@@ -130,7 +130,7 @@ def test_builtin_bad_corpus_leaves_old_output(builtin_params, tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"system": "", "question": "q", "chosen": "a", "rejected": "b"}\nnot json\n')
     params = replace_params(builtin_params, base={"builtin": {"corpus": str(corpus)}})
-    with pytest.raises(StageError, match=r"bad\.jsonl:2"):
+    with pytest.raises(StageError, match=r"bad\.jsonl: line 2: not valid JSON"):
         base.run(params, out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".base")] == []
     assert (out / "marker").read_text() == "old"

@@ -97,33 +97,36 @@ def test_pack_blocks_is_seeded(raw_rows, tokenizer):
         builtin.pack_blocks(docs[:1], tokenizer, 100_000, seed=3)
 
 
-def test_read_corpus_accepts_both_schemas_and_names_bad_lines(tmp_path):
+def test_read_corpus_is_the_raw_readers_verdict_and_names_bad_lines(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(
+        json.dumps({"system": "s", "question": "q2", "chatgpt": "c", "llama2-13b-chat": "d"}) + "\n"
+    )
+    assert raw.read_corpus(good) == [{"system": "s", "question": "q2", "chosen": "c", "rejected": "d"}]
+
+    bad = tmp_path / "bad.jsonl"
+    # rows of both schemas in one file: refused as the raw reader refuses it (which answers would be meant?)
+    bad.write_text(
         json.dumps({"system": "", "question": "q", "chosen": "a", "rejected": "b"})
         + "\n"
         + json.dumps({"system": "s", "question": "q2", "chatgpt": "c", "llama2-13b-chat": "d"})
         + "\n"
     )
-    rows = raw.read_corpus(good)
-    assert rows[1] == {"system": "s", "question": "q2", "chosen": "c", "rejected": "d"}
-
-    bad = tmp_path / "bad.jsonl"
+    with pytest.raises(StageError, match=r"bad\.jsonl: columns of both raw schemas are present"):
+        raw.read_corpus(bad)
     bad.write_text(json.dumps({"system": "", "question": "q", "chosen": "a", "rejected": "b"}) + "\n{oops\n")
-    with pytest.raises(StageError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(StageError, match=r"bad\.jsonl: line 2: not valid JSON"):
         raw.read_corpus(bad)
     bad.write_text(json.dumps({"system": "", "question": 3, "chosen": "a", "rejected": "b"}) + "\n")
-    with pytest.raises(StageError, match=r"bad\.jsonl:1: column 'question': expected a string"):
+    with pytest.raises(StageError, match=r"bad\.jsonl: line 1: column 'question': expected a string"):
         raw.read_corpus(bad)
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(
-        StageError, match=r"bad\.jsonl:1: unknown raw schema: found columns: answer, question"
-    ):
+    with pytest.raises(StageError, match=r"bad\.jsonl: unknown raw schema: found columns: answer, question"):
         raw.read_corpus(bad)
     bad.write_text("\n")
     with pytest.raises(StageError, match="empty"):
         raw.read_corpus(bad)
-    with pytest.raises(StageError, match="not found"):
+    with pytest.raises(StageError, match="corpus file not found"):
         raw.read_corpus(tmp_path / "missing.jsonl")
 
 
