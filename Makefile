@@ -23,8 +23,10 @@ system-deps:
 	@command -v /usr/sbin/sshd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null)
 	@test -x /usr/lib/openssh/sftp-server || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-sftp-server >/dev/null)
 
-# The whole pipeline on the default small profile (params.yaml), offline.
+# The whole pipeline on the default small profile (params.yaml), offline. validate runs once before DVC too:
+# a params.yaml DVC cannot even fill into dvc.yaml (data.path: "") gets its one-line error instead of DVC's.
 repro: setup
+	$(PY) -m stages.validate
 	dvc repro
 
 # The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones).

@@ -345,13 +345,32 @@ def _check(p: Params, source: str) -> None:
             raise fail("base.revision", "a 40-hex commit sha when base.source is hub", p.base.revision)
     if p.base.trust_remote_code and not _SHA.match(p.base.revision):
         raise fail("base.trust_remote_code", "false unless base.revision pins a 40-hex commit sha", True)
+    if p.data.source == "local" and not p.data.path.strip():
+        raise fail(
+            "data.path",
+            "the raw data file (.jsonl, .json or .parquet) when data.source is local",
+            p.data.path,
+        )
     if p.data.source == "hub" and not _SHA.match(p.data.hub_revision):
         raise fail("data.hub_revision", "a 40-hex commit sha when data.source is hub", p.data.hub_revision)
     if not p.train.lora.target_modules:
         raise fail("train.lora.target_modules", "a non-empty list of module names", [])
     if not p.eval.tasks:
         raise fail("eval.tasks", "a non-empty list of tasks", [])
-    from dpo_pipeline.trl_glue import DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES
+    from dpo_pipeline.trl_glue import DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES, LR_SCHEDULERS, OPTIMIZERS
+
+    if p.train.optim not in OPTIMIZERS:
+        raise fail(
+            "train.optim",
+            f"a transformers optimizer this install can run ({', '.join(OPTIMIZERS)})",
+            p.train.optim,
+        )
+    if p.train.lr_scheduler_type not in LR_SCHEDULERS:
+        raise fail(
+            "train.lr_scheduler_type",
+            f"a transformers scheduler needing no extra arguments ({', '.join(LR_SCHEDULERS)})",
+            p.train.lr_scheduler_type,
+        )
 
     if p.train.loss_type not in DPO_LOSS_TYPES:
         raise fail("train.loss_type", f"a trl DPO loss type ({', '.join(DPO_LOSS_TYPES)})", p.train.loss_type)
@@ -400,6 +419,27 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
     return _traced(params, folder) if folder else params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one silently,
+    so a second `beta:` further down a section would quietly win over the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (first at line {first.line + 1}); "
+                    "expected each key once",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load(path: str | Path) -> Params:
     path = Path(path)
     try:
@@ -407,7 +447,7 @@ def _load(path: str | Path) -> Params:
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: file not found") from err
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:  # one line: where it broke, what was expected, where the block began
         mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -4,6 +4,8 @@ Checked against trl 1.16, transformers 5.24, peft 0.21.2:
 - trainer_class: DPOTrainer with the tokenize stage's ids and the cached reference columns taken as they are,
   the length column kept, a resume that keeps the adapter's dtype, the NaN guard and throughput counters;
 - DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES: trl's loss types and what each needs of label_smoothing;
+- OPTIMIZERS, LR_SCHEDULERS: the `optim` and `lr_scheduler_type` names training can use with these params and
+  the pinned packages (transformers knows more: those need packages or scheduler arguments this pipeline lacks);
 - checkpointing_kwargs: the TrainingArguments name of activation checkpointing (renamed in 5.24);
 - weights_read_not_mapped: transformers' module-level safe_open swapped for pread while a model loads;
 - mlflow_callback: transformers' MLflowCallback made unable to fail training.
@@ -46,6 +48,45 @@ LABEL_SMOOTHING_RULES = {
     ),
     "robust": (lambda eps: 0.0 <= eps < 0.5, "a number in [0, 0.5) with train.loss_type robust"),
 }
+
+# transformers' OptimizerNames that build and step here with the pinned packages (torch, bitsandbytes: its
+# optimizers step on CPU too). Left out: those needing a package constraints.txt does not pin (torch_xla,
+# torch_npu, torchdistx, torchao, galore_torch, lomo_optim, grokadamw, schedulefree, apollo_torch, torch-optimi).
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+)
+# transformers' SchedulerType names that need nothing but warm-up and total steps. Left out: cosine_with_min_lr,
+# cosine_warmup_with_min_lr and warmup_stable_decay (they need lr_scheduler_kwargs, which params do not carry),
+# reduce_lr_on_plateau and greedy (they step on an eval metric; training evaluates only at its end).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:

@@ -106,6 +106,18 @@ def test_every_key_line_has_a_comment(path):
         ),
         ("tracking.experiment", " ", r"tracking\.experiment: expected a non-empty MLflow experiment name"),
         ("train.label_smoothing", 0.7, r"train\.label_smoothing: expected a number in \[0, 0\.5\]"),
+        (
+            "train.optim",
+            "adamw_torh",
+            r"train\.optim: expected a transformers optimizer this install can run \(",
+        ),
+        ("train.optim", "galore_adamw", r"train\.optim: expected a transformers optimizer"),
+        (
+            "train.lr_scheduler_type",
+            "cosine_annealing",
+            r"train\.lr_scheduler_type: expected a transformers scheduler",
+        ),
+        ("train.lr_scheduler_type", "cosine_with_min_lr", r"train\.lr_scheduler_type: expected"),
         ("train.precision", "fp8", r"train\.precision: expected one of 'fp32' \| 'bf16' \| 'fp16'"),
         ("train.lora.target_modules", "q_proj", r"train\.lora\.target_modules: expected list of str"),
         (
@@ -175,3 +187,19 @@ def test_a_loss_type_trl_would_refuse_later_fails_at_load(tmp_path):
         match=r"train\.label_smoothing: expected a number in \[0, 0\.5\) with train\.loss_type robust",
     ):
         config.parse(data, "p.yaml")
+
+
+def test_a_key_given_twice_in_params_yaml_is_refused_naming_both_lines(tmp_path):
+    """Plain YAML keeps the second `beta:` silently; a params file that says two things is refused."""
+    text = (
+        Path("params.yaml").read_text(encoding="utf-8").replace("  beta: 0.1", "  beta: 0.1\n  beta: 0.5", 1)
+    )
+    assert text.count("  beta: ") == 2
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if x.startswith("  beta: 0.5"))
+    with pytest.raises(
+        ConfigError,
+        match=rf"not valid YAML at line {line}, column 3: key 'beta' appears twice in one mapping \(first at line {line - 1}\)",
+    ):
+        config.load(path)
