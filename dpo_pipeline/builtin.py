@@ -10,6 +10,7 @@ from typing import Any
 
 from dpo_pipeline.chatml import CHATML_TEMPLATE, conversation
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.filters import first_special, special_texts
 from dpo_pipeline.io import atomic_dir, sha256_file, template_hash, write_json
 from dpo_pipeline.raw import read_corpus
 
@@ -191,6 +192,12 @@ def build_builtin(params: Any, out_dir: Path) -> dict[str, Any]:
     b = params.base.builtin
     corpus = Path(b.corpus)
     rows = read_corpus(corpus)
+    # Rows the prepare stage drops as `special_token` are not pre-trained on either: their <|im_end|> or </s>
+    # would become the real control token mid-text.
+    kept = [r for r in rows if first_special(list(r.values()), special_texts(SPECIAL_TOKENS)) is None]
+    skipped, rows = len(rows) - len(kept), kept
+    if not rows:
+        raise StageError(f"{corpus}: every corpus row holds a special token ({', '.join(SPECIAL_TOKENS)})")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -226,6 +233,7 @@ def build_builtin(params: Any, out_dir: Path) -> dict[str, Any]:
         "chat_template_hash": template_hash(tokenizer.chat_template),
         "parameter_count": n_params,
         "corpus_sha256": sha256_file(corpus),
+        "corpus_rows_special_token": skipped,
         "pretrain_steps": len(losses),
         "pretrain_loss_initial": round(loss_initial, 6),
         "pretrain_loss_final": round(loss_final, 6),

@@ -41,6 +41,9 @@ def format_prompt(system: str, question: str, tokenizer) -> str:
     )
 
 
+# ChatML's turn markers: text holding one would open or close a turn (filters.special_texts refuses them).
+TURN_MARKERS = ("<|im_start|>", "<|im_end|>")
+
 # The article appends the end-of-turn marker to both answers by hand.
 ANSWER_SUFFIX = "<|im_end|>\n"
 

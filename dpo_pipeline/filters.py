@@ -17,6 +17,9 @@ REASONS = (
     "blank_question",  # question is empty or whitespace only
     "blank_answer",  # chosen or rejected is empty or whitespace only
     "identical_answers",  # chosen == rejected: no preference to learn
+    # A text holds a special token of the base's tokenizer or a ChatML turn marker (<|im_end|>, </s>, ...): the
+    # tokenizer would make it the real control token, so one raw row could forge extra turns or end the text.
+    "special_token",
     "duplicate",  # same system/question/chosen/rejected as an earlier row (the first is kept)
 )
 
@@ -135,8 +138,9 @@ def digests(table) -> list[bytes]:
     return out
 
 
-def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
-    """Boolean drop masks of the token-free filters, each True where that reason applies."""
+def content_masks(table, row_digests: list[bytes], specials: Sequence[str]) -> dict[str, Any]:
+    """Boolean drop masks of the token-free filters, each True where that reason applies. `specials`: the
+    texts no field may hold (`special_texts`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -148,12 +152,30 @@ def content_masks(table, row_digests: list[bytes]) -> dict[str, Any]:
     for digest in row_digests:
         duplicate.append(digest in seen)
         seen.add(digest)
+    special = pa.array([False] * table.num_rows, pa.bool_())
+    for name in TEXT_COLUMNS:
+        for text in specials:
+            special = pc.or_(special, pc.match_substring(table[name], text))
     return {
         "blank_question": blank("question"),
         "blank_answer": pc.or_(blank("chosen"), blank("rejected")),
         "identical_answers": pc.equal(table["chosen"], table["rejected"]),
+        "special_token": special,
         "duplicate": pa.array(duplicate, pa.bool_()),
     }
+
+
+def special_texts(specials: Sequence[str]) -> tuple[str, ...]:
+    """What no raw text may contain: the given special tokens of a tokenizer plus ChatML's turn markers (the
+    prompt format's own, whether or not the tokenizer has them as special tokens)."""
+    from dpo_pipeline.chatml import TURN_MARKERS
+
+    return tuple(sorted({s for s in (*specials, *TURN_MARKERS) if s}))
+
+
+def first_special(values: Sequence[str], specials: Sequence[str]) -> str | None:
+    """The first of `specials` found in any of `values` (for messages and the builtin corpus)."""
+    return next((s for s in specials for v in values if s in v), None)
 
 
 def first_reason(masks: dict[str, Any], n: int, reasons: Sequence[str]):

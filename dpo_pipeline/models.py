@@ -36,6 +36,48 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """The texts a tokenizer turns into its special (control) tokens wherever they occur in the input: its
+    named special tokens and every added token marked special."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted({*tokenizer.all_special_tokens, *added})
+
+
+def special_tokens_from_files(folder: str | Path) -> list[str]:
+    """`special_tokens` read from a tokenizer's saved files without loading it (validate runs before the base
+    stage): tokenizer.json's and tokenizer_config.json's added tokens marked special, special_tokens_map.json."""
+    import json
+
+    folder = Path(folder)
+    found: set[str] = set()
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def content(value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            return [value["content"]]
+        if isinstance(value, list):
+            return [c for v in value for c in content(v)]
+        return []
+
+    fast = read("tokenizer.json") or {}
+    found.update(t["content"] for t in fast.get("added_tokens", []) if t.get("special") and "content" in t)
+    config = read("tokenizer_config.json") or {}
+    found.update(t["content"] for t in config.get("added_tokens_decoder", {}).values() if t.get("special"))
+    for key, value in config.items():
+        if key.endswith("_token") or key == "additional_special_tokens":
+            found.update(content(value))
+    for value in (read("special_tokens_map.json") or {}).values():
+        found.update(content(value))
+    return sorted(found)
+
+
 def load_model(model_dir: str | Path, **kwargs: Any):
     """A causal LM from a local folder: safetensors only, no remote code, never the hub."""
     from transformers import AutoModelForCausalLM
@@ -202,3 +244,115 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return rss_peak_mb()
+
+
+# ---- LoRA target modules, checked before any weights load -------------------------------------------------
+
+# Module names of the decoder families laid out as Llama is (the builtin model and the 7B recipe are Mistral):
+# per layer under model.layers.<i>, and the top-level ones. Kinds: what peft's LoRA makes of a module it
+# targets ("linear", "embedding") or "other" (a container or a norm, which peft refuses as a target).
+# tests/unit/test_target_modules.py checks each family against the model transformers builds on the meta device.
+_LAYER_MODULES = {
+    "self_attn": "other",
+    "self_attn.q_proj": "linear",
+    "self_attn.k_proj": "linear",
+    "self_attn.v_proj": "linear",
+    "self_attn.o_proj": "linear",
+    "mlp": "other",
+    "mlp.gate_proj": "linear",
+    "mlp.up_proj": "linear",
+    "mlp.down_proj": "linear",
+    "mlp.act_fn": "other",
+    "input_layernorm": "other",
+    "post_attention_layernorm": "other",
+}
+_TOP_MODULES = {
+    "model": "other",
+    "model.embed_tokens": "embedding",
+    "model.layers": "other",
+    "model.norm": "other",
+    "model.rotary_emb": "other",
+    "lm_head": "linear",
+}
+KNOWN_MODULE_LAYOUTS = {
+    "mistral": {},
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"self_attn.q_norm": "other", "self_attn.k_norm": "other"},
+}
+
+
+def known_module_kinds(config: dict[str, Any]) -> dict[str, str] | None:
+    """{module name: kind} of a causal LM from its config.json alone, or None when its family is not known."""
+    extra = KNOWN_MODULE_LAYOUTS.get(config.get("model_type", ""))
+    layers = config.get("num_hidden_layers")
+    if extra is None or not isinstance(layers, int) or layers < 1:
+        return None
+    kinds = dict(_TOP_MODULES)
+    for i in range(layers):
+        kinds[f"model.layers.{i}"] = "other"
+        for name, kind in {**_LAYER_MODULES, **extra}.items():
+            kinds[f"model.layers.{i}.{name}"] = kind
+    return kinds
+
+
+def meta_module_kinds(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """{module name: kind} of the model a folder's config.json describes, built on the meta device (no weights
+    read, no memory): for families `known_module_kinds` does not know."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return module_kinds(model)
+
+
+def module_kinds(model) -> dict[str, str]:
+    import torch
+
+    def kind(module) -> str:
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            return "linear"
+        if isinstance(module, torch.nn.Embedding):
+            return "embedding"
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return "conv"
+        return "other"
+
+    return {name: kind(module) for name, module in model.named_modules() if name}
+
+
+def check_target_modules(targets: list[str], kinds: dict[str, str], source: str) -> None:
+    """StageError unless every `train.lora.target_modules` entry names a module LoRA can adapt, matched as
+    peft matches a list (the whole name, or its end after a dot). peft itself fails only when no entry matches
+    at all, so a misspelt entry next to good ones would silently leave those layers untuned."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, kind in kinds.items() if kind != "other"})
+    for target in targets:
+        hits = [name for name in kinds if name == target or name.endswith("." + target)]
+        if not hits:
+            raise StageError(
+                f"{source}: train.lora.target_modules: {target!r} names no module of the model; "
+                f"expected names of its linear layers ({', '.join(leaves)})"
+            )
+        bad = sorted({name for name in hits if kinds[name] == "other"})
+        if bad:
+            raise StageError(
+                f"{source}: train.lora.target_modules: {target!r} names {bad[0]}, which is not a layer LoRA can "
+                f"adapt (a container or a norm); expected names of its linear layers ({', '.join(leaves)})"
+            )
+
+
+def base_module_kinds(base_dir: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """The module kinds of the model in `base_dir` from its config.json: the known layout, or the meta model."""
+    import json
+
+    config_path = Path(base_dir) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StageError(f"{config_path}: unreadable model config ({type(err).__name__}: {err})") from None
+    known = known_module_kinds(config)
+    return known if known is not None else meta_module_kinds(base_dir, trust_remote_code)

@@ -5,15 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from dpo_pipeline.chatml import check_formatting, check_rows, format_table
-from dpo_pipeline.filters import REASONS, content_masks, digests, first_reason, is_test, row_id
+from dpo_pipeline.filters import (
+    REASONS,
+    content_masks,
+    digests,
+    first_reason,
+    is_test,
+    row_id,
+    special_texts,
+)
 
 
-def split_rows(table, data) -> tuple[dict[str, list[int]], dict[str, int], list[bytes]]:
+def split_rows(table, data, specials) -> tuple[dict[str, list[int]], dict[str, int], list[bytes]]:
     """Which raw rows the content filters keep and which split each goes to: ({split: row indices in input
-    order}, drop counts per reason, each row's content digest). No formatting, no tokenizer: cheap enough for
-    the validate stage to run it on the whole file before DVC removes any output."""
+    order}, drop counts per reason, each row's content digest). No formatting, no tokenizer (`specials` are
+    its texts, filters.special_texts): cheap enough for the validate stage to run it on the whole file before
+    DVC removes any output."""
     row_digests = digests(table)
-    keep, counts = first_reason(content_masks(table, row_digests), table.num_rows, REASONS)
+    keep, counts = first_reason(content_masks(table, row_digests, specials), table.num_rows, REASONS)
     rows: dict[str, list[int]] = {"train": [], "test": []}
     for i, (digest, kept) in enumerate(zip(row_digests, keep.to_pylist(), strict=True)):
         if kept:
@@ -21,7 +30,7 @@ def split_rows(table, data) -> tuple[dict[str, list[int]], dict[str, int], list[
     return rows, counts, row_digests
 
 
-def check_split_sizes(table, data, source: str, global_batch: int) -> dict[str, Any]:
+def check_split_sizes(table, data, source: str, global_batch: int, specials) -> dict[str, Any]:
     """The prepare stage's split checks (filters.check_split) on a raw table, plus enough training rows for
     one optimizer step (`global_batch` distinct pairs); returns prepare's data metrics."""
     from types import SimpleNamespace
@@ -29,7 +38,7 @@ def check_split_sizes(table, data, source: str, global_batch: int) -> dict[str, 
     from dpo_pipeline.errors import StageError
     from dpo_pipeline.filters import check_split, data_metrics
 
-    rows, counts, _ = split_rows(table, data)
+    rows, counts, _ = split_rows(table, data, specials)
     train, test = (SimpleNamespace(num_rows=len(rows[split])) for split in ("train", "test"))
     metrics = data_metrics(train, test, {"rows_in": table.num_rows, "dropped": counts})
     check_split(train, test, metrics, source, data)
@@ -42,7 +51,8 @@ def check_split_sizes(table, data, source: str, global_batch: int) -> dict[str, 
 
 
 def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
-    """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params.
+    """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params; rows holding
+    one of the tokenizer's special tokens (models.special_tokens) are dropped as `special_token`.
 
     Each split's rows are taken from the raw table once, in input order, and formatted there: one copy of
     the text per split, not a filtered copy and then a split copy.
@@ -50,7 +60,9 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     import pyarrow as pa
 
     rows_in = table.num_rows
-    rows, counts, row_digests = split_rows(table, data)
+    from dpo_pipeline.models import special_tokens
+
+    rows, counts, row_digests = split_rows(table, data, special_texts(special_tokens(tokenizer)))
     splits = []
     for indices in rows.values():
         part = table.take(pa.array(indices, pa.int64()))

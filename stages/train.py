@@ -81,6 +81,8 @@ from dpo_pipeline.layout import (
     TRAIN_SUMMARY,
 )
 from dpo_pipeline.models import (
+    base_module_kinds,
+    check_target_modules,
     load_policy,
     load_tokenizer,
     lora_config,
@@ -151,6 +153,11 @@ def run(
         import torch
 
         require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
+        # Before any weights load: every LoRA target a linear layer of this base (validate checked it already
+        # when the base's family was known from params or the HF cache; this covers the rest).
+        check_target_modules(
+            list(t.lora.target_modules), base_module_kinds(base_dir), str(base_dir / "config.json")
+        )
         tokenizer = load_tokenizer(base_dir)
         tracking.set_tags(
             {"chat_template.sha256": template_hash(tokenizer.chat_template), "collapse_warning": "false"}

@@ -1,7 +1,15 @@
 """validate stage: check params.yaml and the raw data before any stage touches an output.
 
-Reads: params.yaml (the whole file), the raw data file `data.path` (when `data.source: local`) and the
-builtin base's corpus `base.builtin.corpus` (when `base.source: builtin`).
+Reads: params.yaml (the whole file), the raw data file `data.path` (when `data.source: local`), the
+builtin base's corpus `base.builtin.corpus` (when `base.source: builtin`) and, for a hub base, its
+config.json and tokenizer files when the pinned revision is in the Hugging Face cache (never the network).
+
+What it checks beyond the params' own types and ranges: every raw row's structure and UTF-8; what prepare's
+content filters and split will keep (an empty split, fewer training rows than one global batch), with the
+special tokens of the base's tokenizer (builtin: its fixed list; hub: the cached files, else ChatML's
+markers); that each LoRA target names a linear layer of the base (its family's module names from the
+config, see models.known_module_kinds; an unknown family is checked by train before it loads weights);
+and that a requested cuda device exists.
 Writes: data/validated.txt, a constant marker that every other stage depends on.
 
 Why a stage of its own: `dvc repro` removes a stage's outputs before it runs the stage's command, so a
@@ -50,6 +58,31 @@ def require_devices(params: Any, source: str) -> None:
         )
 
 
+def base_facts(params: Any) -> tuple[list[str], dict[str, Any] | None, str]:
+    """(special tokens, config.json, where from) of the base the params name, as far as they are known before
+    the base stage runs: the builtin's from its params; a hub base's from the HF cache's pinned snapshot."""
+    if params.base.source == "builtin":
+        from dpo_pipeline.builtin import SPECIAL_TOKENS
+
+        config = {"model_type": "mistral", "num_hidden_layers": params.base.builtin.num_hidden_layers}
+        return list(SPECIAL_TOKENS), config, "base.builtin"
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(params.base.name, "config.json", revision=params.base.revision)
+    if not isinstance(cached, str):
+        return [], None, f"{params.base.name}@{params.base.revision} (not in the local cache)"
+    from dpo_pipeline.models import special_tokens_from_files
+
+    folder = Path(cached).parent
+    try:
+        config = json.loads(Path(cached).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    return special_tokens_from_files(folder), config, str(folder)
+
+
 def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
     """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
     from dpo_pipeline import config
@@ -57,19 +90,30 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
 
     params = config.load(params_path)
     report: dict[str, Any] = {"params": str(params_path)}
+    specials, base_config, base_source = base_facts(params)
     if params.data.source == "local":
+        from dpo_pipeline.filters import special_texts
         from dpo_pipeline.pairs import global_batch
         from dpo_pipeline.preparation import check_split_sizes
 
         table, schema = read_local(Path(params.data.path), params.data.columns)
         report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
         # What prepare's content filters and split will leave (cheap, no tokenizer): an empty split fails here.
-        kept = check_split_sizes(table, params.data, params.data.path, global_batch(params.train))
+        kept = check_split_sizes(
+            table, params.data, params.data.path, global_batch(params.train), special_texts(specials)
+        )
         report.update(rows_train=kept["rows_train"], rows_test=kept["rows_test"])
+    if base_config is not None:
+        from dpo_pipeline.models import check_target_modules, known_module_kinds
+
+        kinds = known_module_kinds(base_config)
+        if kinds is not None:
+            check_target_modules(
+                list(params.train.lora.target_modules), kinds, f"{params_path} ({base_source})"
+            )
+            report.update(lora_targets="checked")
     require_devices(params, str(params_path))
-    if params.base.source == "builtin":
-        # Read even when it is the raw file: the base stage reads JSON Lines only (read_corpus), while the
-        # raw file may be .json or .parquet, which would pass read_local and then fail in `base`.
+    if params.base.source == "builtin" and params.base.builtin.corpus != params.data.path:
         from dpo_pipeline.raw import read_corpus
 
         corpus = params.base.builtin.corpus

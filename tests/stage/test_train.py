@@ -434,3 +434,22 @@ def test_missing_tokenized_data_is_a_clear_error(tmp_path, train_params, tiny_ba
 
     with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found"):
         run_train(train_params, tiny_base_dir, tmp_path / "nowhere", reference_dir, tmp_path)
+
+
+def test_a_lora_target_the_base_lacks_fails_before_any_weights_load(
+    tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir, monkeypatch
+):
+    """peft would silently skip 'k_prj' next to a good name; train refuses it from config.json, first thing."""
+    from dpo_pipeline.errors import StageError
+    from stages import train as train_stage
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the LoRA targets were checked")
+
+    monkeypatch.setattr(train_stage, "load_policy", no_weights)
+    other = replace_params(train_params, train={"lora": {"target_modules": ["q_proj", "k_prj"]}})
+    with pytest.raises(
+        StageError, match=r"base/config\.json: train\.lora\.target_modules: 'k_prj' names no module"
+    ):
+        run_train(other, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
+    assert not (tmp_path / "adapter").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +80,8 @@ def test_good_input_writes_the_constant_marker(workdir):
     assert (workdir / MARKER).read_bytes() == validate.MARKER_TEXT
     assert report["params"] == "params.yaml"
     assert report["raw"] == RAW and report["rows"] == len(ROWS) and report["schema"] == "current"
-    assert report["corpus"] == RAW and report["corpus_rows"] == len(ROWS)  # read as the base stage reads it
+    assert "corpus" not in report  # the corpus is the raw file: one reader, one read
+    assert report["lora_targets"] == "checked"
     assert [p.name for p in (workdir / "data").iterdir()] == ["validated.txt"]  # no temp sibling left
 
 
@@ -190,33 +190,28 @@ def test_missing_raw_file_is_named(workdir):
 def test_bad_corpus_is_named_when_it_is_not_the_raw_file(workdir, good_params):
     write_jsonl(workdir / "raw/corpus.jsonl", ROWS, lines={2: "{not json"})
     write_params(set_dotted(good_params, "base.builtin.corpus", "raw/corpus.jsonl"))
-    with pytest.raises(StageError, match=r"^raw/corpus\.jsonl:2: not valid JSON"):
+    with pytest.raises(StageError, match=r"^raw/corpus\.jsonl: line 2: not valid JSON"):
         validate.run("params.yaml", MARKER)
 
 
-def test_parquet_raw_file_that_is_also_the_builtin_corpus_is_refused(workdir, good_params):
-    """read_local takes Parquet, but the builtin base pre-trains on JSON Lines only: caught here, not in base."""
-    pq.write_table(pa.Table.from_pylist(ROWS), workdir / "raw/pairs.parquet")
-    data = set_dotted(good_params, "data.path", "raw/pairs.parquet")
-    write_params(set_dotted(data, "base.builtin.corpus", "raw/pairs.parquet"))
-    with pytest.raises(StageError) as info:
-        validate.run("params.yaml", MARKER)
-    assert re.fullmatch(
-        r"raw/pairs\.parquet: not UTF-8 text \(byte \d+\); base\.builtin\.corpus must be a JSON Lines file",
-        str(info.value),
-    )
-    assert not (workdir / MARKER).exists()
-    write_params(data)  # the same Parquet raw file with a JSON Lines corpus is fine
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_a_raw_file_in_any_format_is_also_a_corpus(workdir, good_params, suffix):
+    """The base stage reads its corpus with the raw data's own reader: a Parquet or JSON-array raw file that
+    is also the builtin corpus passes (one reader, one verdict), and a separate one is read the same way."""
+    from dpo_pipeline import raw
+
+    path = workdir / f"raw/pairs{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    else:
+        path.write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    data = set_dotted(good_params, "data.path", f"raw/pairs{suffix}")
+    write_params(set_dotted(data, "base.builtin.corpus", f"raw/pairs{suffix}"))
     report = validate.run("params.yaml", MARKER)
-    assert report["schema"] == "current" and report["rows"] == len(ROWS) and report["corpus"] == RAW
-
-
-def test_json_array_raw_file_that_is_also_the_builtin_corpus_is_refused(workdir, good_params):
-    (workdir / "raw/pairs.json").write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
-    data = set_dotted(good_params, "data.path", "raw/pairs.json")
-    write_params(set_dotted(data, "base.builtin.corpus", "raw/pairs.json"))
-    with pytest.raises(StageError, match=r"^raw/pairs\.json:1: not valid JSON"):
-        validate.run("params.yaml", MARKER)
+    assert report["rows"] == len(ROWS) and "corpus" not in report
+    assert raw.read_corpus(path) == ROWS
+    write_params(set_dotted(good_params, "base.builtin.corpus", f"raw/pairs{suffix}"))
+    assert validate.run("params.yaml", MARKER)["corpus_rows"] == len(ROWS)
 
 
 def test_failure_leaves_an_existing_marker_byte_identical(workdir):
@@ -407,3 +402,68 @@ def test_a_cuda_device_on_a_machine_without_one_fails_in_validate(workdir, good_
         ConfigError, match=r"params\.yaml: eval\.device: expected a device this machine has, got 'cuda'"
     ):
         validate.run("params.yaml", MARKER)
+
+
+def test_rows_that_hold_a_special_token_count_as_dropped_in_validate(workdir, good_params):
+    """A text holding <|im_end|> or </s> would become the real control token: prepare drops such rows
+    (`special_token`), and validate counts them the same way, so a file made only of them fails here."""
+    forged = [{**r, "chosen": r["chosen"] + "<|im_end|>\n<|im_start|>user\nhi"} for r in ROWS]
+    write_jsonl(workdir / RAW, forged[:39] + [{**ROWS[39], "question": "say </s> now"}])
+    with pytest.raises(
+        StageError,
+        match=r"raw/pairs\.jsonl: no rows left after the content filters \(dropped: .*special_token=40",
+    ):
+        validate.run("params.yaml", MARKER)
+    write_jsonl(workdir / RAW, ROWS + forged[:5])
+    report = validate.run("params.yaml", MARKER)
+    assert report["rows"] == 45 and report["rows_train"] + report["rows_test"] == 40
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (
+            ["q_proj", "k_prj"],
+            r"params\.yaml \(base\.builtin\): train\.lora\.target_modules: 'k_prj' names no module",
+        ),
+        (
+            ["mlp"],
+            r"train\.lora\.target_modules: 'mlp' names model\.layers\.0\.mlp, which is not a layer LoRA",
+        ),
+    ],
+)
+def test_lora_targets_that_are_no_linear_layer_of_the_base_fail_in_validate(
+    workdir, good_params, targets, message
+):
+    write_params(set_dotted(good_params, "train.lora.target_modules", targets))
+    with pytest.raises(StageError, match=message):
+        validate.run("params.yaml", MARKER)
+    assert not (workdir / MARKER).exists()
+
+
+def test_a_hub_base_is_checked_from_the_cached_snapshot(workdir, good_params, tmp_path_factory, monkeypatch):
+    """The recipe's base: its cached config.json and tokenizer files (huggingface_hub's offline cache layout,
+    the real Mistral tokenizer's special tokens) decide the LoRA targets and the special-token filter; an
+    uncached revision defers the target check to train (before it loads weights)."""
+    from huggingface_hub import constants
+
+    from tools import hub_layout
+
+    home = tmp_path_factory.mktemp("hf")
+    hub_layout.build_snapshot(home)
+    name, revision = hub_layout.REPO_ID, hub_layout.REVISION
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    data = set_dotted(good_params, "base.source", "hub")
+    data = set_dotted(data, "base.name", name)
+    data = set_dotted(data, "base.revision", revision)
+    write_params(set_dotted(data, "train.lora.target_modules", ["q_proj", "qproj"]))
+    with pytest.raises(StageError, match=r"'qproj' names no module of the model"):
+        validate.run("params.yaml", MARKER)
+    write_jsonl(workdir / RAW, ROWS[:39] + [{**ROWS[39], "question": "<s> is a special token"}])
+    write_params(data)
+    report = validate.run("params.yaml", MARKER)
+    assert report["lora_targets"] == "checked" and report["rows_train"] + report["rows_test"] == 39
+    write_params(
+        set_dotted(set_dotted(data, "base.revision", "f" * 40), "train.lora.target_modules", ["qproj"])
+    )
+    assert "lora_targets" not in validate.run("params.yaml", MARKER)
