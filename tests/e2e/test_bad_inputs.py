@@ -312,8 +312,8 @@ CASES: dict[str, Case] = {
         ["error: params.yaml: train.device: expected a device this machine has, got 'cuda'"],
     ),
     "params-too-few-training-rows": Case(
-        edit_params({"data.test_fraction": 0.999}),
-        [f"error: {RAW}: the train split keeps ", "fewer than one global batch of"],
+        edit_params({"train.per_device_train_batch_size": 100_000}),  # more pairs per step than the split has
+        [f"error: {RAW}: the train split keeps ", "fewer than one global batch of 100000 pairs"],
     ),
     "params-empty-data-path": Case(
         edit_params({"data.path": ""}),
