@@ -153,14 +153,42 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class PublishedScore:
+    task: str
+    metric: str
+    value: float
+    num_fewshot: int
+    source: str
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    significance_level: float
+    calibration_tolerance: float
+    on_calibration_mismatch: Literal["warn", "fail"]
+    published: list[PublishedScore]
+
+
+@dataclass(frozen=True)
+class DecontaminationParams:
+    ngram: int
+    common_rows: int
+    drop: bool
+    max_examples: int
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     tracking: TrackingParams
     base: BaseParams
     data: DataParams
+    decontamination: DecontaminationParams
     train: TrainParams
     merge: MergeParams
     eval: EvalParams
+    report: ReportParams
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for MLflow params and model cards)."""
@@ -282,6 +310,8 @@ def _check(p: Params, source: str) -> None:
         "merge.fidelity_prompts": p.merge.fidelity_prompts,
         **({"eval.batch_size": p.eval.batch_size} if p.eval.batch_size != "auto" else {}),
         "eval.max_new_tokens": p.eval.max_new_tokens,
+        "decontamination.ngram": p.decontamination.ngram,
+        "decontamination.common_rows": p.decontamination.common_rows,
     }
     for key, value in positive_ints.items():
         if value <= 0:
@@ -293,6 +323,7 @@ def _check(p: Params, source: str) -> None:
         "train.pairs_seed": p.train.pairs_seed,
         "train.eval_pairs": p.train.eval_pairs,
         "eval.limit": p.eval.limit,
+        "decontamination.max_examples": p.decontamination.max_examples,
     }.items():
         if value < 0:
             raise fail(key, "an integer >= 0", value)
@@ -357,6 +388,32 @@ def _check(p: Params, source: str) -> None:
         raise fail("train.lora.target_modules", "a non-empty list of module names", [])
     if not p.eval.tasks:
         raise fail("eval.tasks", "a non-empty list of tasks", [])
+    r = p.report
+    if not (math.isfinite(r.significance_level) and 0.0 < r.significance_level < 1.0):
+        raise fail("report.significance_level", "a number strictly between 0 and 1", r.significance_level)
+    if not (math.isfinite(r.calibration_tolerance) and r.calibration_tolerance >= 0.0):
+        raise fail("report.calibration_tolerance", "a finite number >= 0", r.calibration_tolerance)
+    scored = {t.name for t in p.eval.tasks}
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(r.published):
+        key = f"report.published[{i}]"
+        if item.task not in scored:
+            raise fail(f"{key}.task", f"one of eval.tasks ({', '.join(sorted(scored))})", item.task)
+        if not (math.isfinite(item.value) and 0.0 <= item.value <= 1.0):
+            raise fail(f"{key}.value", "a fraction in [0, 1], lm-eval's scale (64.93% is 0.6493)", item.value)
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", item.metric):
+            raise fail(f"{key}.metric", "an lm-eval metric name such as acc_norm", item.metric)
+        if item.num_fewshot < 0:
+            raise fail(f"{key}.num_fewshot", "an integer >= 0", item.num_fewshot)
+        if not item.source.strip():
+            raise fail(f"{key}.source", "where the figure comes from (a URL or citation)", item.source)
+        if (item.task, item.metric) in seen:
+            raise fail(
+                f"{key}",
+                f"one figure per task and metric ({item.task}/{item.metric} is stated twice)",
+                item.value,
+            )
+        seen.add((item.task, item.metric))
     from dpo_pipeline.trl_glue import DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES, LR_SCHEDULERS, OPTIMIZERS
 
     if p.train.optim not in OPTIMIZERS:

@@ -12,6 +12,7 @@ BASE_DIR = Path("models/base")
 PREPARED_DIR = Path("data/prepared")
 TOKENIZED_DIR = Path("data/tokenized")
 PAIRS_DIR = Path("data/pairs")
+CONTAMINATION_DIR = Path("data/contamination")  # decontaminate: the training row ids tokenize drops
 REFERENCE_DIR = Path("data/reference")
 ADAPTER_DIR = Path("models/adapter")
 MERGED_DIR = Path("models/merged")
@@ -24,6 +25,7 @@ SPLITS = ("train", "test")
 
 # Files inside the outputs.
 SELECTED_FILE = "selected.parquet"  # data/pairs: which pairs a run uses (split, id)
+DROP_FILE = "drop.parquet"  # data/contamination: ids of the training rows to drop (empty unless dropping)
 ORDER_FILE = "order.parquet"  # data/pairs: the training order (position, id)
 TRAIN_SUMMARY = "train_summary.json"  # in models/adapter: the params and run-independent metrics
 BASE_INFO = "pipeline_base.json"  # in models/base: where the base came from

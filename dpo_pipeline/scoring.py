@@ -80,7 +80,7 @@ def simple_evaluate_kwargs(e: Any, seed: int) -> dict[str, Any]:
         "numpy_random_seed": seed,
         "torch_random_seed": seed,
         "fewshot_random_seed": seed,
-        "log_samples": False,
+        "log_samples": True,  # per-document results: the held-out tasks' paired tests and length figures
         "apply_chat_template": False,  # the offline tasks carry ChatML already; the v1 suite used none
     }
 
@@ -321,7 +321,153 @@ def generate_samples(model_dir: Path, params: Any, loaded: tuple | None = None) 
             output = model.generate(**inputs, **kwargs)
         new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
         answer, ended = decode_answer(new_tokens, tokenizer)
+        length = new_tokens.index(tokenizer.eos_token_id) if ended else len(new_tokens)
         samples.append(
-            {"system": prompt.system, "question": prompt.question, "answer": answer, "ended_turn": ended}
+            {
+                "system": prompt.system,
+                "question": prompt.question,
+                "answer": answer,
+                "ended_turn": ended,
+                "length_tokens": length,
+            }
         )
     return samples
+
+
+def sample_figures(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Flat figures of the sample generations: the share that ended their turn, and their lengths in tokens."""
+    from dpo_pipeline.stats import length_summary
+
+    if not samples:
+        return {}
+    out = {"samples/ended_turn": round(sum(s["ended_turn"] for s in samples) / len(samples), 6)}
+    for name, value in length_summary([s["length_tokens"] for s in samples]).items():
+        out[f"samples/length_{name}_tokens"] = round(value, 6)
+    return out
+
+
+def heldout_documents(
+    results: dict[str, Any], names: list[str], tasks_dir: str | Path, tokenizer
+) -> dict[str, dict[str, Any]]:
+    """Per-document results of the held-out tasks, sorted by row id: {task: {"ids", "metrics": {metric: [..]},
+    "buckets" (multiple choice: which of chosen/rejected is longer), "lengths" (generation: answer tokens)}}.
+    Kept for both models, so their deltas can be tested document by document."""
+    from dpo_pipeline.stats import length_bucket
+
+    heldout = heldout_task_names(tasks_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for task in names:
+        if task not in heldout:
+            continue
+        samples = sorted((results.get("samples") or {}).get(task, []), key=lambda s: str(s["doc"]["id"]))
+        if not samples:
+            raise StageError(f"lm-eval logged no per-document results for {task!r}")
+        entry: dict[str, Any] = {"ids": [str(s["doc"]["id"]) for s in samples], "metrics": {}}
+        for metric in samples[0]["metrics"]:
+            values = [s.get(metric) for s in samples]
+            if all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in values):
+                entry["metrics"][metric] = [float(v) for v in values]
+        first = samples[0]["filtered_resps"][0]
+        if isinstance(first, str):  # a generation task: the answers' lengths in tokens
+            entry["lengths"] = [
+                len(tokenizer(s["filtered_resps"][0], add_special_tokens=False)["input_ids"]) for s in samples
+            ]
+        else:
+            entry["buckets"] = [length_bucket(s["doc"]["chosen"], s["doc"]["rejected"]) for s in samples]
+        out[task] = entry
+    return out
+
+
+def document_figures(documents: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Flat figures from per-document results: each multiple-choice metric by length bucket (chosen answer
+    longer / shorter, and their mean, the length-controlled figure); each generation task's answer lengths."""
+    from dpo_pipeline.stats import bucket_accuracy, length_summary
+
+    out: dict[str, float] = {}
+    for task, entry in documents.items():
+        if "buckets" in entry:
+            for metric, values in entry["metrics"].items():
+                for bucket, value in bucket_accuracy(values, entry["buckets"]).items():
+                    out[f"{task}/{metric}_{bucket}"] = round(value, 6)
+        for name, value in length_summary(entry.get("lengths", [])).items():
+            out[f"{task}/length_{name}_tokens"] = round(value, 6)
+    return out
+
+
+def bucket_counts(documents: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    from collections import Counter
+
+    return {
+        task: dict(sorted(Counter(b or "same_length" for b in entry["buckets"]).items()))
+        for task, entry in documents.items()
+        if "buckets" in entry
+    }
+
+
+def add_uncertainty(
+    scores: dict[str, float],
+    primary: dict[str, str],
+    tuned_docs: dict[str, dict[str, Any]],
+    base_docs: dict[str, dict[str, Any]],
+    level: float,
+    source: str,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """`scores` (compare_scores' output) plus, for every delta, `_delta_stderr`, `_p_value` and `_significant`
+    (1.0 when p < `level`); returns them and how each task's deltas were tested.
+
+    Held-out tasks are paired (their per-document results, the same row ids for both models: McNemar for 0/1
+    metrics), their length buckets too; other tasks combine lm-eval's two standard errors; the averages
+    combine their tasks' delta standard errors as independent."""
+    from dpo_pipeline.stats import LENGTH_BUCKETS, independent, normal_p, paired
+
+    out = dict(scores)
+    methods: dict[str, str] = {}
+
+    def put(key: str, figures: dict[str, float]) -> None:
+        out[f"{key}_delta_stderr"] = round(figures["delta_stderr"], 6)
+        out[f"{key}_p_value"] = round(figures["p_value"], 6)
+        out[f"{key}_significant"] = 1.0 if figures["p_value"] < level else 0.0
+
+    for task, entry in tuned_docs.items():
+        other = base_docs.get(task)
+        if other is None or other["ids"] != entry["ids"]:
+            raise StageError(
+                f"{source}: the base's per-document results for {task} are not of the same documents "
+                f"({0 if other is None else len(other['ids'])} vs {len(entry['ids'])} rows; run `dvc repro "
+                "evaluate_base_heldout`)"
+            )
+        methods[task] = f"paired over {len(entry['ids'])} documents (McNemar exact for 0/1 metrics)"
+        key = f"{task}/length_mean_tokens"
+        if "lengths" in entry and "lengths" in other and f"{key}_delta" in out:
+            put(key, paired([float(x) for x in entry["lengths"]], [float(x) for x in other["lengths"]]))
+        for metric, values in entry["metrics"].items():
+            if metric not in other["metrics"]:
+                continue
+            key = f"{task}/{metric}"
+            if f"{key}_delta" in out:
+                put(key, paired(values, other["metrics"][metric]))
+            for bucket in LENGTH_BUCKETS if "buckets" in entry else ():
+                picked = [i for i, b in enumerate(entry["buckets"]) if b == bucket]
+                if picked and f"{key}_{bucket}_delta" in out:
+                    put(
+                        f"{key}_{bucket}",
+                        paired([values[i] for i in picked], [other["metrics"][metric][i] for i in picked]),
+                    )
+    for key in list(scores):
+        if not key.endswith("_delta") or f"{key[: -len('_delta')]}_delta_stderr" in out:
+            continue
+        name = key[: -len("_delta")]
+        task = name.split("/", 1)[0]
+        se_t, se_b = scores.get(f"{name}_stderr"), scores.get(f"{name}_stderr_base")
+        if se_t is not None and se_b is not None:
+            put(name, independent(scores[key], se_t, se_b))
+            methods.setdefault(task, "independent (lm-eval's standard errors combined)")
+    for average, tasks in (("average", list(primary)), ("open_llm_v1/average", list(LEADERBOARD_V1))):
+        keys = [primary.get(t) for t in tasks]
+        if f"{average}_delta" not in out or not all(k and f"{k}_delta_stderr" in out for k in keys):
+            continue
+        se = math.sqrt(sum(out[f"{k}_delta_stderr"] ** 2 for k in keys)) / len(keys)
+        delta = out[f"{average}_delta"]
+        p = normal_p(delta / se) if se > 0 else (1.0 if delta == 0 else 0.0)
+        put(average, {"delta_stderr": se, "p_value": p})
+    return out, methods

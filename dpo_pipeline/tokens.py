@@ -19,6 +19,7 @@ OUTPUT_COLUMNS = ("id", *IDS_COLUMNS, LENGTH_COLUMN)
 
 
 REASONS = (
+    "contaminated",  # a training row the decontaminate stage selected (data/contamination/drop.parquet)
     "prompt_too_long",  # prompt longer than data.max_prompt_length tokens
     "too_long",  # prompt + the longer answer longer than data.max_length tokens
 )
@@ -131,8 +132,8 @@ def token_lengths(table) -> dict[str, Any]:
 
 
 def length_masks(prompt, total, data) -> dict[str, Any]:
-    """Boolean drop masks of the length limits (REASONS) from each row's prompt and prompt + longer answer
-    token counts, each True where that reason applies."""
+    """Boolean drop masks of the length limits from each row's prompt and prompt + longer answer token counts,
+    each True where that reason applies."""
     import pyarrow.compute as pc
 
     return {
@@ -141,8 +142,9 @@ def length_masks(prompt, total, data) -> dict[str, Any]:
     }
 
 
-def tokenize_split(prepared, tokenizer, data) -> tuple[Any, dict[str, int]]:
-    """One prepared split -> (tokenized Table with OUTPUT_COLUMNS in the prepared order, drops per reason)."""
+def tokenize_split(prepared, tokenizer, data, drop_ids=frozenset()) -> tuple[Any, dict[str, int]]:
+    """One prepared split -> (tokenized Table with OUTPUT_COLUMNS in the prepared order, drops per reason);
+    rows whose id is in `drop_ids` are dropped as `contaminated`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -151,7 +153,11 @@ def tokenize_split(prepared, tokenizer, data) -> tuple[Any, dict[str, int]]:
     tokenized = tokenize_pairs(trl_texts(prepared, tokenizer.eos_token), tokenizer, tokenizer.eos_token)
     lengths = token_lengths(tokenized)
     total = pc.add(lengths["prompt"], pc.max_element_wise(lengths["chosen"], lengths["rejected"]))
-    keep, counts = first_reason(length_masks(lengths["prompt"], total, data), tokenized.num_rows, REASONS)
+    masks = length_masks(lengths["prompt"], total, data)
+    masks["contaminated"] = pc.is_in(
+        tokenized.column("id"), value_set=pa.array(sorted(drop_ids), pa.string())
+    )
+    keep, counts = first_reason(masks, tokenized.num_rows, REASONS)
     ids32 = pa.list_(pa.int32())
     table = pa.table(
         {
@@ -214,6 +220,15 @@ def read_prepared(prepared_dir: str | Path, split: str):
     path = Path(prepared_dir) / f"{split}.parquet"
     hint = "prepared split not found (run the prepare stage first: dvc repro prepare)"
     return _read_split(path, PREPARED_COLUMNS, hint).select(list(PREPARED_COLUMNS))
+
+
+def read_drop_ids(contamination_dir: str | Path) -> frozenset[str]:
+    """The training row ids the decontaminate stage selected for dropping."""
+    from dpo_pipeline.layout import DROP_FILE
+
+    path = Path(contamination_dir) / DROP_FILE
+    hint = "decontamination result not found (run the decontaminate stage first: dvc repro decontaminate)"
+    return frozenset(_read_split(path, ("id",), hint).column("id").to_pylist())
 
 
 def read_tokenized(tokenized_dir: str | Path, split: str, columns: tuple[str, ...] | None = None):

@@ -446,3 +446,56 @@ def log_artifact(path: str | Path) -> None:
     import mlflow
 
     _guarded(mlflow.log_artifact, str(path))
+
+
+def log_model(
+    name: str, adapter_hash: str, tags: dict[str, str], metrics: dict[str, float], model_type: str
+) -> str:
+    """The merged model as an MLflow 3 logged model (external: its weights stay in DVC, the model points at
+    them by path, md5 and commit), linked to the merge run that made it (its source run: the latest finished
+    merge run of this adapter), carrying `metrics` and registered as a version of `name` in the registry.
+    Called inside the report stage's run; returns the model id ("" when tracking is off or failed)."""
+    if is_secondary_rank():
+        return ""
+    import mlflow
+
+    def go() -> str:
+        client = mlflow.MlflowClient()
+        run = mlflow.active_run()
+        experiment = run.info.experiment_id
+        merges = client.search_runs(
+            [experiment],
+            filter_string=f"tags.stage = 'merge' and tags.`lineage.adapter.hash` = '{adapter_hash}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        source = merges[0].info.run_id if merges else ""
+        model = mlflow.create_external_model(
+            name=name,
+            source_run_id=source or run.info.run_id,
+            tags={
+                **{k: str(v) for k, v in tags.items()},
+                "lineage.merge_run_id": source,
+                "lineage.report_run_id": run.info.run_id,
+            },
+            model_type=model_type,
+            experiment_id=experiment,
+        )
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model.model_id)
+        version = mlflow.register_model(f"models:/{model.model_id}", name)
+        mlflow.set_tags({"model.id": model.model_id, "model.registered": f"{name}/{version.version}"})
+        return model.model_id
+
+    return _guarded(go) or ""
+
+
+def tag_logged_model(model_id: str, tags: dict[str, Any]) -> None:
+    """Add tags to a logged model (publish: where it went on the hub)."""
+    if is_secondary_rank() or not model_id:
+        return
+    import mlflow
+
+    _guarded(
+        lambda: mlflow.MlflowClient().set_logged_model_tags(model_id, {k: str(v) for k, v in tags.items()})
+    )

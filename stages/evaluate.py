@@ -11,13 +11,17 @@ what it reads changes:
                          dataset is heldout.load_prepared_test: the held-out preference and ChatML-format
                          tasks). Reads models/base/, data/prepared/, params `seed` and the scoring keys of
                          `eval`; a data edit re-runs this stage only, among the base's.
-                         Writes metrics/eval_base_heldout.json.
-  evaluate               the merged model on every task, plus samples; puts the base's figures from the two
-                         files above next to its own (`_base`, `_delta`) after checking they were made with the
-                         same settings. Writes metrics/eval.json (flat keys per task/metric, plus the average of
-                         each task's primary metric, tuned and base), metrics/samples.json.
+                         Writes metrics/eval_base_heldout.json and, per document, eval_base_heldout_docs.json.
+  evaluate               the merged model on every task, plus samples, after checking that the base's files
+                         above were made with the same settings (before any scoring). Writes
+                         metrics/eval_merged.json, eval_merged_docs.json, metrics/samples.json (with the base's
+                         samples beside its own).
+The comparison (tuned vs base, deltas with their uncertainty, calibration against published figures) is the
+cheap `report` stage's (stages/report.py), so reading the scores another way never re-scores a model.
 Each scores file carries a nested `meta` (lm-eval version, seed, batch size, limit, few-shot counts, primary
-metric per task, chat template hash) that `dvc metrics diff` shows as plain values.
+metric per task, chat template hash). Besides lm-eval's metrics a scores file holds the figures made from
+per-document results (scoring.document_figures: preference accuracy by which answer is longer, held-out answer
+lengths) and from the samples (scoring.sample_figures: turns ended, lengths).
 
 Scoring goes through lm-evaluation-harness's Python API (`simple_evaluate`, HF backend around the model loaded
 once per stage, a TaskManager that also indexes tasks/). Task names are resolved by lm-eval's registry, so the
@@ -41,16 +45,17 @@ from dpo_pipeline.layout import BASE_DIR, MERGED_DIR, METRICS_DIR, PREPARED_DIR,
 from dpo_pipeline.models import require_safetensors
 from dpo_pipeline.scoring import (
     LINEAGE_TAGS,
-    add_averages,
     check_comparable,
-    compare_scores,
+    document_figures,
     flat_scores,
     generate_samples,
     generation_meta,
+    heldout_documents,
     heldout_task_names,
     load_eval_model,
     primary_keys,
     run_lm_eval,
+    sample_figures,
     settings_meta,
 )
 
@@ -64,6 +69,7 @@ class Part:
     scores_file: str
     samples_file: str | None  # None: no sample generations in this stage
     sections: tuple[str, ...]  # the params the stage declares (and logs)
+    docs_file: str | None = None  # per-document results of the held-out tasks (None: the stage scores none)
 
 
 # The scoring settings of `eval` (the held-out stage makes no samples, so the generation keys are not its).
@@ -80,8 +86,17 @@ SCORING_SECTIONS = (
 
 PARTS = {
     "evaluate_base": Part("base", "benchmarks", "eval_base.json", "samples_base.json", ("seed", "eval")),
-    "evaluate_base_heldout": Part("base", "heldout", "eval_base_heldout.json", None, SCORING_SECTIONS),
-    "evaluate": Part("merged", "all", "eval.json", "samples.json", ("seed", "eval")),
+    "evaluate_base_heldout": Part(
+        "base", "heldout", "eval_base_heldout.json", None, SCORING_SECTIONS, "eval_base_heldout_docs.json"
+    ),
+    "evaluate": Part(
+        "merged",
+        "all",
+        "eval_merged.json",
+        "samples.json",
+        ("seed", "eval"),
+        "eval_merged_docs.json",
+    ),
 }
 
 
@@ -96,29 +111,20 @@ def part_tasks(part: Part, task_names: list[str], tasks_dir: str | Path) -> list
     return [n for n in task_names if (n in heldout) == (part.tasks == "heldout")]
 
 
-def read_base_scores(
-    meta: dict[str, Any], metrics_dir: Path
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
-    """(base scores of every task, base samples, the files read) from the two base stages' files, each checked
-    to hold scores made with this run's settings. Checked before any scoring."""
-    scores: dict[str, Any] = {}
+def read_base_scores(meta: dict[str, Any], metrics_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(base samples, the files read) after checking that each base stage's files exist and hold scores made
+    with this run's settings: checked before any scoring, since the report compares them."""
     files: dict[str, Path] = {}
-    metas: dict[str, Any] = {}
     for stage in BASE_PARTS:
         part = PARTS[stage]
-        for name in filter(None, (part.scores_file, part.samples_file)):
+        for name in filter(None, (part.scores_file, part.samples_file, part.docs_file)):
             path = metrics_dir / name
             if not path.is_file():
                 raise StageError(f"{path}: base model results not found (run `dvc repro {stage}` first)")
         path = metrics_dir / part.scores_file
-        found = read_json(path)
-        metas[stage] = found.get("meta", {})
-        check_comparable(meta, metas[stage], path, stage)
-        scores.update({k: v for k, v in found.items() if k != "meta"})
+        check_comparable(meta, read_json(path).get("meta", {}), path, stage)
         files[stage] = path
-    samples = read_json(metrics_dir / PARTS["evaluate_base"].samples_file)
-    scores["meta"] = metas["evaluate_base"]
-    return scores, samples, files
+    return read_json(metrics_dir / PARTS["evaluate_base"].samples_file), files
 
 
 def run(
@@ -151,12 +157,12 @@ def run(
         if not test_file.is_file():
             raise StageError(f"{test_file}: held-out test split not found (run the prepare stage first)")
     meta = settings_meta(params, metadata.version("lm_eval"))
-    base_scores: dict[str, Any] | None = None
     base_samples: dict[str, Any] | None = None
     base_files: dict[str, Path] = {}
     if part.model == "merged":
-        # Checked before any scoring: deltas against base scores made with other settings mean nothing.
-        base_scores, base_samples, base_files = read_base_scores(meta, metrics_dir)
+        # Checked before any scoring: the report's deltas against base scores made with other settings
+        # would mean nothing, and an hour of scoring would be wasted on the 7B recipe.
+        base_samples, base_files = read_base_scores(meta, metrics_dir)
 
     tokenizer = load_tokenizer(model_dir)
     lineage = _lineage(model_dir)
@@ -171,26 +177,27 @@ def run(
         sections=list(part.sections),
         inputs=inputs,
         tags={"eval.model": part.model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
-    ):
+    ) as mlflow_run:
         loaded = load_eval_model(model_dir, e, tokenizer)  # once, for scoring and samples
         results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded, names) if names else {}
         scores = flat_scores(results, names)
         primary = primary_keys(results, names)
+        documents = heldout_documents(results, names, tasks_dir, tokenizer) if part.docs_file else {}
+        scores.update(document_figures(documents))
+        # documents scored per task (groups such as mmlu are counted per sub-task by lm-eval)
+        n_samples = {t: int(n["effective"]) for t, n in results.get("n-samples", {}).items() if t in names}
         samples = generate_samples(model_dir, params, loaded) if part.samples_file else []
-        del loaded
+        del loaded, results
         gc.collect()
-        if samples:  # share of sample answers that ended their turn with <|im_end|> within max_new_tokens
-            scores["samples/ended_turn"] = round(sum(s["ended_turn"] for s in samples) / len(samples), 6)
+        scores.update(sample_figures(samples))
         meta.update(
             {
                 "model": part.model,
                 "tasks": names,
                 "primary_metric": primary,
-                # documents scored per task (groups such as mmlu are counted per sub-task by lm-eval)
-                "n_samples": {
-                    t: int(n["effective"]) for t, n in results.get("n-samples", {}).items() if t in names
-                },
+                "n_samples": n_samples,
                 "chat_template_sha": template_hash(tokenizer.chat_template),
+                "run_id": mlflow_run.info.run_id if mlflow_run is not None else "",
                 **{k: str(v) for k, v in lineage.items()},
             }
         )
@@ -199,19 +206,15 @@ def run(
             if part.samples_file
             else {}
         )
-        if base_scores is not None and base_samples is not None:
-            # The averages over every task, tuned and base alike (each base file holds only its own tasks).
-            scores = add_averages(scores, primary, stage)
-            base_only = {k: v for k, v in base_scores.items() if k != "meta"}
-            base_only = add_averages(base_only, primary, " + ".join(map(str, base_files.values())))
-            meta["chat_template_sha_base"] = base_scores["meta"].get("chat_template_sha", "")
-            scores = compare_scores(scores, base_only)
+        if base_samples is not None:
             samples_out["base_samples"] = base_samples.get("samples", [])
         tracking.log_metrics(scores)
         tracking.set_tags({"chat_template_sha": meta["chat_template_sha"]})
         scores_file = metrics_dir / part.scores_file
         write_json(scores_file, {**scores, "meta": meta})
         tracking.log_artifact(scores_file)
+        if part.docs_file:
+            write_json(metrics_dir / part.docs_file, {"model": part.model, "tasks": documents})
         if part.samples_file:
             samples_file = metrics_dir / part.samples_file
             write_json(samples_file, samples_out)

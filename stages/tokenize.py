@@ -1,7 +1,7 @@
 """tokenize stage: the prepared pairs -> the token ids trl trains on, with the length limits applied.
 
 Reads: params `data.max_prompt_length`, `data.max_length`; models/base/ (the tokenizer);
-data/prepared/{train,test}.parquet.
+data/prepared/{train,test}.parquet; data/contamination/drop.parquet.
 Writes: data/tokenized/{train,test}.parquet (id, prompt_ids, chosen_ids, rejected_ids as int32 lists and
 `length`, in the prepared order; zstd, with schema metadata) and metrics/tokens.json.
 
@@ -12,7 +12,10 @@ tokenizer's special tokens, the answer starting where the joint sequence leaves 
 reference and train stages hand these ids to trl as they are, so the pipeline tokenizes once per
 (prepared data, tokenizer, length limits) and a sweep over beta, learning rate or steps never tokenizes.
 
-Length limits, on those ids (what trl would see, special tokens included), first matching reason wins:
+Rows dropped, first matching reason wins:
+- contaminated: a training row the decontaminate stage selected (data/contamination/drop.parquet: empty
+  unless `decontamination.drop` is true); the held-out split is never filtered for it;
+and the length limits, on those ids (what trl would see, special tokens included):
 - prompt_too_long: the prompt is longer than data.max_prompt_length tokens;
 - too_long: prompt + the longer answer is longer than data.max_length tokens (trl's max_length: no row is
   ever truncated in training).
@@ -32,9 +35,9 @@ from typing import Any
 from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, write_json
-from dpo_pipeline.layout import BASE_DIR, METRICS_DIR, PREPARED_DIR, SPLITS, TOKENIZED_DIR
+from dpo_pipeline.layout import BASE_DIR, CONTAMINATION_DIR, METRICS_DIR, PREPARED_DIR, SPLITS, TOKENIZED_DIR
 from dpo_pipeline.models import load_tokenizer
-from dpo_pipeline.tokens import check_split, read_prepared, token_metrics, tokenize_split
+from dpo_pipeline.tokens import check_split, read_drop_ids, read_prepared, token_metrics, tokenize_split
 
 logger = logging.getLogger("stages.tokenize")  # the same name when run as __main__
 
@@ -49,6 +52,7 @@ def run(
     prepared_dir: str | Path = PREPARED_DIR,
     tokenized_dir: str | Path = TOKENIZED_DIR,
     metrics_path: str | Path = METRICS_DIR / "tokens.json",
+    contamination_dir: str | Path = CONTAMINATION_DIR,
 ) -> dict[str, Any]:
     """Tokenize both prepared splits; returns the metrics written to `metrics_path`."""
     import pyarrow.parquet as pq
@@ -57,7 +61,7 @@ def run(
     from dpo_pipeline.io import parquet_metadata
 
     base_dir, prepared_dir = Path(base_dir), Path(prepared_dir)
-    inputs = {"base": base_dir, "prepared": prepared_dir}
+    inputs = {"base": base_dir, "prepared": prepared_dir, "contamination": Path(contamination_dir)}
     with tracking.stage_run("tokenize", params, sections=SECTIONS, inputs=inputs):
         prepared = {split: read_prepared(prepared_dir, split) for split in SPLITS}
         if not base_dir.is_dir():
@@ -65,9 +69,15 @@ def run(
                 f"{base_dir}: base model folder not found (run the base stage first: dvc repro base)"
             )
         tokenizer = load_tokenizer(base_dir)
+        drop = {
+            "train": read_drop_ids(contamination_dir),
+            "test": frozenset(),
+        }  # the held-out split is scored whole
         tables, counts = {}, {}
         for split in SPLITS:
-            tables[split], counts[split] = tokenize_split(prepared[split], tokenizer, params.data)
+            tables[split], counts[split] = tokenize_split(
+                prepared[split], tokenizer, params.data, drop[split]
+            )
         metrics = token_metrics(tables, counts)
         check_split(tables, metrics, prepared_dir, params.data)
         meta = {"max_prompt_length": params.data.max_prompt_length, "max_length": params.data.max_length}

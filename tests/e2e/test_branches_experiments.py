@@ -19,9 +19,10 @@ METRIC_FILES = (
     "metrics/train.json",
     "metrics/merge.json",
     "metrics/eval.json",
+    "metrics/contamination.json",
 )
 # validate re-checks params.yaml on every params edit (about a second); its marker never changes.
-DOWNSTREAM_OF_TRAIN = {"validate", "train", "merge", "evaluate"}
+DOWNSTREAM_OF_TRAIN = {"validate", "train", "merge", "evaluate", "report"}
 
 
 def numeric_leaves(data: Any, prefix: str = "") -> dict[str, float]:
@@ -77,6 +78,16 @@ def test_two_branches_diff_params_metrics_plots(clone, tmp_path):
         assert not missing, f"{rel}: {sorted(missing)} missing from dvc metrics diff"
         for key, value in expected.items():
             assert metrics[rel][key]["new"] == pytest.approx(value), (rel, key)
+    # issue 16's figures are among them: uncertainty, length, calibration, contamination
+    for key in (
+        "dpo_heldout_pref/acc_norm_delta_stderr",
+        "dpo_heldout_pref/acc_norm_significant",
+        "dpo_heldout_pref/acc_norm_length_controlled_delta",
+        "samples/length_mean_tokens_delta",
+        "calibration/flagged",
+    ):
+        assert key in metrics["metrics/eval.json"], key
+    assert "dpo_heldout_pref/rows_overlapping" in metrics["metrics/contamination.json"]
     # data.json does not depend on beta; train.json does
     assert all(entry.get("diff", 0) == 0 for entry in metrics["metrics/data.json"].values())
     assert any(entry.get("diff", 0) != 0 for entry in metrics["metrics/train.json"].values())

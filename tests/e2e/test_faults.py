@@ -281,7 +281,7 @@ def test_kill_anywhere_then_repro_completes(clone, tiny_project, tmp_path):
     project.dvc("checkout", "-q", "models/base")
     # evaluate's outputs are git-tracked (cache: false) and its inputs come out byte-identical to the
     # locked ones, so DVC would rightly skip it: without them it must run, and can be killed.
-    for rel in ("metrics/eval.json", "metrics/samples.json"):
+    for rel in ("metrics/eval_merged.json", "metrics/eval_merged_docs.json", "metrics/samples.json"):
         (project.root / rel).unlink()
     reference = tiny_project.root
     watcher = Watcher(project, reference)

@@ -12,6 +12,7 @@ ALL_STAGES = {
     "validate",
     "base",
     "prepare",
+    "decontaminate",
     "tokenize",
     "pairs",
     "reference",
@@ -20,6 +21,7 @@ ALL_STAGES = {
     "evaluate_base",
     "evaluate_base_heldout",
     "evaluate",
+    "report",
 }
 
 
@@ -51,6 +53,8 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
     for edge in [
         ("validate", "base"),
         ("base", "prepare"),
+        ("prepare", "decontaminate"),
+        ("decontaminate", "tokenize"),
         ("prepare", "tokenize"),
         ("tokenize", "pairs"),
         ("tokenize", "reference"),
@@ -63,6 +67,9 @@ def test_dag_shows_base_before_prepare_and_the_full_chain(clone):
         ("evaluate_base", "evaluate"),
         ("evaluate_base_heldout", "evaluate"),
         ("prepare", "evaluate_base_heldout"),
+        ("evaluate", "report"),
+        ("evaluate_base", "report"),
+        ("evaluate_base_heldout", "report"),
     ]:
         assert edge in edges, f"{edge} missing from dvc dag:\n{dot}"
     # The base's benchmark scores read no pipeline data: nothing upstream of them but the base.
@@ -86,9 +93,9 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     assert "Stage 'base' didn't change, skipping" in out
     assert "Running stage 'prepare'" in out
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"tokenize", "merge", "evaluate_base_heldout", "evaluate"}
+    assert changed == {"decontaminate", "tokenize", "merge", "evaluate_base_heldout", "evaluate"}
     out = project.dvc("repro", "tokenize").stdout
-    assert "Running stage 'tokenize'" in out
+    assert "Running stage 'decontaminate'" in out and "Running stage 'tokenize'" in out
     changed = stages_in_status(project.dvc("status").stdout)
     assert changed == {"pairs", "reference", "train", "merge", "evaluate_base_heldout", "evaluate"}
 
@@ -134,3 +141,22 @@ def test_batch_shape_with_the_same_global_batch_never_rescores(clone):
         project.read_json("metrics/pairs.json")["selected_train"]
         == project.read_json("metrics/pairs.json")["pairs_needed"]
     )
+
+
+def test_reading_the_scores_another_way_rescores_nothing(clone):
+    """Issue 16: a significance level, a tolerance or a published figure is the report stage's alone."""
+    project = clone("status-report")
+    project.set_params({"report.significance_level": 0.01, "report.calibration_tolerance": 0.05})
+    assert stages_in_status(project.dvc("status").stdout) == {"validate", "report"}
+    out = project.dvc("repro").stdout
+    ran = set(re.findall(r"Running stage '([\w-]+)'", out))
+    assert ran == {"validate", "report"}, out
+    assert project.read_json("metrics/eval.json")["meta"]["significance_level"] == 0.01
+
+
+def test_the_decontamination_switch_retokenizes_and_retrains_but_never_reprepares(clone):
+    project = clone("status-decontaminate")
+    project.set_params({"decontamination.drop": True})
+    assert stages_in_status(project.dvc("status").stdout) == {"validate", "decontaminate"}
+    dry = project.dvc("repro", "--dry").stdout
+    assert "Running stage 'prepare'" not in dry and "Running stage 'decontaminate'" in dry

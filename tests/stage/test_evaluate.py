@@ -17,7 +17,7 @@ from dpo_pipeline import chatml, scoring
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json
 from dpo_pipeline.models import load_model, load_tokenizer
-from stages import evaluate
+from stages import evaluate, report
 from tests.conftest import REPO, replace_params
 
 TASKS_DIR = REPO / "tasks"
@@ -169,8 +169,18 @@ def evaluated(tmp_path_factory, tiny_params, eval_inputs):
             TASKS_DIR,
             metrics,
         )
+        with pytest.raises(StageError, match=r"eval_merged\.json: scores not found"):
+            report.run(tiny_params, metrics)
         tuned = evaluate.run(tiny_params, "evaluate", *tuned_args)
-    return {"metrics": metrics, "uri": uri, "base": base, "heldout": heldout, "tuned": tuned}
+        reported = report.run(tiny_params, metrics)
+    return {
+        "metrics": metrics,
+        "uri": uri,
+        "base": base,
+        "heldout": heldout,
+        "tuned": tuned,
+        "report": reported,
+    }
 
 
 def test_evaluate_writes_every_key(evaluated, tiny_params):
@@ -179,6 +189,10 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
         "eval.json",
         "eval_base.json",
         "eval_base_heldout.json",
+        "eval_base_heldout_docs.json",
+        "eval_card.md",
+        "eval_merged.json",
+        "eval_merged_docs.json",
         "samples.json",
         "samples_base.json",
     ]
@@ -189,7 +203,12 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
         "dpo_heldout_pref",
         "chatml_format",
     ]
-    assert set(benchmarks) == {"samples/ended_turn", "meta"}
+    assert set(benchmarks) == {
+        "samples/ended_turn",
+        "samples/length_mean_tokens",
+        "samples/length_median_tokens",
+        "meta",
+    }
     assert "average" not in heldout and "samples/ended_turn" not in heldout
     base = {**benchmarks, **heldout}
     base["average"] = (heldout["dpo_heldout_pref/acc_norm"] + heldout["chatml_format/format_ok"]) / 2
@@ -205,7 +224,9 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
     ]
     for key in per_task:
         assert isinstance(base[key], float), key
-        assert tuned[key] == evaluated["tuned"][key]
+        assert tuned[key] == evaluated["report"][key]
+        if key != "average":  # the averages are the report's
+            assert tuned[key] == evaluated["tuned"][key]
         assert tuned[f"{key}_base"] == pytest.approx(base[key], abs=1e-6)
         assert tuned[f"{key}_delta"] == pytest.approx(tuned[key] - base[key], abs=1e-6)
     assert "dpo_heldout_pref/acc_stderr" in tuned and "dpo_heldout_pref/acc_stderr_delta" not in tuned
@@ -269,9 +290,21 @@ def test_evaluate_runs_are_tracked(evaluated):
         "evaluate_base": ["FINISHED"],
         "evaluate_base_heldout": ["FINISHED"],
         "evaluate": ["FINISHED"],  # the attempts without base scores failed before opening a run
+        "report": ["FINISHED"],
     }
+    reported = by_stage["report"][0]
+    assert reported["metrics.dpo_heldout_pref/acc_norm_delta"] == 1.0
+    assert reported["metrics.dpo_heldout_pref/acc_norm_significant"] == 1.0
+    assert "dpo_heldout_pref/acc_norm" in reported["tags.eval.significant_deltas"].split(",")
+    assert reported["tags.calibration.flagged"] == "none"
+    assert reported["tags.input.merged_docs.hash"].startswith("sha256:")
+    # the merged model as an MLflow logged model, carrying the report's metrics (issue 17's point 4)
+    model = mlflow.MlflowClient(evaluated["uri"]).get_logged_model(reported["tags.model.id"])
+    assert {m.key: m.value for m in model.metrics}["dpo_heldout_pref/acc_norm_delta"] == 1.0
+    assert model.tags["lineage.evaluate_run_id"] == by_stage["evaluate"][0]["run_id"]
+    assert read_json(evaluated["metrics"] / "eval.json")["meta"]["mlflow_model_id"] == model.model_id
     run = by_stage["evaluate"][0]
-    assert run["metrics.dpo_heldout_pref/acc_norm_delta"] == 1.0
+    assert run["metrics.dpo_heldout_pref/acc_norm"] == 1.0
     assert run["tags.eval.model"] == "merged" and run["params.eval.batch_size"] == str(4)
     # outside dvc repro (no dvc.lock here) the inputs are hashed by us; under it they carry DVC's md5
     assert run["tags.input.merged.hash"].startswith("sha256:")
@@ -329,3 +362,94 @@ def test_groups_and_per_task_few_shot_go_through_the_registry_path(
     scores = scoring.flat_scores(results, ["pref_suite", "chatml_format"])
     assert scores["pref_suite/acc_norm"] == 1.0
     assert scoring.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 16: error bars, length, calibration (the report stage, on the constructed models)
+
+
+def test_a_real_difference_is_significant_and_noise_is_not(evaluated, tmp_path, tiny_params, eval_inputs):
+    """The chosen-preferring model against the rejected-preferring base: every held-out document flips, McNemar
+    gives p = 2 / 2^6 < 0.05. The same model against itself: zero discordant documents, p = 1."""
+    tuned = read_json(evaluated["metrics"] / "eval.json")
+    assert tuned["dpo_heldout_pref/acc_p_value"] == pytest.approx(2 / 2**N_ROWS, abs=1e-6)
+    assert tuned["dpo_heldout_pref/acc_significant"] == 1.0
+    assert tuned["dpo_heldout_pref/acc_delta_stderr"] == 0.0  # every document moved by exactly +1
+    assert "paired over 6 documents" in tuned["meta"]["uncertainty"]["dpo_heldout_pref"]
+
+    import shutil
+
+    same = tmp_path / "metrics"
+    same.mkdir()
+    for name in ("eval_base.json", "eval_base_heldout.json", "eval_base_heldout_docs.json"):
+        shutil.copy(evaluated["metrics"] / name, same / name)
+    # the base's own scores, as the "merged" model's: a tuned model no different from its base
+    heldout = read_json(same / "eval_base_heldout.json")
+    (same / "eval_merged.json").write_text(json.dumps({**read_json(same / "eval_base.json"), **heldout}))
+    shutil.copy(same / "eval_base_heldout_docs.json", same / "eval_merged_docs.json")
+    noise = report.run(tiny_params, same)
+    assert noise["dpo_heldout_pref/acc_delta"] == 0.0 and noise["dpo_heldout_pref/acc_p_value"] == 1.0
+    assert noise["dpo_heldout_pref/acc_significant"] == 0.0 and noise["average_significant"] == 0.0
+
+
+def test_length_figures_of_base_and_tuned(evaluated):
+    tuned = read_json(evaluated["metrics"] / "eval.json")
+    for key in (
+        "samples/length_mean_tokens",
+        "chatml_format/length_mean_tokens",
+        "chatml_format/length_median_tokens",
+    ):
+        assert tuned[key] >= 0 and f"{key}_base" in tuned and f"{key}_delta" in tuned
+    # the constructed rows' answers have the same length: no pair falls in a bucket, so no bucket figures
+    assert tuned["meta"]["length_buckets"] == {"dpo_heldout_pref": {"same_length": N_ROWS}}
+    assert "dpo_heldout_pref/acc_norm_length_controlled" not in tuned
+    docs = read_json(evaluated["metrics"] / "eval_merged_docs.json")["tasks"]
+    assert docs["dpo_heldout_pref"]["metrics"]["acc"] == [1.0] * N_ROWS
+    assert docs["dpo_heldout_pref"]["ids"] == sorted(docs["dpo_heldout_pref"]["ids"])
+    assert len(docs["chatml_format"]["lengths"]) == N_ROWS
+    card = (evaluated["metrics"] / "eval_card.md").read_text()
+    assert "| dpo_heldout_pref | acc_norm | 0 | 1.0000 | 0.0000 | 1.0000 |" in card
+
+
+@pytest.mark.parametrize(
+    ("value", "flagged"),
+    [(0.0, False), (0.015, False), (0.5, True)],  # the base scored 0.0 (it prefers every rejected answer)
+)
+def test_calibration_flags_a_base_that_does_not_reproduce_its_published_figure(
+    evaluated, tmp_path, tiny_params, value, flagged
+):
+    import shutil
+
+    from dpo_pipeline.config import PublishedScore
+
+    metrics = tmp_path / "metrics"
+    shutil.copytree(evaluated["metrics"], metrics)
+    figure = PublishedScore("dpo_heldout_pref", "acc_norm", value, 0, "a test's statement", True)
+    params = replace_params(tiny_params, report={"published": [figure], "calibration_tolerance": 0.02})
+    out = report.run(params, metrics)
+    assert out["dpo_heldout_pref/acc_norm_published"] == value
+    assert out["dpo_heldout_pref/acc_norm_vs_published"] == pytest.approx(-value)
+    assert out["dpo_heldout_pref/acc_norm_calibrated"] == (0.0 if flagged else 1.0)
+    assert out["calibration/flagged"] == (1.0 if flagged else 0.0) and out["calibration/stated"] == 1.0
+    (record,) = out["meta"]["calibration"]
+    assert record["flagged"] is flagged and record["source"] == "a test's statement"
+    card = (metrics / "eval_card.md").read_text()
+    assert ("**not comparable**" in card) is flagged
+    if not flagged:
+        return
+    # a few-shot count that differs from the figure's is flagged too, whatever the value
+    other = replace_params(
+        params, report={"published": [PublishedScore("dpo_heldout_pref", "acc_norm", 0.0, 5, "x", False)]}
+    )
+    assert report.run(other, metrics)["meta"]["calibration"][0]["why"].startswith(
+        "scored 0-shot, the figure is 5-shot"
+    )
+    # with the switch on, a mismatch fails the stage and leaves the previous files as they were
+    before = {p.name: p.read_bytes() for p in metrics.iterdir()}
+    strict = replace_params(params, report={"on_calibration_mismatch": "fail"})
+    with pytest.raises(
+        StageError,
+        match=r"report\.on_calibration_mismatch is fail: dpo_heldout_pref/acc_norm: your harness does not reproduce the published setup",
+    ):
+        report.run(strict, metrics)
+    assert {p.name: p.read_bytes() for p in metrics.iterdir()} == before

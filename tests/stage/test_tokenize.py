@@ -31,13 +31,23 @@ EXPECTED_SCHEMA = pa.schema(
 )
 
 
-def tokenize_into(tmp: Path, params, base_dir: Path, prepared_dir: Path) -> dict:
+def write_drop_ids(folder: Path, ids=()) -> Path:
+    """What the decontaminate stage leaves: the training row ids to drop (none unless dropping)."""
+    from dpo_pipeline.contamination import ids_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(ids_table(ids), folder / layout.DROP_FILE)
+    return folder
+
+
+def tokenize_into(tmp: Path, params, base_dir: Path, prepared_dir: Path, drop_ids=()) -> dict:
     return tokenize.run(
         params,
         base_dir=base_dir,
         prepared_dir=prepared_dir,
         tokenized_dir=tmp / "data" / "tokenized",
         metrics_path=tmp / "metrics" / "tokens.json",
+        contamination_dir=write_drop_ids(tmp / "contamination", drop_ids),
     )
 
 
@@ -103,6 +113,7 @@ def test_writes_both_splits_with_the_exact_schema_and_metrics(tokenized, prepare
         assert max(table["length"].to_pylist()) <= data.max_length
     dropped = metrics["dropped_prompt_too_long"] + metrics["dropped_too_long"]
     assert metrics["dropped_prompt_too_long"] >= 1 and metrics["dropped_too_long"] >= 1
+    assert metrics["dropped_contaminated"] == 0
     rows_in = sum(pq.read_metadata(prepared_dir / f"{s}.parquet").num_rows for s in layout.SPLITS)
     assert metrics["rows_train"] + metrics["rows_test"] + dropped == rows_in
 
@@ -207,6 +218,7 @@ def test_cli_exits_non_zero_with_one_line_and_keeps_outputs(
     (tmp_path / "models" / "base").symlink_to(tiny_base_dir, target_is_directory=True)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prepared").symlink_to(prepared_dir, target_is_directory=True)
+    write_drop_ids(tmp_path / "data" / "contamination")
     params = yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8"))
     params["data"]["max_prompt_length"], params["data"]["max_length"] = 2, 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -242,3 +254,18 @@ def test_mlflow_run_records_the_limits_and_lineage(tokenized, limited_params):
     assert run.data.tags["input.base.hash"].startswith("sha256:")
     assert run.data.tags["output.tokenized.path"]
     assert run.data.metrics["rows_train"] == metrics["rows_train"]
+
+
+def test_training_rows_the_decontaminate_stage_selected_are_dropped_and_counted(
+    tmp_path, tiny_params, tiny_base_dir, prepared_dir
+):
+    train_ids = pq.read_table(prepared_dir / "train.parquet")["id"].to_pylist()
+    test_ids = pq.read_table(prepared_dir / "test.parquet")["id"].to_pylist()
+    picked = (
+        train_ids[3:6] + test_ids[:1]
+    )  # a held-out id is never dropped: evaluation scores the split whole
+    metrics = tokenize_into(tmp_path, tiny_params, tiny_base_dir, prepared_dir, picked)
+    assert metrics["dropped_contaminated"] == 3
+    kept = pq.read_table(tmp_path / "data" / "tokenized" / "train.parquet")["id"].to_pylist()
+    assert not set(picked[:3]) & set(kept)
+    assert test_ids[0] in pq.read_table(tmp_path / "data" / "tokenized" / "test.parquet")["id"].to_pylist()

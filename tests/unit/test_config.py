@@ -133,6 +133,114 @@ def test_every_key_line_has_a_comment(path):
             r"base\.trust_remote_code: expected false unless base\.revision pins",
         ),
         ("eval.tasks", [{"name": "x"}], r"eval\.tasks\[0\]\.num_fewshot: missing key"),
+        # Issue 16: the report's and decontamination's settings
+        (
+            "report.significance_level",
+            1.5,
+            r"report\.significance_level: expected a number strictly between 0 and 1",
+        ),
+        (
+            "report.calibration_tolerance",
+            -0.1,
+            r"report\.calibration_tolerance: expected a finite number >= 0",
+        ),
+        (
+            "report.on_calibration_mismatch",
+            "stop",
+            r"report\.on_calibration_mismatch: expected one of 'warn' \| 'fail'",
+        ),
+        (
+            "report.published",
+            [
+                {
+                    **{
+                        "task": "dpo_heldout_pref",
+                        "metric": "acc_norm",
+                        "value": 0.6,
+                        "num_fewshot": 0,
+                        "source": "s",
+                        "confirmed": True,
+                    },
+                    "task": "hellaswag",
+                }
+            ],
+            r"report\.published\[0\]\.task: expected one of eval\.tasks \(chatml_format, dpo_heldout_pref\)",
+        ),
+        (
+            "report.published",
+            [
+                {
+                    **{
+                        "task": "dpo_heldout_pref",
+                        "metric": "acc_norm",
+                        "value": 0.6,
+                        "num_fewshot": 0,
+                        "source": "s",
+                        "confirmed": True,
+                    },
+                    "value": 64.93,
+                }
+            ],
+            r"report\.published\[0\]\.value: expected a fraction in \[0, 1\], lm-eval's scale",
+        ),
+        (
+            "report.published",
+            [
+                {
+                    **{
+                        "task": "dpo_heldout_pref",
+                        "metric": "acc_norm",
+                        "value": 0.6,
+                        "num_fewshot": 0,
+                        "source": "s",
+                        "confirmed": True,
+                    },
+                    "source": " ",
+                }
+            ],
+            r"report\.published\[0\]\.source: expected where the figure",
+        ),
+        (
+            "report.published",
+            [
+                {
+                    "task": "dpo_heldout_pref",
+                    "metric": "acc_norm",
+                    "value": 0.6,
+                    "num_fewshot": 0,
+                    "source": "s",
+                    "confirmed": True,
+                },
+                {
+                    "task": "dpo_heldout_pref",
+                    "metric": "acc_norm",
+                    "value": 0.6,
+                    "num_fewshot": 0,
+                    "source": "s",
+                    "confirmed": True,
+                },
+            ],
+            r"report\.published\[1\]: expected one figure per task and metric",
+        ),
+        (
+            "report.published",
+            [
+                {
+                    **{
+                        "task": "dpo_heldout_pref",
+                        "metric": "acc_norm",
+                        "value": 0.6,
+                        "num_fewshot": 0,
+                        "source": "s",
+                        "confirmed": True,
+                    },
+                    "metric": "acc norm",
+                }
+            ],
+            r"report\.published\[0\]\.metric: expected an lm-eval metric",
+        ),
+        ("decontamination.ngram", 0, r"decontamination\.ngram: expected an integer > 0"),
+        ("decontamination.common_rows", 0, r"decontamination\.common_rows: expected an integer > 0"),
     ],
 )
 def test_bad_values_name_the_key(raw, dotted, value, message):

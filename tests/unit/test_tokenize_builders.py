@@ -45,7 +45,7 @@ def test_strip_turn_newline():
 def test_ids_are_the_tokenizers_and_split_where_the_answer_starts(tokenizer):
     table = prepared(random_rows(12, seed=3), tokenizer)
     out, counts = tokens.tokenize_split(table, tokenizer, limits())
-    assert counts == {"prompt_too_long": 0, "too_long": 0}
+    assert counts == {"contaminated": 0, "prompt_too_long": 0, "too_long": 0}
     assert out.column_names == list(tokens.OUTPUT_COLUMNS)
     assert out["id"].to_pylist() == table["id"].to_pylist()  # every row, in the prepared order
     assert out.schema.field("prompt_ids").type == pa.list_(pa.int32())
@@ -78,7 +78,7 @@ def test_length_limits_drop_and_count_each_reason_once(tokenizer):
     data = limits(max_prompt_length=longest_prompt, max_length=normal)
 
     out, counts = tokens.tokenize_split(table, tokenizer, data)
-    assert counts == {"prompt_too_long": 2, "too_long": 2}
+    assert counts == {"contaminated": 0, "prompt_too_long": 2, "too_long": 2}
     assert out["id"].to_pylist() == table["id"].to_pylist()[:20]
     kept = tokens.token_lengths(out)
     assert max(kept["prompt"].to_pylist()) <= data.max_prompt_length
