@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
 .PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv \
-	lock-check doctor recipe gpu-check gpu-bundle
+	lock-check doctor recipe gpu-check gpu-bundle chat publish
 
 # Install the locked environment. constraints.txt pins public versions only: torch==2.13.0 is the CUDA build
 # from the public index on a Linux machine (its metadata pins the CUDA libraries), a CPU wheel where one is offered.
@@ -28,6 +28,15 @@ system-deps:
 repro: setup
 	$(PY) -m stages.validate
 	dvc repro
+
+# Talk to the tuned model (MODEL=base for the base; SYSTEM="..." for a system prompt): Ctrl-D or Ctrl-C quits.
+chat: setup
+	$(PY) -m tools.chat $(if $(MODEL),--model $(MODEL)) $(if $(SYSTEM),--system "$(SYSTEM)")
+
+# Push the merged model (ADAPTER=1: the adapter) with its tokenizer and model card to the model hub, private
+# unless PUBLIC=1; DRY_RUN=1 writes the exact folder it would upload and says where. Token: HF_TOKEN.
+publish: setup
+	$(PY) -m tools.publish $(REPO) $(if $(ADAPTER),--adapter) $(if $(DRY_RUN),--dry-run) $(if $(PUBLIC),--public)
 
 # The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones).
 test: setup system-deps

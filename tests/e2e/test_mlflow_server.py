@@ -266,3 +266,40 @@ def test_sigterm_ends_the_run_killed(clone, mlflow_server, tmp_path):
 def _experiment(client, project: Project) -> str | None:
     experiment = client.get_experiment_by_name(project.params()["tracking"]["experiment"])
     return experiment.experiment_id if experiment else None
+
+
+def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, mlflow_server):
+    """Issue 17, point 4: the report stage records models/merged as an MLflow logged model (registered too):
+    its metrics, its source (the merge run), the train and evaluate runs, and where DVC keeps the weights."""
+    project = with_tracking(clone("model"), mlflow_server.url)
+    for stage in ("merge", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in project.dvc("repro", "-f", "-s", stage).stdout
+    client = client_for(mlflow_server.url)
+    exp_id = experiment_id(client, project)
+    scores = project.read_json("metrics/eval.json")
+    name = project.params()["tracking"]["experiment"] + "-merged"
+
+    model = client.get_logged_model(scores["meta"]["mlflow_model_id"])
+    assert model.name == name
+    head = f"tags.`git.commit` = '{project.head()}'"
+    merge_run, evaluate_run, report_run = (
+        stage_runs(client, exp_id, s, head)[0] for s in ("merge", "evaluate", "report")
+    )
+    assert model.source_run_id == merge_run.info.run_id
+    tags = model.tags
+    assert tags["dvc.path"] == "models/merged" and tags["dvc.md5"] == lock_md5(project, "models/merged")
+    assert tags["git.commit"] == project.head()
+    assert tags["lineage.train_run_id"] == project.read_json("metrics/train_run.json")["mlflow_run_id"]
+    assert tags["lineage.evaluate_run_id"] == evaluate_run.info.run_id
+    assert tags["lineage.report_run_id"] == report_run.info.run_id
+    assert tags["lineage.adapter.hash"] == merge_run.data.tags["lineage.adapter.hash"]
+    metrics = {m.key: m.value for m in model.metrics}
+    for key in ("dpo_heldout_pref/acc_norm", "dpo_heldout_pref/acc_norm_delta", "average_delta_stderr"):
+        assert metrics[key] == pytest.approx(scores[key]), key
+    assert report_run.data.tags["model.id"] == model.model_id
+    # listed by experiment, and as a version in the registry
+    listed = client.search_logged_models([exp_id], filter_string=f"name = '{name}'")
+    assert model.model_id in {m.model_id for m in listed}
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert model.model_id in {v.model_id for v in versions}
+    assert report_run.data.tags["model.registered"] in {f"{name}/{v.version}" for v in versions}

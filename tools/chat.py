@@ -1,0 +1,136 @@
+"""Talk to the tuned model in the terminal, with its chat template, streaming the answer as it is generated.
+
+    make chat                                    # models/merged, the sampling settings of params.yaml's eval
+    make chat MODEL=base SYSTEM="Answer briefly."
+    dpo-chat --model base --system "..."         # the console entry point (pip install -e .)
+
+Each turn is sampled with `eval.temperature`, `eval.top_p` and `eval.max_new_tokens` (the settings the sample
+generations use), on `eval.device` in `eval.dtype`, seeded once by `seed`: the same conversation gives the same
+answers. The conversation is kept (multi-turn ChatML). Ctrl-D (end of input) or Ctrl-C ends it cleanly, also in
+the middle of an answer; /reset starts a new conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from dpo_pipeline.layout import BASE_DIR, MERGED_DIR
+
+MODELS = {"merged": MERGED_DIR, "base": BASE_DIR}
+PROMPT = "you> "
+
+
+def stream_answer(
+    model, tokenizer, messages: list[dict[str, str]], e: Any, stop: threading.Event, out
+) -> str:
+    """Generate the assistant's next turn, writing each piece of text to `out` as it comes; returns it all."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    from dpo_pipeline.scoring import generation_kwargs
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {**inputs, **generation_kwargs(e, tokenizer), "streamer": streamer}
+    kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(**kwargs)
+
+    worker = threading.Thread(target=generate, daemon=True)
+    worker.start()
+    pieces = []
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except BaseException:  # Ctrl-C mid-answer: stop generating at the next token, then pass it on
+        stop.set()
+        for _ in streamer:
+            pass
+        worker.join()
+        raise
+    worker.join()
+    return "".join(pieces)
+
+
+def chat(model_name: str, system: str, params_path: str, stdin=None, out=None) -> int:
+    from dpo_pipeline import config
+    from dpo_pipeline.chatml import conversation
+    from dpo_pipeline.errors import StageError
+    from dpo_pipeline.models import require_safetensors
+    from dpo_pipeline.scoring import load_eval_model
+
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    params = config.load(params_path)
+    model_dir = Path(MODELS[model_name])
+    if not model_dir.is_dir():
+        raise StageError(f"{model_dir}: no {model_name} model here yet (run `make repro` first)")
+    require_safetensors(model_dir)
+    import torch
+
+    model, tokenizer = load_eval_model(model_dir, params.eval)
+    torch.manual_seed(params.seed)
+    out.write(
+        f"chat with {model_dir} ({params.eval.device}, {params.eval.dtype}; temperature {params.eval.temperature}, "
+        f"top_p {params.eval.top_p}, up to {params.eval.max_new_tokens} tokens a turn). "
+        "Ctrl-D or Ctrl-C to quit, /reset for a new conversation.\n"
+    )
+    messages = conversation(system, "")[:-1]  # the system turn alone (none when the system text is empty)
+    start = list(messages)
+    stop = threading.Event()
+    try:
+        while True:
+            out.write(PROMPT)
+            out.flush()
+            line = stdin.readline()
+            if not line:  # Ctrl-D
+                break
+            question = line.rstrip("\n")
+            if not question.strip():
+                continue
+            if question.strip() == "/reset":
+                messages = list(start)
+                out.write("(new conversation)\n")
+                continue
+            messages.append({"role": "user", "content": question})
+            stop.clear()
+            answer = stream_answer(model, tokenizer, messages, params.eval, stop, out)
+            messages.append({"role": "assistant", "content": answer})
+            out.write("\n")
+    except KeyboardInterrupt:  # Ctrl-C, at the prompt or mid-answer
+        stop.set()
+    out.write("\nbye\n")
+    out.flush()
+    return 0
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="merged", help="which model to talk to")
+    parser.add_argument("--system", default="", help="system prompt (none by default)")
+    parser.add_argument("--params", default="params.yaml", help="params file whose eval.* settings sample")
+    args = parser.parse_args()
+    raise SystemExit(chat(args.model, args.system, args.params))
+
+
+def main() -> None:
+    from dpo_pipeline.runner import run_main
+
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()
