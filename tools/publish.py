@@ -121,9 +121,22 @@ def upload(folder: Path, repo_id: str, private: bool, message: str) -> dict[str,
             f"the model hub at {where} refused the upload to {repo_id} (HTTP {status}: "
             f"{str(err).splitlines()[0][:200]}); check that HF_TOKEN has write access to it"
         ) from None
-    except OSError as err:  # connection refused, DNS, timeouts (requests/httpx errors derive from OSError)
+    except Exception as err:  # noqa: BLE001 - every other hub failure is one clear line too
+        # Connection refused, DNS, timeouts: OSError, or the HTTP client's transport errors (httpx /
+        # httpx2, whichever huggingface_hub uses), which do not derive from OSError.
+        names = {cls.__name__ for cls in type(err).__mro__}
+        if isinstance(err, OSError) or names & {
+            "TransportError",
+            "NetworkError",
+            "ConnectError",
+            "TimeoutException",
+        }:
+            raise StageError(
+                f"could not reach the model hub at {where} ({type(err).__name__}); nothing was published"
+            ) from None
         raise StageError(
-            f"could not reach the model hub at {where} ({type(err).__name__}); nothing was published"
+            f"publishing to {repo_id} at {where} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "nothing was recorded"
         ) from None
     return {"repo": repo_id, "commit": info.oid, "url": info.commit_url, "private": str(private).lower()}
 
