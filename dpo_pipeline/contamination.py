@@ -57,29 +57,11 @@ def document_texts(task: Any, doc: dict[str, Any]) -> list[str]:
 def task_documents(names: Sequence[str], tasks_dir, prepared_dir) -> dict[str, list[list[str]]]:
     """{eval task: the text of each of its evaluation documents}, read through lm-eval's task registry (tasks/
     and, for any other name, lm-eval's own tasks with their hub datasets), a group's sub-tasks together."""
-    import os
-    from pathlib import Path
+    from dpo_pipeline.scoring import task_manager
 
-    from dpo_pipeline.errors import StageError
-    from dpo_pipeline.scoring import OFFLINE_ENV, local_task_names
-
-    local = local_task_names(tasks_dir)
-    all_local = all(name in local for name in names)
-    if all_local:
-        os.environ.update(OFFLINE_ENV)
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(
-        include_path=str(tasks_dir),
-        include_defaults=not all_local,
-        metadata={"prepared_dir": str(Path(prepared_dir).resolve())},
-    )
-    out: dict[str, list[str]] = {}
+    manager, _local = task_manager(list(names), tasks_dir, prepared_dir)
+    out: dict[str, list[list[str]]] = {}
     for name in names:
-        if name not in manager.all_tasks:
-            raise StageError(
-                f"eval.tasks: unknown lm-eval task {name!r} (not in {tasks_dir}/ nor lm-eval's registry)"
-            )
         texts: list[list[str]] = []
         for task in manager.load([name])["tasks"].values():
             texts.extend(document_texts(task, doc) for doc in task.eval_docs)

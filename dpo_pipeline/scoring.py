@@ -244,6 +244,30 @@ def lm_eval_model(model, tokenizer, e: Any):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=e.batch_size, trust_remote_code=False)
 
 
+def task_manager(names: list[str], tasks_dir: str | Path, prepared_dir: str | Path) -> tuple[Any, set[str]]:
+    """(lm-eval's TaskManager for the eval.tasks `names`, the names tasks/ defines). tasks/ is always indexed,
+    lm-eval's own registry (hundreds of folders, ~15 s) only when a task needs it, and the offline switches
+    are set when every task lives in tasks/. prepared_dir reaches tasks/heldout.py's custom_dataset through
+    the task metadata. StageError names any task neither knows."""
+    local = local_task_names(tasks_dir)
+    all_local = all(name in local for name in names)
+    if all_local:
+        os.environ.update(OFFLINE_ENV)
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        include_path=str(tasks_dir),
+        include_defaults=not all_local,
+        metadata={"prepared_dir": str(Path(prepared_dir).resolve())},
+    )
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise StageError(
+            f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)} (not in {tasks_dir}/ nor lm-eval's registry)"
+        )
+    return manager, local
+
+
 def run_lm_eval(
     model_dir: Path,
     params: Any,
@@ -256,25 +280,9 @@ def run_lm_eval(
     `names`: the eval.tasks to score (default all)."""
     e = params.eval
     names = [t.name for t in e.tasks] if names is None else names
-    local = local_task_names(tasks_dir)
-    all_local = all(name in local for name in names)
-    if all_local:
-        os.environ.update(OFFLINE_ENV)
+    manager, local = task_manager(names, tasks_dir, prepared_dir)
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    # prepared_dir reaches tasks/heldout.py's custom_dataset through the task metadata. lm-eval's own
-    # registry (hundreds of folders, ~15 s to index) is only scanned when a task needs it.
-    manager = TaskManager(
-        include_path=str(tasks_dir),
-        include_defaults=not all_local,
-        metadata={"prepared_dir": str(prepared_dir.resolve())},
-    )
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        raise StageError(
-            f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)} (not in {tasks_dir}/ nor lm-eval's registry)"
-        )
     built: list[Any] = []
     for spec in (t for t in e.tasks if t.name in names):
         # simple_evaluate's num_fewshot is one number for all tasks; the suite needs one per task, so each

@@ -109,7 +109,7 @@ def test_an_unknown_task_and_a_missing_split_are_named(tmp_path, tiny_params, pl
     from dpo_pipeline.config import EvalTask
 
     params = replace_params(tiny_params, eval={"tasks": [EvalTask("no_such_task", 0)]})
-    with pytest.raises(StageError, match=r"eval\.tasks: unknown lm-eval task 'no_such_task'"):
+    with pytest.raises(StageError, match=r"eval\.tasks: unknown lm-eval task\(s\) no_such_task "):
         run(tmp_path, params, planted)
     with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
         run(tmp_path, tiny_params, tmp_path / "nowhere")
