@@ -30,6 +30,19 @@ def base_license(base_dir: Path) -> str | None:
     return found.group(1).strip("'\"") if found else None
 
 
+def hub_license(name: str, revision: str) -> str | None:
+    """The license on a hub model's card at `revision` (the base stage takes weights and tokenizer files only,
+    not the card): asked of the hub when publishing; None offline or when the card states none."""
+    try:
+        from huggingface_hub import model_info
+
+        card_data = model_info(name, revision=revision or None).card_data
+    except Exception:  # noqa: BLE001 - offline, unreachable, gated: the card simply has no license line then
+        return None
+    value = getattr(card_data, "license", None) if card_data is not None else None
+    return value if isinstance(value, str) and value else None
+
+
 def dataset_ids(data: Any, raw_dvc: Path | None) -> list[str]:
     """The hub datasets the training data came from: `data.hub_name` when read from the hub, or the dataset a
     `dvc import-url` of a huggingface.co/datasets/... file records."""

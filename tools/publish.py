@@ -23,7 +23,7 @@ from typing import Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import BASE_DIR, BASE_INFO, METRICS_DIR, PREPARED_DIR, SCRATCH_DIR, TRAIN_RUN_FILE
-from dpo_pipeline.publishing import KINDS, base_license, build_folder, card, dataset_ids
+from dpo_pipeline.publishing import KINDS, base_license, build_folder, card, dataset_ids, hub_license
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -80,7 +80,8 @@ def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
         "datasets": dataset_ids(
             params.data, raw.with_name(raw.name + ".dvc") if params.data.source == "local" else None
         ),
-        "license": base_license(BASE_DIR),
+        "license": base_license(BASE_DIR)
+        or (hub_license(params.base.name, params.base.revision) if params.base.source == "hub" else None),
         "dtype": params.merge.dtype,
         "git_commit": commit,
         "artifact_path": str(source),

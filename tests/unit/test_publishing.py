@@ -1,0 +1,69 @@
+"""Issue 17, point 3: what the model card's YAML header takes from the pipeline's records."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+from dpo_pipeline import publishing
+
+
+def test_the_license_comes_from_the_bases_own_card(tmp_path):
+    assert publishing.base_license(tmp_path) is None  # the builtin base has no card
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: apache-2.0\ntags: [x]\n---\n# OpenHermes\nlicense: mit\n"
+    )
+    assert publishing.base_license(tmp_path) == "apache-2.0"  # the header's, not the body's
+    (tmp_path / "README.md").write_text("# no header\nlicense: mit\n")
+    assert publishing.base_license(tmp_path) is None
+
+
+def test_the_datasets_are_the_hub_ones_the_data_came_from(tmp_path):
+    hub = SimpleNamespace(source="hub", hub_name="Intel/orca_dpo_pairs")
+    assert publishing.dataset_ids(hub, None) == ["Intel/orca_dpo_pairs"]
+    local = SimpleNamespace(source="local", hub_name="Intel/orca_dpo_pairs")
+    imported = tmp_path / "orca_rlhf.jsonl.dvc"
+    assert publishing.dataset_ids(local, imported) == []  # a local file of unknown origin: no claim
+    imported.write_text(
+        "deps:\n- path: https://huggingface.co/datasets/Intel/orca_dpo_pairs/resolve/main/orca_rlhf.jsonl\n"
+    )
+    assert publishing.dataset_ids(local, imported) == [
+        "Intel/orca_dpo_pairs"
+    ]  # `dvc import-url` of a hub file
+
+
+def test_the_card_header_is_what_the_hub_reads():
+    info = {
+        "base_name": "teknium/OpenHermes-2.5-Mistral-7B",
+        "datasets": ["Intel/orca_dpo_pairs"],
+        "license": "apache-2.0",
+        "git_commit": "abc",
+        "artifact_path": "models/adapter",
+        "artifact_md5": "d41d8cd98f00b204e9800998ecf8427e.dir",
+        "train_params": {"beta": 0.1},
+    }
+    card = publishing.card("adapter", "me/neuralhermes", info)
+    header = re.match(r"---\n(.*?)\n---\n", card, re.S).group(1).splitlines()
+    assert header[:4] == [
+        'base_model: "teknium/OpenHermes-2.5-Mistral-7B"',
+        'base_model_relation: "adapter"',
+        "datasets:",
+        '- "Intel/orca_dpo_pairs"',
+    ]
+    assert 'library_name: "peft"' in header and 'license: "apache-2.0"' in header
+    assert "Not evaluated" in card and "AutoPeftModelForCausalLM" in card
+
+
+def test_a_hub_bases_license_is_asked_of_the_hub_and_offline_is_none(monkeypatch):
+    import huggingface_hub
+
+    assert publishing.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "0" * 40) is None  # offline in tests
+    seen = {}
+
+    def model_info(name, revision=None):
+        seen.update(name=name, revision=revision)
+        return SimpleNamespace(card_data=SimpleNamespace(license="apache-2.0"))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    assert publishing.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "a" * 40) == "apache-2.0"
+    assert seen == {"name": "teknium/OpenHermes-2.5-Mistral-7B", "revision": "a" * 40}
