@@ -194,7 +194,8 @@ def build_builtin(params: Any, out_dir: Path) -> dict[str, Any]:
     rows = read_corpus(corpus)
     # Rows the prepare stage drops as `special_token` are not pre-trained on either: their <|im_end|> or </s>
     # would become the real control token mid-text.
-    kept = [r for r in rows if first_special(list(r.values()), special_texts(SPECIAL_TOKENS)) is None]
+    specials = special_texts(SPECIAL_TOKENS)
+    kept = [r for r in rows if first_special(list(r.values()), specials) is None]
     skipped, rows = len(rows) - len(kept), kept
     if not rows:
         raise StageError(f"{corpus}: every corpus row holds a special token ({', '.join(SPECIAL_TOKENS)})")

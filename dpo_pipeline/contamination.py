@@ -14,7 +14,7 @@ An n-gram that is in more than `decontamination.common_rows` training rows is bo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 _WORD = re.compile(r"[^\W_]+")
@@ -27,9 +27,14 @@ def words(text: str) -> list[str]:
     return _WORD.findall(_CHATML.sub(" ", text).lower())
 
 
+def ngrams(tokens: Sequence[str], n: int) -> Iterator[str]:
+    """Each n-word window of `tokens`, as one string."""
+    return (" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
 def ngram_hashes(tokens: Sequence[str], n: int) -> set[int]:
     """hash() of each n-word window (in-process membership only, so Python's per-process hash is fine)."""
-    return {hash(" ".join(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
+    return {hash(gram) for gram in ngrams(tokens, n)}
 
 
 TRAINING_FIELDS = ("question", "chosen", "rejected")
@@ -108,9 +113,7 @@ def overlaps(
 
 def _example(row: dict[str, Any], doc_grams: set[int], n: int) -> dict[str, str]:
     for field in TRAINING_FIELDS:
-        tokens = words(str(row[field]))
-        for i in range(len(tokens) - n + 1):
-            gram = " ".join(tokens[i : i + n])
+        for gram in ngrams(words(str(row[field])), n):
             if hash(gram) in doc_grams:
                 return {"id": str(row["id"]), "field": field, "ngram": gram}
     return {"id": str(row["id"]), "field": "", "ngram": ""}

@@ -56,7 +56,8 @@ def data_metadata(schema_metadata: dict[bytes, bytes] | None) -> dict[str, str]:
     return out
 
 
-def _table(rows: dict[str, Any]) -> str:
+def markdown_table(rows: dict[str, Any]) -> str:
+    """Two-column Markdown table of `rows`, sorted by key (model cards: the merge stage's and publish's)."""
     if not rows:
         return "_not recorded_\n"
     lines = ["| key | value |", "| --- | --- |"]
@@ -101,21 +102,25 @@ def model_card(info: dict[str, Any]) -> str:
         f"unquantized base weights in {info['merge']['merge.dtype']}. Prompts use ChatML "
         "(`<|im_start|>role\\n...<|im_end|>`); generation ends at `<|im_end|>` (eos).\n\n"
         "## Base model\n\n"
-        + _table({"name": base_name, "source": source, "revision": revision or "(none)", **_rest(base)})
+        + markdown_table(
+            {"name": base_name, "source": source, "revision": revision or "(none)", **_rest(base)}
+        )
         + "\n## Data\n\nFrom the Parquet schema metadata of data/prepared/train.parquet (prepare stage). The "
         "tokenize stage then drops the rows over the length limits (`data.max_prompt_length`, `data.max_length`); "
         "metrics/tokens.json has the rows trained on.\n\n"
-        + _table(info.get("data", {}))
+        + markdown_table(info.get("data", {}))
         + "\n## Training\n\nAdapter (adapter_config.json):\n\n"
-        + _table(info.get("adapter", {}))
+        + markdown_table(info.get("adapter", {}))
         + f"\nAdapter content hash (models/adapter; md5 = DVC's, as in dvc.lock): `{info.get('adapter_hash', '')}`\n\n"
         + f"Train run (MLflow run id, metrics/train_run.json): `{info.get('train_run_id') or '(not tracked)'}`\n\n"
         + "Training params (models/adapter/train_summary.json):\n\n"
-        + _table(flatten(train_params))
+        + markdown_table(flatten(train_params))
         + "\nTraining metrics (models/adapter/train_summary.json):\n\n"
-        + _table(flatten(train_metrics))
+        + markdown_table(flatten(train_metrics))
         + "\n## Merge\n\n"
-        + _table({**info["merge"], **{f"fidelity.{k}": v for k, v in info.get("fidelity", {}).items()}})
+        + markdown_table(
+            {**info["merge"], **{f"fidelity.{k}": v for k, v in info.get("fidelity", {}).items()}}
+        )
         + f"\nChat template sha (16 hex): `{info.get('chat_template_sha', '')}`\n\n"
         "## Scores\n\n"
         "Scored by the evaluate stage with lm-evaluation-harness: see `metrics/eval.json` (tuned, base and "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.merging import markdown_table
 
 KINDS = {"merged": Path("models/merged"), "adapter": Path("models/adapter")}
 # Files of a model folder that are the pipeline's own bookkeeping, not the model: left out of the upload.
@@ -125,22 +126,14 @@ def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
         "the data, parameters and code in the git commit it names.\n\n"
         "## Training\n\nDirect Preference Optimization (trl) of a QLoRA adapter (peft + bitsandbytes 4-bit), the "
         "reference being the base with the adapter disabled.\n\n"
-        + _table(lineage)
+        + markdown_table(lineage)
         + "\nTraining parameters (params.yaml `train`):\n\n"
-        + _table({k: v for k, v in sorted(params.items())})
+        + markdown_table(params)
         + "\n"
         + (info.get("evaluation") or "## Evaluation\n\nNot evaluated (metrics/eval_card.md not found).\n")
         + "\n## How to use\n\n"
         + load
     )
-
-
-def _table(rows: dict[str, Any]) -> str:
-    lines = ["| | |", "|---|---|"]
-    for key, value in rows.items():
-        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
-        lines.append(f"| {key} | {text.replace('|', '/').replace(chr(10), ' ')} |")
-    return "\n".join(lines) + "\n"
 
 
 def build_folder(source: Path, out_dir: Path, card_text: str) -> Path:

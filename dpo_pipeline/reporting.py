@@ -73,6 +73,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "" if value is None else str(value)
 
 
+def _delta_cells(report: dict[str, Any], key: str) -> str:
+    """The tuned | base | delta | +- stderr | p | significant cells of one figure's row."""
+    cells = [_fmt(report.get(key + suffix)) for suffix in ("", "_base", "_delta", "_delta_stderr")]
+    cells.append(_fmt(report.get(f"{key}_p_value"), 3))
+    cells.append("yes" if report.get(f"{key}_significant") else "no")
+    return " | ".join(cells)
+
+
 def card_section(report: dict[str, Any], level: float) -> str:
     """Markdown: the evaluation table (tuned, base, delta +- stderr, significance), calibration and length."""
     meta = report["meta"]
@@ -88,20 +96,12 @@ def card_section(report: dict[str, Any], level: float) -> str:
     ]
     for task, key in meta.get("primary_metric", {}).items():
         metric = key.split("/", 1)[1]
-        lines.append(
-            f"| {task} | {metric} | {meta.get('num_fewshot', {}).get(task, '')} | {_fmt(report.get(key))} | "
-            f"{_fmt(report.get(f'{key}_base'))} | {_fmt(report.get(f'{key}_delta'))} | "
-            f"{_fmt(report.get(f'{key}_delta_stderr'))} | {_fmt(report.get(f'{key}_p_value'), 3)} | "
-            f"{'yes' if report.get(f'{key}_significant') else 'no'} | {meta.get('uncertainty', {}).get(task, '')} |"
-        )
+        fewshot = meta.get("num_fewshot", {}).get(task, "")
+        test = meta.get("uncertainty", {}).get(task, "")
+        lines.append(f"| {task} | {metric} | {fewshot} | {_delta_cells(report, key)} | {test} |")
     for name in ("average", "open_llm_v1/average"):
         if name in report:
-            lines.append(
-                f"| {name} | | | {_fmt(report.get(name))} | {_fmt(report.get(f'{name}_base'))} | "
-                f"{_fmt(report.get(f'{name}_delta'))} | {_fmt(report.get(f'{name}_delta_stderr'))} | "
-                f"{_fmt(report.get(f'{name}_p_value'), 3)} | {'yes' if report.get(f'{name}_significant') else 'no'} | "
-                "tasks combined as independent |"
-            )
+            lines.append(f"| {name} | | | {_delta_cells(report, name)} | tasks combined as independent |")
     records = meta.get("calibration", [])
     lines += ["", "### Calibration against published figures of the base", ""]
     if not records:
