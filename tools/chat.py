@@ -13,6 +13,7 @@ the middle of an answer; /reset starts a new conversation.
 from __future__ import annotations
 
 import argparse
+import select
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +23,32 @@ from dpo_pipeline.layout import BASE_DIR, MERGED_DIR
 
 MODELS = {"merged": MERGED_DIR, "base": BASE_DIR}
 PROMPT = "you> "
+# How often a wait for input or for the next token wakes up. The kernel may hand the terminal's SIGINT to any of
+# the process's threads (torch's among them); Python then runs its handler, the KeyboardInterrupt, only when the
+# main thread next runs bytecode, so a main thread blocked in read() for good would never see a Ctrl-C.
+WAKE_S = 0.2
+
+
+def read_line(stdin) -> str:
+    """stdin.readline(), on a terminal waiting for input in WAKE_S slices (see WAKE_S). A terminal hands over
+    one line per read, so nothing typed waits in Python's buffer while select() waits on the descriptor."""
+    if stdin.isatty():
+        while not select.select([stdin], [], [], WAKE_S)[0]:
+            pass
+    return stdin.readline()
+
+
+def _pieces(streamer):
+    """The streamer's text pieces, its queue read in WAKE_S slices (see WAKE_S)."""
+    import queue
+
+    while True:
+        try:
+            yield next(streamer)
+        except queue.Empty:
+            continue
+        except StopIteration:
+            return
 
 
 def stream_answer(
@@ -39,7 +66,7 @@ def stream_answer(
 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=WAKE_S)
     kwargs = {**inputs, **generation_kwargs(e, tokenizer), "streamer": streamer}
     kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
 
@@ -51,13 +78,13 @@ def stream_answer(
     worker.start()
     pieces = []
     try:
-        for piece in streamer:
+        for piece in _pieces(streamer):
             pieces.append(piece)
             out.write(piece)
             out.flush()
     except BaseException:  # Ctrl-C mid-answer: stop generating at the next token, then pass it on
         stop.set()
-        for _ in streamer:
+        for _ in _pieces(streamer):
             pass
         worker.join()
         raise
@@ -95,7 +122,7 @@ def chat(model_name: str, system: str, params_path: str, stdin=None, out=None) -
         while True:
             out.write(PROMPT)
             out.flush()
-            line = stdin.readline()
+            line = read_line(stdin)
             if not line:  # Ctrl-D
                 break
             question = line.rstrip("\n")

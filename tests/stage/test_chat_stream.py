@@ -40,3 +40,37 @@ def test_the_answer_arrives_in_pieces_and_is_the_whole_reply(tiny_base_dir, tiny
     short = Recorder()
     chat.stream_answer(model, tokenizer, messages, params.eval, stopped, short)
     assert len(tokenizer("".join(short.writes), add_special_tokens=False)["input_ids"]) <= 2
+
+
+def test_a_ctrl_c_that_lands_on_another_thread_still_ends_the_wait_for_input():
+    """The kernel may hand a terminal's SIGINT to any thread (torch runs several); Python raises the
+    KeyboardInterrupt only when the main thread runs again, so the wait for input must wake up by itself."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    master, slave = os.openpty()
+    stdin = os.fdopen(slave, "r")
+    unblocked = threading.Event()
+
+    def interrupt_from_here() -> None:
+        time.sleep(0.3)
+        signal.pthread_kill(
+            threading.get_ident(), signal.SIGINT
+        )  # delivered to this thread, not the main one
+        time.sleep(3.0)
+        unblocked.set()  # a reader that never woke would only return now, on this typed line
+        os.write(master, b"too late\n")
+
+    helper = threading.Thread(target=interrupt_from_here, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat.read_line(stdin)
+        assert not unblocked.is_set(), "the Ctrl-C was only seen once a line was typed"
+    finally:
+        helper.join()
+        stdin.close()
+        os.close(master)
