@@ -20,7 +20,11 @@ LoRA weights' own gradients are under 0.5 % and left out on both sides.
 - ours: the pairs stage's selection and order (length-grouped) for the same 3,200 pairs; the reference stage's
   one forward over exactly those pairs and the 256 held-out ones (longest first, batches of 8 as trl's
   precompute runs them); training's 3 forwards per micro-batch; the held-out evaluation after training
-  (policy forward on 256 pairs; the article's script evaluates nothing, so this is ours alone).
+  (policy forward on 256 pairs; the article's script evaluates nothing, so this is ours alone). With the
+  recipe's `train.share_prompt` every forward of ours runs one row per pair, prompt + chosen + 1 + rejected
+  (dpo_pipeline.shared_prompt), padded to the micro-batch's longest row; its dense attention mask is counted
+  as the full square of the row, like the two rows' causal squares. `ours_two_rows_*`: the same with trl's
+  two rows per pair.
 """
 
 from __future__ import annotations
@@ -67,14 +71,20 @@ def forward_flops(batch_lengths: list[list[int]], matmul_params: int, layers: in
     return total
 
 
-def dpo_batches(rows: dict[str, tuple[int, int, int]], ids: list[str], batch: int) -> list[list[int]]:
-    """Micro-batches of `batch` pairs in `ids` order: each pair gives prompt+chosen and prompt+rejected."""
+def dpo_batches(
+    rows: dict[str, tuple[int, int, int]], ids: list[str], batch: int, share_prompt: bool = False
+) -> list[list[int]]:
+    """Micro-batches of `batch` pairs in `ids` order: each pair gives prompt+chosen and prompt+rejected (trl's
+    two rows), or with `share_prompt` one row prompt+chosen+1+rejected (dpo_pipeline.shared_prompt)."""
     out = []
     for start in range(0, len(ids), batch):
         lengths = []
         for row_id in ids[start : start + batch]:
             prompt, chosen, rejected = rows[row_id]
-            lengths += [prompt + chosen, prompt + rejected]
+            if share_prompt:
+                lengths.append(prompt + chosen + 1 + rejected)
+            else:
+                lengths += [prompt + chosen, prompt + rejected]
         out.append(lengths)
     return out
 
@@ -149,13 +159,18 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
     def longest_first(ids):
         return sorted(ids, key=lambda i: rows[i][0] + max(rows[i][1], rows[i][2]), reverse=True)
 
-    reference = fwd(dpo_batches(rows, longest_first(selected_train), t.reference_batch_size)) + fwd(
-        dpo_batches(rows, longest_first(held_out), t.reference_batch_size)
-    )
-    ours_batches = dpo_batches(rows, order.column("id").to_pylist(), batch)
-    training = train_cost(ours_batches)
-    evaluation = fwd(dpo_batches(rows, sorted(held_out), batch))
+    def ours_costs(share: bool):
+        """(reference, training, evaluation) FLOPs and the training batches, with trl's two rows or one."""
+        reference = sum(
+            fwd(dpo_batches(rows, longest_first(ids), t.reference_batch_size, share))
+            for ids in (selected_train, held_out)
+        )
+        batches = dpo_batches(rows, order.column("id").to_pylist(), batch, share)
+        return reference, train_cost(batches), fwd(dpo_batches(rows, sorted(held_out), batch, share)), batches
+
+    reference, training, evaluation, ours_batches = ours_costs(t.share_prompt)
     ours = reference + training + evaluation
+    two = ours_costs(False)
 
     def pad_share(batches):
         real = sum(sum(b) for b in batches)
@@ -179,6 +194,11 @@ def count(n_rows: int = ORCA_ROWS) -> dict[str, float]:
         # A 4-run sweep of a train-only param (beta, learning rate, LoRA, loss type): the same pairs in the
         # same order, so one reference pass serves all four trainings; the article pays everything 4 times.
         "ours_sweep4_vs_article": (reference + 4 * (training + evaluation)) / (4 * article),
+        "share_prompt": float(t.share_prompt),
+        # The same with trl's two rows per pair (train.share_prompt: false).
+        "ours_two_rows_vs_article": sum(two[:3]) / article,
+        "ours_two_rows_sweep4_vs_article": (two[0] + 4 * (two[1] + two[2])) / (4 * article),
+        "ours_two_rows_pad_share": pad_share(two[3]),
         # The cost if the reference stage scored every tokenized row, as it did before the pairs stage.
         "ours_all_rows_vs_article": (
             ours

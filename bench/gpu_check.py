@@ -188,7 +188,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
         table = reference_lib.attach_reference(table, tables[split], split)
         datasets[split] = training.to_dataset(table, layout.REF_COLUMNS)
     timer = StepTimes()
-    trainer = trl_glue.trainer_class()(
+    trainer = trl_glue.trainer_class(params.train.share_prompt)(
         model=models.load_policy(base_dir, params.train),
         args=training.dpo_config(params, work / "checkpoints"),
         train_dataset=datasets["train"],
@@ -197,7 +197,6 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
         peft_config=models.lora_config(params.train.lora),
         callbacks=[timer],
     )
-    trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
     seconds["train_load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     trainer.train()
@@ -270,9 +269,10 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     median_step = statistics.median(later)
     layers = shape["num_hidden_layers"]
     matmul_params = model_counts(shape)["matmul_params"]
-    # What one step computed, as bench.flops counts it: 3 forwards' worth per padded token (frozen 4-bit base
-    # with gradient checkpointing), attention's quadratic part left out here (a few percent at these lengths).
-    padded = counts["padded_tokens"]
+    # What one step computed, as bench.flops counts it: 3 forwards' worth per position run through the model,
+    # padding included (frozen 4-bit base with gradient checkpointing), attention's quadratic part left out here
+    # (a few percent at these lengths).
+    padded = counts["positions"]
     train_flops = 3 * 2 * matmul_params * padded
     peak = next((v for k, v in PEAK_BF16.items() if k in figures["device"]), None)
     figures.update(

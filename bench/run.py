@@ -77,8 +77,8 @@ FULL = Plan(
     small_repeats=1,
     small_rows=1600,
     large_model="large",
-    large_steps=3,
-    large_batch=2,
+    large_steps=6,
+    large_batch=4,
     large_repeats=1,
     large_gradient_checkpointing=True,
 )

@@ -7,7 +7,8 @@ MODE
   ours       the train stage's path: the library's builders (load_policy: one 4-bit base + LoRA, the
              reference = the adapter disabled), the tokenize stage's ids from --tokenized in the pairs stage's
              order (--reference/pairs, length-grouped when train.group_by_length), cached reference log-probs
-             read from --reference (attach_reference), the stage's trainer class.
+             read from --reference (attach_reference), the stage's trainer class (one row per pair with
+             train.share_prompt).
   baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
              ref_model so trl computes the reference log-probs on the fly every step, random batching, the
              prepared strings from --prepared tokenized by trl (same rows, same ids); every other setting is
@@ -99,10 +100,10 @@ def counting_trainer_class():
 
     class CountingDPOTrainer(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
+            trl_glue.count_batch(self.pipeline_counts, inputs)
             mask = inputs["attention_mask"]
-            self.pipeline_counts["pairs"] += mask.shape[0] // 2
-            self.pipeline_counts["tokens"] += int(mask.sum())
-            self.pipeline_counts["padded_tokens"] += mask.numel()
+            self.pipeline_counts["positions"] += mask.numel()
+            self.pipeline_counts["real_positions"] += int(mask.sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
     return CountingDPOTrainer
@@ -139,9 +140,13 @@ def _train(
     from dpo_pipeline.models import load_tokenizer, resolve_device
 
     if mode == "baseline":
-        # The article: the reference log-probs on the fly from ref_model, random batches. Nothing else differs.
+        # The article: the reference log-probs on the fly from ref_model, random batches, trl's two rows per
+        # pair (plain DPOTrainer). Nothing else differs.
         params = dataclasses.replace(
-            params, train=dataclasses.replace(params.train, precompute_ref=False, group_by_length=False)
+            params,
+            train=dataclasses.replace(
+                params.train, precompute_ref=False, group_by_length=False, share_prompt=False
+            ),
         )
     t = params.train
     result: dict = {}
@@ -174,7 +179,7 @@ def _train(
         clock = time.perf_counter()
         args = training.dpo_config(params, out_dir)
         if mode == "ours":
-            trainer = trl_glue.trainer_class()(
+            trainer = trl_glue.trainer_class(t.share_prompt)(
                 model=model,
                 args=args,
                 train_dataset=dataset,
@@ -190,7 +195,8 @@ def _train(
                 processing_class=tokenizer,
                 peft_config=models.lora_config(t.lora),
             )
-        trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
+        if mode != "ours":
+            trainer.pipeline_counts = trl_glue.new_counts()
         timer = step_timer()
         timer.counts = trainer.pipeline_counts
         trainer.add_callback(timer)
@@ -243,8 +249,8 @@ def _train(
         steps=steps_done,
         pairs=counts["pairs"],
         tokens=counts["tokens"],
-        padded_tokens=counts["padded_tokens"],
-        pad_fraction=1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
+        positions=counts["positions"],
+        pad_fraction=1.0 - counts["real_positions"] / max(counts["positions"], 1),
         last_loss=float(losses[-1]) if losses else float("nan"),
     )
     return result

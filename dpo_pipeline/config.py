@@ -112,6 +112,7 @@ class TrainParams:
     group_by_length: bool
     reference_batch_size: int
     precompute_ref: bool
+    share_prompt: bool
     num_processes: int
     pairs_seed: int
     eval_pairs: int

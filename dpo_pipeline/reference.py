@@ -26,6 +26,7 @@ SECTIONS = [
     "train.device",
     "train.precompute_ref",
     "train.reference_batch_size",
+    "train.share_prompt",
 ]
 
 
@@ -96,7 +97,7 @@ def compute(
     datasets = {split: training.to_dataset(table) for split, table in tokenized.items()}
     model = models.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = trl_glue.trainer_class()(
+        trainer = trl_glue.trainer_class(params.train.share_prompt)(
             model=model,
             args=reference_config(params, out_dir),
             train_dataset=longest_first(datasets["train"]),

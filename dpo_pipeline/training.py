@@ -263,7 +263,7 @@ def final_metrics(
         "train_steps": float(steps),
         "pairs_per_s": counts["pairs"] / runtime,
         "tokens_per_s": counts["tokens"] / runtime,
-        "pad_fraction": 1.0 - counts["tokens"] / max(counts["padded_tokens"], 1),
+        "pad_fraction": 1.0 - counts["real_positions"] / max(counts["positions"], 1),
         "peak_memory_mb": peak_mb,
     }
 

@@ -105,12 +105,60 @@ def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     }
 
 
-def trainer_class():
-    """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters."""
+def new_counts() -> dict[str, int]:
+    """The trainer's throughput counters: pairs and tokens (non-pad tokens of the prompt+answer sequences, the
+    same count whatever the layout), and the positions the model computed (all, and those holding a token)."""
+    return {"pairs": 0, "tokens": 0, "positions": 0, "real_positions": 0}
+
+
+def count_batch(counts: dict[str, int], inputs) -> None:
+    """Pairs and tokens of one trl two-row micro-batch (rows: chosen..., rejected...)."""
+    mask = inputs["attention_mask"]
+    counts["pairs"] += mask.shape[0] // 2
+    counts["tokens"] += int(mask.sum())
+
+
+def _attention_implementation(trainer) -> str | None:
+    return getattr(trainer.accelerator.unwrap_model(trainer.model).config, "_attn_implementation", None)
+
+
+def _forward(trainer, model):
+    """`model` as trl's loss and reference code call it: with share_prompt, one row per pair."""
+    if not trainer.share_prompt:
+        return model
+    import torch
+
+    from dpo_pipeline.shared_prompt import SharedPromptModel
+
+    weight = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings().weight
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return SharedPromptModel(model, _attention_implementation(trainer), dtype, trainer._forward_positions)
+
+
+def trainer_class(share_prompt: bool):
+    """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters,
+    and with `share_prompt` one row per pair (dpo_pipeline.shared_prompt) for the policy and reference forwards."""
     import torch
     from trl import DPOTrainer
 
     class PipelineDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            # Set before trl's __init__, which computes the reference log-probs (precompute_ref) through _forward.
+            self.share_prompt = share_prompt
+            self.pipeline_counts = new_counts()
+            self._forward_positions: dict[str, int] = {}
+            super().__init__(*args, **kwargs)
+            if share_prompt:
+                from dpo_pipeline.shared_prompt import check_attention
+
+                check_attention(_attention_implementation(self))
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            return super()._compute_loss(_forward(self, model), inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(_forward(self, model), inputs)
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # The tokenize stage's ids are what trl's own tokenization makes of the prepared strings (checked
             # by a stage test), already within the length limits: trl 1.16 would tokenize them again.
@@ -141,11 +189,15 @@ def trainer_class():
                     param.data = param.data.to(dtypes[name])
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs["attention_mask"]
-            self.pipeline_counts["pairs"] += mask.shape[0] // 2
-            self.pipeline_counts["tokens"] += int(mask.sum())
-            self.pipeline_counts["padded_tokens"] += mask.numel()
+            count_batch(self.pipeline_counts, inputs)
+            self._forward_positions.clear()
             loss = super().training_step(model, inputs, num_items_in_batch)
+            # The positions this step's forward computed (one row per pair with share_prompt, else trl's rows).
+            mask = inputs["attention_mask"]
+            self.pipeline_counts["positions"] += self._forward_positions.get("positions", mask.numel())
+            self.pipeline_counts["real_positions"] += self._forward_positions.get(
+                "real_positions", int(mask.sum())
+            )
             # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
             # logging would only average NaNs away (logging_nan_inf_filter).
             if not torch.isfinite(loss).all():

@@ -12,8 +12,9 @@ metrics/train.json (flat final metrics), metrics/train_history.csv (one row per 
 metrics/train.json: train_loss and rewards_* are the last logged training values (trl's means over the
 last logging window); eval_* come from trainer.evaluate on the held-out test split after training
 (eval_rewards_accuracies: share of test pairs whose chosen reward beats the rejected one); pairs_per_s and
-tokens_per_s count what was trained on (tokens: non-pad tokens of both prompt+answer sequences);
-pad_fraction is the share of pad tokens in those batches; peak_memory_mb is the process's peak RSS on CPU,
+tokens_per_s count what was trained on (tokens: non-pad tokens of both prompt+answer sequences, whatever the
+layout); pad_fraction is the share of padding in the positions the model computed (with `train.share_prompt`
+one row per pair: prompt, chosen, a copy of the prompt's last token, rejected); peak_memory_mb is the process's peak RSS on CPU,
 torch.cuda.max_memory_allocated on GPU (with several processes: counts summed, memory the largest process's).
 Scratch: .scratch/checkpoints/train/<fingerprint>/ holds checkpoints every `train.save_steps`; a later run
 with the same params and inputs resumes from the last complete one, and a finished run deletes them.
@@ -191,7 +192,7 @@ def run(
         device = resolve_device(t.device)
         model = load_policy(base_dir, t)
         collapse = collapse_callback(t.max_steps)
-        trainer = trainer_class()(
+        trainer = trainer_class(t.share_prompt)(
             model=model,
             args=dpo_config(params, run_dir),
             train_dataset=datasets["train"],
@@ -200,7 +201,6 @@ def run(
             peft_config=lora_config(t.lora),
             callbacks=[trl_glue.mlflow_callback(), collapse, *extra_callbacks],
         )
-        trainer.pipeline_counts = {"pairs": 0, "tokens": 0, "padded_tokens": 0}
         accelerator = trainer.accelerator
         logger.info(
             "process %d of %d (%s, %s)",

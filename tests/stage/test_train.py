@@ -269,15 +269,16 @@ def test_cached_reference_matches_on_the_fly(
     import pyarrow.parquet as pq
     import torch
 
-    # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled), on the selected
-    # training pairs ...
+    # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled; trl's two rows per
+    # pair, while the reference stage ran one row per pair, train.share_prompt), on the selected training pairs ...
     tokenizer = models.load_tokenizer(tiny_base_dir)
     selected = sorted(pairs_lib.read_selected(pairs_of(tokenized_dir))["train"])
     dataset = training.to_dataset(
         pairs_lib.rows_in_order(tokens.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
     )
     params = replace_params(train_params, train={"precompute_ref": True})
-    trainer = trl_glue.trainer_class()(
+    assert params.train.share_prompt, "the reference fixture should share prompts (the profile's setting)"
+    trainer = trl_glue.trainer_class(share_prompt=False)(
         model=models.load_policy(tiny_base_dir, params.train),
         args=training.dpo_config(params, tmp_path / "ckpt"),
         train_dataset=dataset,
@@ -301,6 +302,26 @@ def test_cached_reference_matches_on_the_fly(
     baseline = json.loads((trained / "metrics" / "train.json").read_text())
     assert metrics["train_loss"] == pytest.approx(baseline["train_loss"], abs=1e-4)
     assert metrics["eval_rewards_margins"] == pytest.approx(baseline["eval_rewards_margins"], abs=1e-4)
+
+
+def test_one_row_per_pair_trains_the_adapter_trls_two_rows_train(
+    tmp_path, train_params, tiny_base_dir, tokenized_dir
+):
+    """train.share_prompt on and off: the same adapter and metrics (up to float summation order). LoRA dropout
+    is off in both: its random masks have other shapes in the two layouts, so with dropout the runs draw other
+    noise (with share_prompt both answers of a pair see one mask on their shared prompt)."""
+    runs = {}
+    for share in (True, False):
+        params = replace_params(
+            train_params, train={"share_prompt": share, "precompute_ref": False, "lora": {"dropout": 0.0}}
+        )
+        out = tmp_path / f"share-{share}"
+        runs[share] = run_train(params, tiny_base_dir, tokenized_dir, tmp_path / "no-reference-needed", out)
+    shared, two_rows = (load_adapter(tmp_path / f"share-{share}" / "adapter") for share in (True, False))
+    assert_adapters_close(shared, two_rows)
+    for key in ("train_loss", "eval_loss", "eval_rewards_margins", "rewards_chosen"):
+        assert runs[True][key] == pytest.approx(runs[False][key], abs=1e-4), key
+    assert runs[True]["train_steps"] == runs[False]["train_steps"]
 
 
 def test_stale_reference_is_refused(tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir):
