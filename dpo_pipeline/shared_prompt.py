@@ -21,8 +21,9 @@ left is what the widest pair leaves, not what every pair leaves (trl pads every 
 on the two-row batch), runs the one-row batch with pre-shifted labels (`shift_labels`, which trl's fused LM
 head scores as given) and hands back every per-token output (log_probs, entropy, mean_logits, is_top1, ...)
 in the two-row layout, so trl's loss and metrics code runs unchanged. A batch it cannot share (a pair whose
-two rows do not start with the same prompt, an empty prompt, left padding, an MoE model's router logits, any
-call without the fused head) goes to the model as it came.
+two rows do not start with the same prompt, an empty prompt, left padding, a sequence longer than the model's
+sliding attention window, an MoE model's router logits, any call without the fused head) goes to the model as
+it came.
 
 Cost: the linear layers (most of the FLOPs) see |prompt| + |chosen| + |rejected| + 1 positions per pair
 instead of 2 x max(|prompt| + |answer|), and less padding; attention with a dense mask costs at most the
@@ -103,10 +104,12 @@ def place(widths: list[int]) -> tuple[list[tuple[int, int]], int, int]:
     return spots, len(free), width
 
 
-def pack(input_ids, attention_mask, labels, mask_dtype=None) -> Packed | None:
+def pack(input_ids, attention_mask, labels, mask_dtype=None, window: int | None = None) -> Packed | None:
     """The one-row-per-pair form of trl's two-row batch (rows 0..B-1 chosen, B..2B-1 rejected), short pairs
     sharing a row (each sees only itself: block-diagonal mask), or None when some pair cannot share its
-    prompt. `mask_dtype` None gives a boolean mask (sdpa), a float dtype an additive mask."""
+    prompt. `mask_dtype` None gives a boolean mask (sdpa), a float dtype an additive mask. `window`: the
+    model's sliding attention window; a sequence longer than it is left to the model's own masks (the 4-D
+    mask here is full causal)."""
     import torch
 
     rows, length = input_ids.shape
@@ -121,6 +124,8 @@ def pack(input_ids, attention_mask, labels, mask_dtype=None) -> Packed | None:
             return None
         prompt = chosen[0]
         if not torch.equal(input_ids[b, :prompt], input_ids[pairs + b, :prompt]):
+            return None
+        if window is not None and max(chosen[1], rejected[1]) > window:
             return None
         spans.append((prompt, chosen[1], rejected[1]))
 
@@ -175,9 +180,17 @@ def unpack(value, packed: Packed):
 class SharedPromptModel:
     """Callable in place of the (wrapped) model inside trl's loss and reference code; see the module doc."""
 
-    def __init__(self, model: Any, implementation: str, mask_dtype: Any = None, counts: dict | None = None):
+    def __init__(
+        self,
+        model: Any,
+        implementation: str,
+        mask_dtype: Any = None,
+        counts: dict | None = None,
+        window: int | None = None,
+    ):
         check_attention(implementation)
         self.model = model
+        self.window = window
         self.eager = implementation == "eager"
         self.mask_dtype = mask_dtype
         self.counts = counts  # positions run through the model (real, total), when given
@@ -203,7 +216,7 @@ class SharedPromptModel:
         packed = None
         if shareable:
             dtype = (self.mask_dtype or torch.float32) if self.eager else None
-            packed = pack(kwargs["input_ids"], kwargs.get("attention_mask"), labels, dtype)
+            packed = pack(kwargs["input_ids"], kwargs.get("attention_mask"), labels, dtype, self.window)
         if packed is None:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.dim() == 2:

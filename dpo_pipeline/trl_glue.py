@@ -130,9 +130,15 @@ def _forward(trainer, model):
 
     from dpo_pipeline.shared_prompt import SharedPromptModel
 
-    weight = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings().weight
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    weight = unwrapped.get_input_embeddings().weight
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    return SharedPromptModel(model, _attention_implementation(trainer), dtype, trainer._forward_positions)
+    config = unwrapped.config
+    # Mistral sets sliding_window (4,096); Qwen2/3 carry one that only counts with use_sliding_window.
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return SharedPromptModel(
+        model, _attention_implementation(trainer), dtype, trainer._forward_positions, window
+    )
 
 
 def trainer_class(share_prompt: bool):

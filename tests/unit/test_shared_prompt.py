@@ -92,7 +92,7 @@ def test_short_pairs_share_a_row_never_wider_than_the_widest_pair():
 
 @pytest.mark.parametrize(
     "change",
-    ["different prompts", "no prompt", "left padding", "odd rows"],
+    ["different prompts", "no prompt", "left padding", "odd rows", "longer than the sliding window"],
 )
 def test_a_batch_that_cannot_share_is_left_as_it_came(change):
     import torch
@@ -109,9 +109,12 @@ def test_a_batch_that_cannot_share_is_left_as_it_came(change):
         labels[4, : len(examples[1]["prompt_ids"])] = ids[4, : len(examples[1]["prompt_ids"])]
     elif change == "left padding":
         mask = torch.flip(mask, dims=[1])
-    else:
+    elif change == "odd rows":
         ids, mask, labels = ids[:5], mask[:5], labels[:5]
-    assert shared_prompt.pack(ids, mask, labels) is None
+    window = int(mask.sum(dim=1).max()) - 1 if change.startswith("longer") else None
+    assert shared_prompt.pack(ids, mask, labels, window=window) is None
+    if window is not None:
+        assert shared_prompt.pack(ids, mask, labels, window=window + 1) is not None
 
     calls = []
 
@@ -119,7 +122,7 @@ def test_a_batch_that_cannot_share_is_left_as_it_came(change):
         calls.append(kwargs)
         return "as it came"
 
-    wrapped = shared_prompt.SharedPromptModel(model, "sdpa")
+    wrapped = shared_prompt.SharedPromptModel(model, "sdpa", window=window)
     assert wrapped(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) == "as it came"
     assert calls[0]["input_ids"] is ids and "position_ids" not in calls[0]
 
