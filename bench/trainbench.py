@@ -101,9 +101,6 @@ def counting_trainer_class():
     class CountingDPOTrainer(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             trl_glue.count_batch(self.pipeline_counts, inputs)
-            mask = inputs["attention_mask"]
-            self.pipeline_counts["positions"] += mask.numel()
-            self.pipeline_counts["real_positions"] += int(mask.sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
     return CountingDPOTrainer

@@ -169,7 +169,7 @@ def pack(input_ids, attention_mask, labels, mask_dtype=None, window: int | None 
 
 
 def unpack(value, packed: Packed):
-    """A per-position one-row output (pairs, N) in the two-row layout (2 x pairs, L - 1); zero where the
+    """A per-position one-row output (rows, N) in the two-row layout (2 x pairs, L - 1); zero where the
     two-row layout has no label (as trl's fused head leaves it)."""
     if value is None:
         return None
@@ -193,12 +193,9 @@ class SharedPromptModel:
         self.window = window
         self.eager = implementation == "eager"
         self.mask_dtype = mask_dtype
-        self.counts = counts  # positions run through the model (real, total), when given
-
-    def _count(self, real: int, total: int) -> None:
-        if self.counts is not None:
-            self.counts["real_positions"] = self.counts.get("real_positions", 0) + real
-            self.counts["positions"] = self.counts.get("positions", 0) + total
+        self.counts = (
+            counts  # when given: the positions each one-row forward computed (all, those with a token)
+        )
 
     def __call__(self, *args, **kwargs):
         import torch
@@ -218,11 +215,10 @@ class SharedPromptModel:
             dtype = (self.mask_dtype or torch.float32) if self.eager else None
             packed = pack(kwargs["input_ids"], kwargs.get("attention_mask"), labels, dtype, self.window)
         if packed is None:
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                self._count(int(mask.sum()), mask.numel())
             return self.model(*args, **kwargs)
-        self._count(packed.real_positions, packed.positions)
+        if self.counts is not None:
+            self.counts["positions"] = self.counts.get("positions", 0) + packed.positions
+            self.counts["real_positions"] = self.counts.get("real_positions", 0) + packed.real_positions
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels")}
         out = self.model(
             input_ids=packed.input_ids,

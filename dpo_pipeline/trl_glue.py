@@ -111,11 +111,16 @@ def new_counts() -> dict[str, int]:
     return {"pairs": 0, "tokens": 0, "positions": 0, "real_positions": 0}
 
 
-def count_batch(counts: dict[str, int], inputs) -> None:
-    """Pairs and tokens of one trl two-row micro-batch (rows: chosen..., rejected...)."""
+def count_batch(counts: dict[str, int], inputs, computed: dict[str, int] | None = None) -> None:
+    """Add one trl two-row micro-batch (rows: chosen..., rejected...) to `counts`: its pairs and tokens, and
+    the positions the model computed for it, `computed` as SharedPromptModel recorded them for one row per
+    pair, else trl's two rows as they are."""
     mask = inputs["attention_mask"]
     counts["pairs"] += mask.shape[0] // 2
     counts["tokens"] += int(mask.sum())
+    computed = computed or {"positions": mask.numel(), "real_positions": int(mask.sum())}
+    counts["positions"] += computed["positions"]
+    counts["real_positions"] += computed["real_positions"]
 
 
 def _attention_implementation(trainer) -> str | None:
@@ -195,15 +200,9 @@ def trainer_class(share_prompt: bool):
                     param.data = param.data.to(dtypes[name])
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            count_batch(self.pipeline_counts, inputs)
             self._forward_positions.clear()
             loss = super().training_step(model, inputs, num_items_in_batch)
-            # The positions this step's forward computed (one row per pair with share_prompt, else trl's rows).
-            mask = inputs["attention_mask"]
-            self.pipeline_counts["positions"] += self._forward_positions.get("positions", mask.numel())
-            self.pipeline_counts["real_positions"] += self._forward_positions.get(
-                "real_positions", int(mask.sum())
-            )
+            count_batch(self.pipeline_counts, inputs, self._forward_positions)
             # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
             # logging would only average NaNs away (logging_nan_inf_filter).
             if not torch.isfinite(loss).all():
