@@ -22,7 +22,7 @@ LoRA weights' own gradients are under 0.5 % and left out on both sides.
   precompute runs them); training's 3 forwards per micro-batch; the held-out evaluation after training
   (policy forward on 256 pairs; the article's script evaluates nothing, so this is ours alone). With the
   recipe's `train.share_prompt` every forward of ours runs one row per pair, prompt + chosen + 1 + rejected
-  (dpo_pipeline.shared_prompt), padded to the micro-batch's longest row; its dense attention mask is counted
+  (dpo_pipeline.train.shared_prompt), padded to the micro-batch's longest row; its dense attention mask is counted
   as the full square of the row, like the two rows' causal squares. `ours_two_rows_*`: the same with trl's
   two rows per pair.
 """
@@ -40,8 +40,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.synthetic import ORCA_ROWS, synthetic_rows
-from dpo_pipeline import pairs as pairs_lib
-from dpo_pipeline import preparation, raw, tokens
+from dpo_pipeline.data import prepare, raw, tokens
+from dpo_pipeline.train import pairs as pairs_lib
 from tools.hub_layout import MISTRAL_7B_SHAPE as SHAPE_7B
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def dpo_batches(
     rows: dict[str, tuple[int, int, int]], ids: list[str], batch: int, share_prompt: bool = False
 ) -> list[list[int]]:
     """Micro-batches of `batch` pairs in `ids` order: each pair gives prompt+chosen and prompt+rejected (trl's
-    two rows), or with `share_prompt` one row prompt+chosen+1+rejected (dpo_pipeline.shared_prompt)."""
+    two rows), or with `share_prompt` one row prompt+chosen+1+rejected (dpo_pipeline.train.shared_prompt)."""
     out = []
     for start in range(0, len(ids), batch):
         lengths = []
@@ -92,7 +92,7 @@ def dpo_batches(
 def tokenized_recipe_rows(params, n_rows: int, work: Path):
     """({split: tokenize stage's table}, {split: prepare stage's table}) of the orca-length rows, with the real
     OpenHermes tokenizer (written to work/tokenizer)."""
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
     from tools.hub_layout import write_tokenizer
 
     tokenizer = load_tokenizer(write_tokenizer(work / "tokenizer"))
@@ -100,7 +100,7 @@ def tokenized_recipe_rows(params, n_rows: int, work: Path):
     raw_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_rows)), encoding="utf-8")
     data = dataclasses.replace(params.data, path=str(raw_file))
     table, _schema = raw.read_local(raw_file, data.columns)
-    train, test, _counts = preparation.prepare_table(table, tokenizer, data)
+    train, test, _counts = prepare.prepare_table(table, tokenizer, data)
     tokenized = {}
     for split, prepared in (("train", train), ("test", test)):
         tokenized[split], _dropped = tokens.tokenize_split(prepared, tokenizer, data)

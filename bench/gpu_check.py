@@ -33,9 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import layout, merging, models, scoring, tokens, training, trl_glue
-from dpo_pipeline import pairs as pairs_lib
-from dpo_pipeline import reference as reference_lib
+from dpo_pipeline import layout
+from dpo_pipeline.data import tables as tables_lib
+from dpo_pipeline.evaluate import harness
+from dpo_pipeline.evaluate import samples as samples_lib
+from dpo_pipeline.models import loading
+from dpo_pipeline.models import merge as merge_lib
+from dpo_pipeline.train import dpo, trl_glue
+from dpo_pipeline.train import pairs as pairs_lib
+from dpo_pipeline.train import reference as reference_lib
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "neuralhermes-2.5.yaml"
@@ -101,7 +107,7 @@ class Memory:
 
             self.peaks[stage] = torch.cuda.max_memory_allocated() / 2**30
         else:
-            from dpo_pipeline.models import rss_peak_mb
+            from dpo_pipeline.models.loading import rss_peak_mb
 
             self.peaks[stage] = rss_peak_mb() / 1024
 
@@ -113,7 +119,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
 
     from bench.flops import model_counts, tokenized_recipe_rows
     from dpo_pipeline.config import EvalTask
-    from dpo_pipeline.models import load_model, load_tokenizer, resolve_device, torch_dtype
+    from dpo_pipeline.models.loading import load_model, load_tokenizer, resolve_device, torch_dtype
     from tools.hub_layout import MISTRAL_7B_SHAPE, model_config, write_tokenizer
 
     params = recipe_params(dry_run, steps)
@@ -183,18 +189,18 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     wanted = pairs_lib.training_ids(work / "pairs")
     for split in ("train", "test"):
         table = pairs_lib.rows_in_order(
-            tokens.read_tokenized(work / "tokenized", split), wanted[split], split
+            tables_lib.read_tokenized(work / "tokenized", split), wanted[split], split
         )
         table = reference_lib.attach_reference(table, tables[split], split)
-        datasets[split] = training.to_dataset(table, layout.REF_COLUMNS)
+        datasets[split] = dpo.to_dataset(table, layout.REF_COLUMNS)
     timer = StepTimes()
     trainer = trl_glue.trainer_class(params.train.share_prompt)(
-        model=models.load_policy(base_dir, params.train),
-        args=training.dpo_config(params, work / "checkpoints"),
+        model=loading.load_policy(base_dir, params.train),
+        args=dpo.dpo_config(params, work / "checkpoints"),
         train_dataset=datasets["train"],
         eval_dataset=datasets["test"],
         processing_class=tokenizer,
-        peft_config=models.lora_config(params.train.lora),
+        peft_config=loading.lora_config(params.train.lora),
         callbacks=[timer],
     )
     seconds["train_load"] = time.perf_counter() - clock
@@ -219,22 +225,22 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     clock = time.perf_counter()
     dtype = torch_dtype(params.merge.dtype)
     device = resolve_device(params.merge.device)
-    texts = merging.fidelity_texts(prepared_test, 4)
+    texts = merge_lib.fidelity_texts(prepared_test, 4)
     encoded = [
         tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0].to(device) for t in texts
     ]
     peft_model = PeftModel.from_pretrained(
         load_model(base_dir, dtype=dtype, device_map={"": device}), str(work / "adapter")
     ).eval()
-    adapter_logps = [merging.token_logprobs(peft_model, ids) for ids in encoded]
+    adapter_logps = [merge_lib.token_logprobs(peft_model, ids) for ids in encoded]
     merged = peft_model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(work / "merged", safe_serialization=True)
     tokenizer.save_pretrained(work / "merged")
     del merged, peft_model
     gc.collect()
     reloaded = load_model(work / "merged", dtype=dtype, device_map={"": device}).eval()
-    fidelity = merging.fidelity_stats(
-        adapter_logps, [merging.token_logprobs(reloaded, ids) for ids in encoded]
+    fidelity = merge_lib.fidelity_stats(
+        adapter_logps, [merge_lib.token_logprobs(reloaded, ids) for ids in encoded]
     )
     del reloaded
     gc.collect()
@@ -254,12 +260,12 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
             "sample_prompts": params.eval.sample_prompts[:1],
         },
     )
-    loaded = scoring.load_eval_model(work / "merged", short.eval)
-    results = scoring.run_lm_eval(work / "merged", short, REPO / "tasks", work / "prepared", loaded)
-    samples = scoring.generate_samples(work / "merged", short, loaded)
+    loaded = harness.load_eval_model(work / "merged", short.eval)
+    results = harness.run_lm_eval(work / "merged", short, REPO / "tasks", work / "prepared", loaded)
+    samples = samples_lib.generate_samples(work / "merged", short, loaded)
     seconds["evaluate"] = time.perf_counter() - clock
     memory.stop("evaluate")
-    figures["heldout_acc_norm"] = scoring.flat_scores(results, ["dpo_heldout_pref"])[
+    figures["heldout_acc_norm"] = harness.flat_scores(results, ["dpo_heldout_pref"])[
         "dpo_heldout_pref/acc_norm"
     ]
     figures["sample_answer_chars"] = len(samples[0]["answer"])

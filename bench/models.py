@@ -17,8 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import builtin, raw
+from dpo_pipeline.data import raw
 from dpo_pipeline.layout import BASE_DIR, SCRATCH_DIR
+from dpo_pipeline.models import builtin
 
 BENCH_SCRATCH = SCRATCH_DIR / "bench"
 
@@ -86,7 +87,7 @@ def large_model(shape: Shape, tokenizer_dir: Path, seed: int) -> Path:
     from transformers import MistralConfig, MistralForCausalLM
 
     from dpo_pipeline.io import atomic_dir
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     wanted = json.dumps(

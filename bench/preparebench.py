@@ -8,7 +8,7 @@ MODE
             data_metrics, write_prepared. No MLflow run.
   article   the article's way: datasets.load_dataset("json") then Dataset.map with a Python chatml_format
             calling tokenizer.apply_chat_template per row (formatting only: no validation, filters or split).
-  tokenize  the tokenize stage's work (dpo_pipeline.tokens.tokenize_split on both splits: trl's ids, length
+  tokenize  the tokenize stage's work (dpo_pipeline.data.tokens.tokenize_split on both splits: trl's ids, length
             limits, int32 columns) against what trl 1.16's DPOTrainer._prepare_dataset does to the same
             strings, row by row through Dataset.map, inside every train run and the reference pass when it
             is handed text (the article's way); on the raw file's rows as prepare keeps them, at the recipe's
@@ -29,15 +29,10 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dpo_pipeline import (  # noqa: E402
-    chatml,
-    filters,
-    models,  # noqa: E402
-    preparation,
-    raw,
-    tokens,
-    training,
-)
+from dpo_pipeline.data import chatml, filters, raw, tokens  # noqa: E402
+from dpo_pipeline.data import prepare as prepare_lib  # noqa: E402
+from dpo_pipeline.models import loading  # noqa: E402
+from dpo_pipeline.train import dpo  # noqa: E402
 
 MODES = ("ours", "article", "tokenize")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "neuralhermes-2.5.yaml"
@@ -50,7 +45,7 @@ def _ours(args, params) -> dict:
     from transformers import AutoTokenizer  # noqa: F401
 
     from dpo_pipeline import io
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     pa.array([""])  # pyarrow imports pandas lazily on its first array: an import, counted as one
     out: dict = {"import_s": time.perf_counter() - clock}
@@ -68,7 +63,7 @@ def _ours(args, params) -> dict:
     out["format_s"] = time.perf_counter() - clock  # also inside prepare_table; timed alone for the ratio
     del formatted
     clock = time.perf_counter()
-    train, test, counts = preparation.prepare_table(table, tokenizer, params.data)
+    train, test, counts = prepare_lib.prepare_table(table, tokenizer, params.data)
     out["prepare_table_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     metrics = filters.data_metrics(train, test, counts)
@@ -152,10 +147,10 @@ def _tokenize(args, params) -> dict:
         params.data, max_prompt_length=recipe.max_prompt_length, max_length=recipe.max_length
     )
     params = dataclasses.replace(params, data=data)
-    tokenizer = models.load_tokenizer(args.base)
+    tokenizer = loading.load_tokenizer(args.base)
     eos = tokenizer.eos_token
     table, _schema = raw.read_local(args.raw, data.columns)
-    splits = preparation.prepare_table(table, tokenizer, data)[:2]
+    splits = prepare_lib.prepare_table(table, tokenizer, data)[:2]
     out["rows_in"] = sum(split.num_rows for split in splits)
 
     clock = time.perf_counter()
@@ -168,7 +163,7 @@ def _tokenize(args, params) -> dict:
     # trl on the same strings (the rows tokenize kept, so trl's max_length filter drops none).
     texts = pa.concat_tables([tokens.trl_texts(split, eos) for split in splits])
     texts = texts.filter(pc.is_in(texts["id"], value_set=kept["id"]))
-    trainer_args = training.dpo_config(params, args.work / "ckpt")
+    trainer_args = dpo.dpo_config(params, args.work / "ckpt")
     clock = time.perf_counter()
     theirs = DPOTrainer._prepare_dataset(
         types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset(texts), tokenizer, trainer_args, "bench"

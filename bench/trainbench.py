@@ -12,9 +12,9 @@ MODE
   baseline   the article's way: the same 4-bit policy + LoRA, a SECOND 4-bit copy of the base passed as
              ref_model so trl computes the reference log-probs on the fly every step, random batching, the
              prepared strings from --prepared tokenized by trl (same rows, same ids); every other setting is
-             the same DPOConfig (dpo_pipeline.training.dpo_config).
+             the same DPOConfig (dpo_pipeline.train.dpo.dpo_config).
   reference  the pairs stage's work (pairs_lib.build: which pairs, which order, into --reference/pairs) and the
-             reference stage's (dpo_pipeline.reference.compute) on those pairs only; writes the cached log-probs to
+             reference stage's (dpo_pipeline.train.reference.compute) on those pairs only; writes the cached log-probs to
              --reference for `ours`.
 
 The params file is a JSON dump of the (already overridden) params dataclasses. The process writes one JSON
@@ -39,17 +39,21 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dpo_pipeline import layout, models, tokens, training, trl_glue  # noqa: E402
-from dpo_pipeline import pairs as pairs_lib  # noqa: E402
-from dpo_pipeline import reference as reference_lib  # noqa: E402
+from dpo_pipeline import layout  # noqa: E402
+from dpo_pipeline.data import tables as tables_lib  # noqa: E402
+from dpo_pipeline.data import tokens  # noqa: E402
+from dpo_pipeline.models import loading  # noqa: E402
+from dpo_pipeline.train import dpo, trl_glue  # noqa: E402
+from dpo_pipeline.train import pairs as pairs_lib  # noqa: E402
+from dpo_pipeline.train import reference as reference_lib  # noqa: E402
 
 MODES = ("ours", "baseline", "reference")
 
 
 def rss_peak_mb() -> float:
-    """This process's resident-set high-water mark in MiB: dpo_pipeline.models.rss_peak_mb, imported when first
+    """This process's resident-set high-water mark in MiB: dpo_pipeline.models.loading.rss_peak_mb, imported when first
     called (after the timed imports, which include the library)."""
-    from dpo_pipeline.models import rss_peak_mb as peak
+    from dpo_pipeline.models.loading import rss_peak_mb as peak
 
     return peak()
 
@@ -82,10 +86,10 @@ def load_params(path: str | Path):
 def load_reference_model(base_dir: Path, t):
     """The article's ref_model: a second 4-bit copy of the base (frozen, no k-bit training preparation).
 
-    Loaded by models.load_base, i.e. with exactly load_policy's dtype/quantization/device and bitsandbytes'
+    Loaded by loading.load_base, i.e. with exactly load_policy's dtype/quantization/device and bitsandbytes'
     CPU bf16 repacking switched off, so both sides multiply the same way.
     """
-    from dpo_pipeline.models import load_base
+    from dpo_pipeline.models.loading import load_base
 
     model = load_base(base_dir, t)
     model.eval()
@@ -134,7 +138,7 @@ def _train(
 ) -> dict:
     import pyarrow.parquet as pq
 
-    from dpo_pipeline.models import load_tokenizer, resolve_device
+    from dpo_pipeline.models.loading import load_tokenizer, resolve_device
 
     if mode == "baseline":
         # The article: the reference log-probs on the fly from ref_model, random batches, trl's two rows per
@@ -154,10 +158,10 @@ def _train(
 
         path = tokenized_dir / "train.parquet"
         order = pairs_lib.read_order(reference_dir / "pairs")
-        table = pairs_lib.rows_in_order(tokens.read_tokenized(tokenized_dir, "train"), order, path)
+        table = pairs_lib.rows_in_order(tables_lib.read_tokenized(tokenized_dir, "train"), order, path)
         path = reference_dir / "train.parquet"
         table = reference_lib.attach_reference(table, pq.read_table(path), path)
-        dataset = training.to_dataset(table, layout.REF_COLUMNS)
+        dataset = dpo.to_dataset(table, layout.REF_COLUMNS)
     else:
         # The article's dataset: prompt / chosen / rejected strings (the ones tokenize made ours from).
         from datasets import Dataset
@@ -167,21 +171,21 @@ def _train(
     result["data_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    model = models.load_policy(base_dir, t)
+    model = loading.load_policy(base_dir, t)
     ref_model = load_reference_model(base_dir, t) if mode == "baseline" else None
     result["load_s"] = time.perf_counter() - clock
     result["rss_after_load_mb"] = rss_peak_mb()
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out_dir:
         clock = time.perf_counter()
-        args = training.dpo_config(params, out_dir)
+        args = dpo.dpo_config(params, out_dir)
         if mode == "ours":
             trainer = trl_glue.trainer_class(t.share_prompt)(
                 model=model,
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                peft_config=models.lora_config(t.lora),
+                peft_config=loading.lora_config(t.lora),
             )
         else:
             trainer = counting_trainer_class()(
@@ -190,7 +194,7 @@ def _train(
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                peft_config=models.lora_config(t.lora),
+                peft_config=loading.lora_config(t.lora),
             )
         if mode != "ours":
             trainer.pipeline_counts = trl_glue.new_counts()
@@ -295,12 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    from dpo_pipeline import models, reference, training, trl_glue  # noqa: F401, F811
+    from dpo_pipeline.models import loading  # noqa: F401, F811
 
     result: dict = {"mode": args.mode, "import_s": time.perf_counter() - clock}
     result["rss_after_import_mb"] = rss_peak_mb()
     params = load_params(args.params)
-    device = models.resolve_device(params.train.device)
+    device = loading.resolve_device(params.train.device)
     result["device"] = device
     if args.mode == "reference":
         result.update(_reference(params, args.base, args.tokenized, args.reference))

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import merge_repeats, training_metrics
-from dpo_pipeline import preparation, raw, tokens
+from dpo_pipeline.data import prepare as prepare_lib
+from dpo_pipeline.data import raw, tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +64,11 @@ def prepared_rows(params: Any, base_dir: Path, out_dir: Path, n_train: int, n_te
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)
     table, _schema = raw.read_local(Path(params.data.path), params.data.columns)
-    train, _test, _counts = preparation.prepare_table(table, tokenizer, params.data)
+    train, _test, _counts = prepare_lib.prepare_table(table, tokenizer, params.data)
     tokenized, _dropped = tokens.tokenize_split(train, tokenizer, params.data)
     if tokenized.num_rows < n_train + n_test:
         raise BenchError(

@@ -277,6 +277,79 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the pinned trl / transformers / bitsandbytes accept: plain data, so loading params imports no ML library.
+# tests/unit/test_trl_glue.py checks each table against the installed packages.
+
+# DPOConfig.loss_type's choices in trl 1.16 (its help text and DPOTrainer's loss dispatch). A constant, not read
+# from trl's help text at run time: a reworded help string must not break every params load.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# What trl 1.16 requires of `label_smoothing` per loss type (DPOTrainer.__init__): exo_pair raises at 0,
+# robust warns outside [0, 0.5). Checked below, before any work.
+LABEL_SMOOTHING_RULES = {
+    "exo_pair": (
+        lambda eps: eps > 0.0,
+        "a number > 0 with train.loss_type exo_pair (the EXO paper uses 1.0e-3)",
+    ),
+    "robust": (lambda eps: 0.0 <= eps < 0.5, "a number in [0, 0.5) with train.loss_type robust"),
+}
+
+# transformers' OptimizerNames that build and step here with the pinned packages (torch, bitsandbytes: its
+# optimizers step on CPU too). Left out: those needing a package constraints.txt does not pin (torch_xla,
+# torch_npu, torchdistx, torchao, galore_torch, lomo_optim, grokadamw, schedulefree, apollo_torch, torch-optimi).
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+)
+# transformers' SchedulerType names that need nothing but warm-up and total steps. Left out: cosine_with_min_lr,
+# cosine_warmup_with_min_lr and warmup_stable_decay (they need lr_scheduler_kwargs, which params do not carry),
+# reduce_lr_on_plateau and greedy (they step on an eval metric; training evaluates only at its end).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cross-field rules
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -415,8 +488,6 @@ def _check(p: Params, source: str) -> None:
                 item.value,
             )
         seen.add((item.task, item.metric))
-    from dpo_pipeline.trl_glue import DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES, LR_SCHEDULERS, OPTIMIZERS
-
     if p.train.optim not in OPTIMIZERS:
         raise fail(
             "train.optim",

@@ -39,3 +39,6 @@ TEXT_COLUMNS = ("system", "question", "chosen", "rejected")  # a raw row, whatev
 # data/tokenized columns (trl's names for the ids).
 IDS_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 LENGTH_COLUMN = "length"  # prompt + longer answer, in tokens: what length-grouped batching sorts on
+
+PREPARED_COLUMNS = ("id", "prompt", "chosen", "rejected")  # data/prepared: what tokenize reads
+TOKENIZED_COLUMNS = ("id", *IDS_COLUMNS, LENGTH_COLUMN)  # data/tokenized

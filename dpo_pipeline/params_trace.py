@@ -1,7 +1,7 @@
 """A read-recording view of the params dataclasses: the evidence of tests/e2e/test_dag_params.py.
 
 config.load() hands one out when DPO_PARAMS_TRACE is set (never otherwise); code that needs the dataclass
-itself (dataclasses.asdict in tracking.params_for) takes it back with plain(). A module of its own, below
+itself (dataclasses.asdict in lineage.params_for) takes it back with plain(). A module of its own, below
 both config and tracking, so neither imports the other.
 """
 

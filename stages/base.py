@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline.builtin import build_builtin
-from dpo_pipeline.hub import build_from_hub
 from dpo_pipeline.layout import BASE_DIR
+from dpo_pipeline.models.builtin import build_builtin
+from dpo_pipeline.models.hub import build_from_hub
 from dpo_pipeline.runner import run_main
 
 

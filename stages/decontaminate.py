@@ -9,7 +9,7 @@ rows tokenize drops and counts as `contaminated`: the overlapping ones with `dec
 none otherwise).
 
 Between prepare and tokenize, so dropping re-tokenizes and re-trains but never re-prepares, and a report
-never changes what trains. dpo_pipeline/contamination.py says how overlap is measured (13-grams of
+never changes what trains. dpo_pipeline/data/contamination.py says how overlap is measured (13-grams of
 normalised text as lm-eval's decontamination, per field, boilerplate n-grams left out).
 """
 
@@ -36,7 +36,7 @@ def run(
     import pyarrow.parquet as pq
 
     from dpo_pipeline import tracking
-    from dpo_pipeline.contamination import (
+    from dpo_pipeline.data.contamination import (
         flat_metrics,
         ids_table,
         overlaps,

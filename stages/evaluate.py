@@ -38,26 +38,22 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import models
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import read_json, template_hash, write_json
-from dpo_pipeline.layout import BASE_DIR, MERGED_DIR, METRICS_DIR, PREPARED_DIR, TASKS_DIR
-from dpo_pipeline.models import require_safetensors
-from dpo_pipeline.scoring import (
+from dpo_pipeline.evaluate.compare import check_comparable, document_figures, heldout_documents
+from dpo_pipeline.evaluate.harness import (
     LINEAGE_TAGS,
-    check_comparable,
-    document_figures,
     flat_scores,
-    generate_samples,
-    generation_meta,
-    heldout_documents,
-    heldout_task_names,
     load_eval_model,
     primary_keys,
     run_lm_eval,
-    sample_figures,
     settings_meta,
 )
+from dpo_pipeline.evaluate.samples import generate_samples, generation_meta, sample_figures
+from dpo_pipeline.evaluate.tasks import heldout_task_names
+from dpo_pipeline.io import read_json, template_hash, write_json
+from dpo_pipeline.layout import BASE_DIR, MERGED_DIR, METRICS_DIR, PREPARED_DIR, TASKS_DIR
+from dpo_pipeline.models import loading
+from dpo_pipeline.models.loading import require_safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +136,7 @@ def run(
     from importlib import metadata
 
     from dpo_pipeline import tracking
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     if stage not in PARTS:
         raise StageError(f"evaluate stage: expected one of {', '.join(PARTS)}, got {stage!r}")
@@ -240,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         from dpo_pipeline import config
 
         params = config.load()
-        models.pin_single_device(params.eval.device)  # one GPU on a multi-GPU host (lm-eval, samples)
+        loading.pin_single_device(params.eval.device)  # one GPU on a multi-GPU host (lm-eval, samples)
         model_dir = BASE_DIR if PARTS[args.stage].model == "base" else MERGED_DIR
         run(params, args.stage, model_dir, PREPARED_DIR, TASKS_DIR, METRICS_DIR)
 

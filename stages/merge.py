@@ -32,7 +32,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import models, runner
+from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, read_json, template_hash, write_json
 from dpo_pipeline.layout import (
@@ -46,7 +46,9 @@ from dpo_pipeline.layout import (
     TRAIN_RUN_FILE,
     TRAIN_SUMMARY,
 )
-from dpo_pipeline.merging import (
+from dpo_pipeline.models import loading
+from dpo_pipeline.models.loading import require_safetensors
+from dpo_pipeline.models.merge import (
     adapter_summary,
     check_adapter,
     data_metadata,
@@ -57,7 +59,6 @@ from dpo_pipeline.merging import (
     read_optional_json,
     token_logprobs,
 )
-from dpo_pipeline.models import require_safetensors
 
 
 def run(
@@ -74,8 +75,8 @@ def run(
     import torch
     from peft import PeftModel
 
-    from dpo_pipeline import tracking
-    from dpo_pipeline.models import load_model, load_tokenizer, resolve_device, torch_dtype
+    from dpo_pipeline import lineage, tracking
+    from dpo_pipeline.models.loading import load_model, load_tokenizer, resolve_device, torch_dtype
 
     m = params.merge
     base_dir, adapter_dir, prepared_dir, merged_dir = map(
@@ -113,7 +114,7 @@ def run(
         tags={"lineage.train_run_id": train_run_id} if train_run_id else None,
     ) as mlflow_run:
         # The hash the run's input tag already holds (DVC's md5 under dvc repro): not worked out twice.
-        adapter_hash = tracking.input_hashes(mlflow_run, {"adapter": adapter_dir})["adapter"]
+        adapter_hash = lineage.input_hashes(mlflow_run, {"adapter": adapter_dir})["adapter"]
         encoded = [
             tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0].to(device)
             for t in texts
@@ -199,7 +200,7 @@ def main() -> None:
 
     def _run() -> None:
         params = config.load()
-        models.pin_single_device(params.merge.device)  # one GPU on a multi-GPU host
+        loading.pin_single_device(params.merge.device)  # one GPU on a multi-GPU host
         run(params)
 
     runner.run_main(_run)

@@ -27,8 +27,8 @@ from typing import Any
 
 from dpo_pipeline.io import write_json
 from dpo_pipeline.layout import METRICS_DIR, PAIRS_DIR, TOKENIZED_DIR
-from dpo_pipeline.pairs import build, write
 from dpo_pipeline.runner import run_main
+from dpo_pipeline.train.pairs import build, write
 
 SECTIONS = [
     "seed",

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline import runner
+from dpo_pipeline.data.filters import check_split, data_metrics
+from dpo_pipeline.data.prepare import prepare_table
+from dpo_pipeline.data.raw import read_hub, read_local
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.filters import check_split, data_metrics
 from dpo_pipeline.io import (
     atomic_dir,
     sha256_file,
@@ -38,9 +40,7 @@ from dpo_pipeline.io import (
     write_prepared,
 )
 from dpo_pipeline.layout import BASE_DIR, METRICS_DIR, PREPARED_DIR
-from dpo_pipeline.models import load_tokenizer
-from dpo_pipeline.preparation import prepare_table
-from dpo_pipeline.raw import read_hub, read_local
+from dpo_pipeline.models.loading import load_tokenizer
 
 # Exactly the params this stage declares in dvc.yaml (the length limits belong to the tokenize stage).
 SECTIONS = [

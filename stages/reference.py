@@ -28,8 +28,8 @@ from typing import Any
 
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
-from dpo_pipeline.models import pin_single_device
-from dpo_pipeline.reference import SECTIONS, compute
+from dpo_pipeline.models.loading import pin_single_device
+from dpo_pipeline.train.reference import SECTIONS, compute
 
 
 def run(
@@ -42,19 +42,19 @@ def run(
     """Write data/reference/; returns its meta.json content."""
     import pyarrow.parquet as pq
 
-    from dpo_pipeline import tracking
+    from dpo_pipeline import lineage, tracking
     from dpo_pipeline.layout import SELECTED_FILE
 
     selected_file = Path(pairs_dir) / SELECTED_FILE
     inputs = {"base": Path(base_dir), "tokenized": Path(tokenized_dir), "selected": selected_file}
     with tracking.stage_run("reference", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
-        hashes = tracking.input_hashes(mlflow_run, inputs)
+        hashes = lineage.input_hashes(mlflow_run, inputs)
         meta: dict[str, Any] = {
             "precompute_ref": params.train.precompute_ref,
             "base_hash": hashes["base"],
             "tokenized_hash": hashes["tokenized"],
             "selected_hash": hashes["selected"],
-            "params": tracking.params_for(params, SECTIONS),
+            "params": lineage.params_for(params, SECTIONS),
         }
         tables = compute(params, base_dir, tokenized_dir, pairs_dir) if params.train.precompute_ref else {}
         meta["rows"] = {split: table.num_rows for split, table in tables.items()}

@@ -31,16 +31,16 @@ from typing import Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import atomic_write_bytes, read_json, write_json
-from dpo_pipeline.layout import MERGED_DIR, METRICS_DIR
-from dpo_pipeline.reporting import calibrate, calibration_warning, card_section, read_docs
-from dpo_pipeline.scoring import (
+from dpo_pipeline.evaluate.compare import (
     add_averages,
     add_uncertainty,
     bucket_counts,
     check_comparable,
     compare_scores,
 )
+from dpo_pipeline.evaluate.report import calibrate, calibration_warning, card_section, read_docs
+from dpo_pipeline.io import atomic_write_bytes, read_json, write_json
+from dpo_pipeline.layout import MERGED_DIR, METRICS_DIR
 
 SECTIONS = ["report"]
 FILES = {
@@ -62,7 +62,7 @@ def run(params: Any, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]:
     """Write metrics/eval.json and metrics/eval_card.md; returns eval.json's content."""
     import logging
 
-    from dpo_pipeline import tracking
+    from dpo_pipeline import lineage, tracking
 
     metrics_dir = Path(metrics_dir)
     r = params.report
@@ -111,8 +111,8 @@ def run(params: Any, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]:
             adapter_hash=str(meta.get("adapter_hash", "")),
             tags={
                 "dvc.path": str(MERGED_DIR),
-                "dvc.md5": tracking.dvc_lock_md5(MERGED_DIR) or "",
-                "git.commit": tracking.git_tags().get("git.commit", ""),
+                "dvc.md5": lineage.dvc_lock_md5(MERGED_DIR) or "",
+                "git.commit": lineage.git_tags().get("git.commit", ""),
                 "lineage.adapter.hash": str(meta.get("adapter_hash", "")),
                 "lineage.train_run_id": str(meta.get("train_run_id", "")),
                 "lineage.evaluate_run_id": str(meta.get("run_id", "")),

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline import runner
+from dpo_pipeline.data.tables import read_drop_ids, read_prepared
+from dpo_pipeline.data.tokens import check_split, token_metrics, tokenize_split
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, CONTAMINATION_DIR, METRICS_DIR, PREPARED_DIR, SPLITS, TOKENIZED_DIR
-from dpo_pipeline.models import load_tokenizer
-from dpo_pipeline.tokens import check_split, read_drop_ids, read_prepared, token_metrics, tokenize_split
+from dpo_pipeline.models.loading import load_tokenizer
 
 logger = logging.getLogger("stages.tokenize")  # the same name when run as __main__
 

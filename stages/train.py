@@ -59,7 +59,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import layout, pairs, reference, trl_glue
+from dpo_pipeline import layout
+from dpo_pipeline.data.tables import read_tokenized
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     atomic_dir,
@@ -67,7 +68,6 @@ from dpo_pipeline.io import (
     template_hash,
     write_json,
 )
-from dpo_pipeline.launch import is_distributed_worker, launch
 from dpo_pipeline.layout import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -81,7 +81,7 @@ from dpo_pipeline.layout import (
     TRAIN_RUN_FILE,
     TRAIN_SUMMARY,
 )
-from dpo_pipeline.models import (
+from dpo_pipeline.models.loading import (
     base_module_kinds,
     check_target_modules,
     load_policy,
@@ -92,10 +92,8 @@ from dpo_pipeline.models import (
     require_safetensors,
     resolve_device,
 )
-from dpo_pipeline.pairs import rows_in_order
-from dpo_pipeline.reference import attach_reference, read_reference
-from dpo_pipeline.tokens import read_tokenized
-from dpo_pipeline.training import (
+from dpo_pipeline.train import pairs, reference, trl_glue
+from dpo_pipeline.train.dpo import (
     SECTIONS,
     across_processes,
     checkpoint_key,
@@ -109,7 +107,10 @@ from dpo_pipeline.training import (
     to_dataset,
     train_summary,
 )
-from dpo_pipeline.trl_glue import trainer_class
+from dpo_pipeline.train.launch import is_distributed_worker, launch
+from dpo_pipeline.train.pairs import rows_in_order
+from dpo_pipeline.train.reference import attach_reference, read_reference
+from dpo_pipeline.train.trl_glue import trainer_class
 
 logger = logging.getLogger("stages.train")  # the same name when run as __main__
 
@@ -131,7 +132,7 @@ def run(
 
     `run_path` gets this run's MLflow run id: the lineage merge puts in the merged model card and evaluate in
     its tags. Kept out of models/adapter, so identical weights still give a byte-identical adapter folder."""
-    from dpo_pipeline import tracking
+    from dpo_pipeline import lineage, tracking
 
     base_dir, tokenized_dir, reference_dir = Path(base_dir), Path(tokenized_dir), Path(reference_dir)
     t = params.train
@@ -163,7 +164,7 @@ def run(
         tracking.set_tags(
             {"chat_template.sha256": template_hash(tokenizer.chat_template), "collapse_warning": "false"}
         )
-        hashes = tracking.input_hashes(mlflow_run, inputs)
+        hashes = lineage.input_hashes(mlflow_run, inputs)
 
         datasets = {}
         tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
@@ -176,7 +177,7 @@ def run(
                     "base_hash": hashes["base"],
                     "tokenized_hash": hashes["tokenized"],
                     "selected_hash": hashes["selected"],
-                    "params": tracking.params_for(params, reference.SECTIONS),
+                    "params": lineage.params_for(params, reference.SECTIONS),
                 }
                 cached = read_reference(reference_dir, split, expected)
                 table = attach_reference(table, cached, reference_dir / f"{split}.parquet")

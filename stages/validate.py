@@ -62,7 +62,7 @@ def base_facts(params: Any) -> tuple[list[str], dict[str, Any] | None, str]:
     """(special tokens, config.json, where from) of the base the params name, as far as they are known before
     the base stage runs: the builtin's from its params; a hub base's from the HF cache's pinned snapshot."""
     if params.base.source == "builtin":
-        from dpo_pipeline.builtin import SPECIAL_TOKENS
+        from dpo_pipeline.models.builtin import SPECIAL_TOKENS
 
         config = {"model_type": "mistral", "num_hidden_layers": params.base.builtin.num_hidden_layers}
         return list(SPECIAL_TOKENS), config, "base.builtin"
@@ -73,7 +73,7 @@ def base_facts(params: Any) -> tuple[list[str], dict[str, Any] | None, str]:
     cached = try_to_load_from_cache(params.base.name, "config.json", revision=params.base.revision)
     if not isinstance(cached, str):
         return [], None, f"{params.base.name}@{params.base.revision} (not in the local cache)"
-    from dpo_pipeline.models import special_tokens_from_files
+    from dpo_pipeline.models.loading import special_tokens_from_files
 
     folder = Path(cached).parent
     try:
@@ -86,15 +86,15 @@ def base_facts(params: Any) -> tuple[list[str], dict[str, Any] | None, str]:
 def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
     """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
     from dpo_pipeline import config
-    from dpo_pipeline.raw import read_local
+    from dpo_pipeline.data.raw import read_local
 
     params = config.load(params_path)
     report: dict[str, Any] = {"params": str(params_path)}
     specials, base_config, base_source = base_facts(params)
     if params.data.source == "local":
-        from dpo_pipeline.filters import special_texts
-        from dpo_pipeline.pairs import global_batch
-        from dpo_pipeline.preparation import check_split_sizes
+        from dpo_pipeline.data.filters import special_texts
+        from dpo_pipeline.data.prepare import check_split_sizes
+        from dpo_pipeline.train.pairs import global_batch
 
         table, schema = read_local(Path(params.data.path), params.data.columns)
         report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
@@ -104,7 +104,7 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
         )
         report.update(rows_train=kept["rows_train"], rows_test=kept["rows_test"])
     if base_config is not None:
-        from dpo_pipeline.models import check_target_modules, known_module_kinds
+        from dpo_pipeline.models.loading import check_target_modules, known_module_kinds
 
         kinds = known_module_kinds(base_config)
         if kinds is not None:
@@ -114,7 +114,7 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
             report.update(lora_targets="checked")
     require_devices(params, str(params_path))
     if params.base.source == "builtin" and params.base.builtin.corpus != params.data.path:
-        from dpo_pipeline.raw import read_corpus
+        from dpo_pipeline.data.raw import read_corpus
 
         corpus = params.base.builtin.corpus
         rows = read_corpus(corpus)

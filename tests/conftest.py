@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline import builtin
+from dpo_pipeline.models import builtin
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

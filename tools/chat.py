@@ -58,7 +58,7 @@ def stream_answer(
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    from dpo_pipeline.scoring import generation_kwargs
+    from dpo_pipeline.evaluate.samples import generation_kwargs
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -94,10 +94,10 @@ def stream_answer(
 
 def chat(model_name: str, system: str, params_path: str, stdin=None, out=None) -> int:
     from dpo_pipeline import config
-    from dpo_pipeline.chatml import conversation
+    from dpo_pipeline.data.chatml import conversation
     from dpo_pipeline.errors import StageError
-    from dpo_pipeline.models import require_safetensors
-    from dpo_pipeline.scoring import load_eval_model
+    from dpo_pipeline.evaluate.harness import load_eval_model
+    from dpo_pipeline.models.loading import require_safetensors
 
     stdin = stdin or sys.stdin
     out = out or sys.stdout

@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dpo_pipeline import lineage
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import BASE_DIR, BASE_INFO, METRICS_DIR, PREPARED_DIR, SCRATCH_DIR, TRAIN_RUN_FILE
-from dpo_pipeline.publishing import KINDS, base_license, build_folder, card, dataset_ids, hub_license
+from dpo_pipeline.models.publish import KINDS, base_license, build_folder, card, dataset_ids, hub_license
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -57,7 +58,6 @@ def require_reproducible() -> str:
 
 
 def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
-    from dpo_pipeline import tracking
     from dpo_pipeline.io import read_json
 
     base_info = read_json(BASE_DIR / BASE_INFO) if (BASE_DIR / BASE_INFO).is_file() else {}
@@ -67,7 +67,7 @@ def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
     if (PREPARED_DIR / "train.parquet").is_file():
         import pyarrow.parquet as pq
 
-        from dpo_pipeline.merging import data_metadata
+        from dpo_pipeline.models.merge import data_metadata
 
         prepared_meta = data_metadata(pq.read_schema(PREPARED_DIR / "train.parquet").metadata)
     pairs = read_json(METRICS_DIR / "pairs.json") if (METRICS_DIR / "pairs.json").is_file() else {}
@@ -85,8 +85,8 @@ def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
         "dtype": params.merge.dtype,
         "git_commit": commit,
         "artifact_path": str(source),
-        "artifact_md5": tracking.dvc_lock_md5(source) or "(not in dvc.lock)",
-        "prepared_md5": tracking.dvc_lock_md5(PREPARED_DIR) or "",
+        "artifact_md5": lineage.dvc_lock_md5(source) or "(not in dvc.lock)",
+        "prepared_md5": lineage.dvc_lock_md5(PREPARED_DIR) or "",
         "raw_source": prepared_meta.get("raw_source", ""),
         "raw_data_hash": prepared_meta.get("raw_data_hash", ""),
         "pairs_trained": pairs.get("selected_train", ""),
@@ -160,7 +160,7 @@ def publish(repo_id: str, kind: str, dry_run: bool, private: bool, params_path: 
         return folder
     with tracking.stage_run("publish", params, sections=[], inputs={kind: KINDS[kind]}):
         record = upload(folder, repo_id, private, f"dpo-pipeline {kind} from commit {commit}")
-        record.update(kind=kind, git_commit=commit, artifact_md5=tracking.dvc_lock_md5(KINDS[kind]) or "")
+        record.update(kind=kind, git_commit=commit, artifact_md5=lineage.dvc_lock_md5(KINDS[kind]) or "")
         write_json(METRICS_DIR / "publish.json", record)
         tracking.set_tags({f"hub.{k}": v for k, v in record.items()})
         if kind == "merged":

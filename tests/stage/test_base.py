@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 
-from dpo_pipeline import chatml, hub
+from dpo_pipeline.data import chatml
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json, template_hash
-from dpo_pipeline.models import load_model, load_tokenizer, require_safetensors
+from dpo_pipeline.models import hub
+from dpo_pipeline.models.loading import load_model, load_tokenizer, require_safetensors
 from stages import base
 from tests.conftest import replace_params
 

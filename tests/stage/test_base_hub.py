@@ -14,7 +14,7 @@ import pytest
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json
-from dpo_pipeline.models import load_model, load_tokenizer
+from dpo_pipeline.models.loading import load_model, load_tokenizer
 from stages import base
 from tests.conftest import replace_params
 from tools import hub_layout as hub_cache

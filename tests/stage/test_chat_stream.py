@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from dpo_pipeline.scoring import load_eval_model
+from dpo_pipeline.evaluate.harness import load_eval_model
 from tests.conftest import replace_params
 from tools import chat
 

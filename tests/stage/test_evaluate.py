@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline import chatml, scoring
+from dpo_pipeline.data import chatml
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.evaluate import harness, samples
+from dpo_pipeline.evaluate import tasks as tasks_lib
 from dpo_pipeline.io import read_json
-from dpo_pipeline.models import load_model, load_tokenizer
+from dpo_pipeline.models.loading import load_model, load_tokenizer
 from stages import evaluate, report
 from tests.conftest import REPO, replace_params
 
@@ -132,8 +134,8 @@ def _only(params, *names: str):
 def test_preference_task_scores_the_constructed_models_one_and_zero(tiny_params, eval_inputs):
     params = _only(tiny_params, "dpo_heldout_pref")
     for model, expected in (("prefers_chosen", 1.0), ("prefers_rejected", 0.0)):
-        results = scoring.run_lm_eval(eval_inputs[model], params, TASKS_DIR, eval_inputs["prepared"])
-        scores = scoring.flat_scores(results, ["dpo_heldout_pref"])
+        results = harness.run_lm_eval(eval_inputs[model], params, TASKS_DIR, eval_inputs["prepared"])
+        scores = harness.flat_scores(results, ["dpo_heldout_pref"])
         assert scores["dpo_heldout_pref/acc"] == expected, model
         assert scores["dpo_heldout_pref/acc_norm"] == expected, model
         assert results["n-samples"]["dpo_heldout_pref"]["effective"] == N_ROWS
@@ -323,10 +325,10 @@ def test_evaluate_runs_are_tracked(evaluated):
 
 
 def test_sample_generation_is_seeded(tiny_base_dir, tiny_params):
-    first = scoring.generate_samples(tiny_base_dir, tiny_params)
-    again = scoring.generate_samples(tiny_base_dir, tiny_params)
+    first = samples.generate_samples(tiny_base_dir, tiny_params)
+    again = samples.generate_samples(tiny_base_dir, tiny_params)
     assert first == again
-    other = scoring.generate_samples(tiny_base_dir, replace_params(tiny_params, seed=tiny_params.seed + 1))
+    other = samples.generate_samples(tiny_base_dir, replace_params(tiny_params, seed=tiny_params.seed + 1))
     assert [s["answer"] for s in other] != [s["answer"] for s in first]
 
 
@@ -349,19 +351,19 @@ def test_groups_and_per_task_few_shot_go_through_the_registry_path(
     )
     # A group counts as a registry name (lm-eval's own index would be scanned, ~15 s); it is the same code
     # path either way, so the test declares it local to skip that scan.
-    assert "pref_suite" not in scoring.local_task_names(tasks)
-    local = scoring.local_task_names
-    monkeypatch.setattr(scoring, "local_task_names", lambda d: local(d) | {"pref_suite"})
+    assert "pref_suite" not in tasks_lib.local_task_names(tasks)
+    local = tasks_lib.local_task_names
+    monkeypatch.setattr(tasks_lib, "local_task_names", lambda d: local(d) | {"pref_suite"})
     params = replace_params(
         tiny_params,
         eval={"tasks": [EvalTask("pref_suite", 2), EvalTask("chatml_format", 0)], "limit": 3},
     )
-    results = scoring.run_lm_eval(eval_inputs["prefers_chosen"], params, tasks, eval_inputs["prepared"])
+    results = harness.run_lm_eval(eval_inputs["prefers_chosen"], params, tasks, eval_inputs["prepared"])
     assert results["n-shot"]["dpo_heldout_pref"] == 2
     assert results["n-shot"]["chatml_format"] == 0
-    scores = scoring.flat_scores(results, ["pref_suite", "chatml_format"])
+    scores = harness.flat_scores(results, ["pref_suite", "chatml_format"])
     assert scores["pref_suite/acc_norm"] == 1.0
-    assert scoring.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}
+    assert harness.primary_keys(results, ["pref_suite"]) == {"pref_suite": "pref_suite/acc_norm"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""models.load_model reads safetensors with pread (not a memory map) and loads exactly the same tensors."""
+"""loading.load_model reads safetensors with pread (not a memory map) and loads exactly the same tensors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import transformers.modeling_utils as modeling_utils
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from dpo_pipeline import models
+from dpo_pipeline.models import loading
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -22,7 +22,7 @@ def test_load_model_reads_with_pread_and_restores_transformers(tiny_base_dir, mo
         return original(filename, framework=framework, device=device, backend=backend)
 
     monkeypatch.setattr(modeling_utils, "safe_open", spy)
-    models.load_model(tiny_base_dir)
+    loading.load_model(tiny_base_dir)
     assert backends and set(backends) == {"pread"}
     assert modeling_utils.safe_open is spy  # put back after the load
 
@@ -43,7 +43,7 @@ def test_pread_and_mmap_loads_are_bit_identical_also_in_4bit(tiny_base_dir):
             )
         },
     ):
-        read = _state(models.load_model(tiny_base_dir, **kwargs))
+        read = _state(loading.load_model(tiny_base_dir, **kwargs))
         mapped = _state(
             AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), local_files_only=True, **kwargs)
         )

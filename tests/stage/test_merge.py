@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline import merging
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json
-from dpo_pipeline.models import load_model, load_tokenizer
+from dpo_pipeline.models import merge as merge_lib
+from dpo_pipeline.models.loading import load_model, load_tokenizer
 from stages import merge
 from tests.conftest import replace_params
 
@@ -113,7 +113,7 @@ def merged(tmp_path_factory, tiny_params, merge_inputs):
 
 def _token_logps(model, tokenizer, text: str):
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return merging.token_logprobs(model, ids)
+    return merge_lib.token_logprobs(model, ids)
 
 
 def test_merge_metrics_show_a_small_fidelity_error_and_a_real_delta(merged, tiny_params):
@@ -277,30 +277,30 @@ def test_fidelity_texts_take_the_first_rows_by_id():
     import pyarrow as pa
 
     table = pa.table({"id": ["b", "a", "c"], "prompt": ["P2", "P1", "P3"], "chosen": ["C2", "C1", "C3"]})
-    assert merging.fidelity_texts(table, 2) == ["P1C1", "P2C2"]
-    assert merging.fidelity_texts(table, 10) == ["P1C1", "P2C2", "P3C3"]
+    assert merge_lib.fidelity_texts(table, 2) == ["P1C1", "P2C2"]
+    assert merge_lib.fidelity_texts(table, 10) == ["P1C1", "P2C2", "P3C3"]
     with pytest.raises(StageError, match="missing column.*chosen"):
-        merging.fidelity_texts(table.drop(["chosen"]), 2, "x/test.parquet")
+        merge_lib.fidelity_texts(table.drop(["chosen"]), 2, "x/test.parquet")
     with pytest.raises(StageError, match="no rows"):
-        merging.fidelity_texts(table.slice(0, 0), 2)
+        merge_lib.fidelity_texts(table.slice(0, 0), 2)
 
 
 def test_fidelity_stats_and_violations(tiny_params):
     import torch
 
-    stats = merging.fidelity_stats(
+    stats = merge_lib.fidelity_stats(
         [torch.tensor([0.0, -1.0]), torch.tensor([-2.0])], [torch.tensor([0.0, -1.5]), torch.tensor([-2.1])]
     )
     assert stats["tokens"] == 3
     assert stats["max_abs"] == pytest.approx(0.5)
     assert stats["mean_abs"] == pytest.approx(0.2)
     m = dataclasses.replace(tiny_params.merge, fidelity_max_abs=0.1, fidelity_mean_abs=0.01)
-    problems = merging.fidelity_violations(stats, m)
+    problems = merge_lib.fidelity_violations(stats, m)
     assert len(problems) == 2 and "fidelity_max_abs" in problems[0] and "fidelity_mean_abs" in problems[1]
-    assert merging.fidelity_violations({"max_abs": 0.05, "mean_abs": 0.001}, m) == []
-    assert merging.fidelity_violations({"max_abs": float("nan"), "mean_abs": 0.0}, m)  # NaN never passes
+    assert merge_lib.fidelity_violations({"max_abs": 0.05, "mean_abs": 0.001}, m) == []
+    assert merge_lib.fidelity_violations({"max_abs": float("nan"), "mean_abs": 0.0}, m)  # NaN never passes
 
 
 def test_model_card_without_optional_inputs_is_still_complete():
-    card = merging.model_card({"merge": {"merge.dtype": "float16"}})
+    card = merge_lib.model_card({"merge": {"merge.dtype": "float16"}})
     assert "unknown base model" in card and "_not recorded_" in card and "## Scores" in card

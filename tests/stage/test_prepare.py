@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dpo_pipeline import chatml, filters
+from dpo_pipeline.data import chatml, filters
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json, sha256_file, template_hash
 from stages import prepare
@@ -106,7 +106,7 @@ def test_counts_add_up_and_quirks_are_dropped(prepared, raw_rows):
 
 
 def test_rows_are_formatted_and_ided(prepared, tiny_params, tiny_base_dir):
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tmp, _, _ = prepared
     tokenizer = load_tokenizer(tiny_base_dir)
@@ -127,7 +127,7 @@ def test_rows_are_formatted_and_ided(prepared, tiny_params, tiny_base_dir):
 
 
 def test_parquet_metadata_records_raw_hash_template_and_counts(prepared, tiny_base_dir):
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tmp, raw, metrics = prepared
     for name in ("train", "test"):

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_pipeline import layout, models, tokens, training
-from dpo_pipeline import pairs as pairs_lib
-from dpo_pipeline import reference as reference_lib
+from dpo_pipeline import layout
+from dpo_pipeline.data import tables, tokens
+from dpo_pipeline.models import loading
+from dpo_pipeline.train import dpo
+from dpo_pipeline.train import pairs as pairs_lib
+from dpo_pipeline.train import reference as reference_lib
 from tests.conftest import REPO, replace_params
 from tests.stage.test_train import pairs_of, write_pairs
 
@@ -23,7 +26,7 @@ def train_params(tiny_params):
 
 @pytest.fixture(scope="module")
 def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     root = tmp_path_factory.mktemp("ref_pairs")
     return write_pairs(root, raw_rows[:40], load_tokenizer(tiny_base_dir), train_params, 10)
@@ -66,10 +69,10 @@ def test_reference_is_the_base_model_alone(reference_dir, tokenized_dir, tiny_ba
     import pyarrow.parquet as pq
     import torch
 
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
-    model = models.load_policy(tiny_base_dir, train_params.train).eval()
+    model = loading.load_policy(tiny_base_dir, train_params.train).eval()
     prepared = {
         row["id"]: row
         for row in pq.read_table(tokenized_dir.parent / "prepared" / "test.parquet").to_pylist()
@@ -168,7 +171,7 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     import pyarrow.parquet as pq
     import torch
 
-    prepared = training.to_dataset(tokens.read_tokenized(tokenized_dir, "train"))
+    prepared = dpo.to_dataset(tables.read_tokenized(tokenized_dir, "train"))
     reordered = reference_lib.longest_first(prepared)
     lengths = reordered[tokens.LENGTH_COLUMN]
     assert lengths == sorted(lengths, reverse=True)

@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dpo_pipeline import layout, tokens, training
+from dpo_pipeline import layout
+from dpo_pipeline.data import tables, tokens
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import read_json
+from dpo_pipeline.train import dpo as dpo_lib
 from stages import tokenize
 from tests.conftest import replace_params
 from tests.stage.test_prepare import run_into, write_rows
@@ -33,7 +35,7 @@ EXPECTED_SCHEMA = pa.schema(
 
 def write_drop_ids(folder: Path, ids=()) -> Path:
     """What the decontaminate stage leaves: the training row ids to drop (none unless dropping)."""
-    from dpo_pipeline.contamination import ids_table
+    from dpo_pipeline.data.contamination import ids_table
 
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(ids_table(ids), folder / layout.DROP_FILE)
@@ -69,10 +71,10 @@ def prepared_dir(tmp_path_factory, tiny_params, raw_rows, tiny_base_dir) -> Path
 @pytest.fixture(scope="module")
 def limited_params(tiny_params, prepared_dir, tiny_base_dir):
     """Limits that drop some rows of the sample under each reason (set from the rows' real lengths)."""
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
-    table = tokens.read_prepared(prepared_dir, "train")
+    table = tables.read_prepared(prepared_dir, "train")
     everything, _ = tokens.tokenize_split(table, tokenizer, tiny_params.data)
     lengths = tokens.token_lengths(everything)
     prompts = sorted(lengths["prompt"].to_pylist())
@@ -123,15 +125,15 @@ def test_ids_equal_trls_own_tokenization(tokenized, prepared_dir, tiny_base_dir,
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tmp, _ = tokenized
     tokenizer = load_tokenizer(tiny_base_dir)
-    args = training.dpo_config(limited_params, tmp_path / "ckpt")
+    args = dpo_lib.dpo_config(limited_params, tmp_path / "ckpt")
     stand_in = types.SimpleNamespace(_tokenizer=tokenizer)  # the one attribute trl's method reads
     for split in layout.SPLITS:
         ours = pq.read_table(tmp / "data" / "tokenized" / f"{split}.parquet")
-        texts = tokens.trl_texts(tokens.read_prepared(prepared_dir, split), tokenizer.eos_token)
+        texts = tokens.trl_texts(tables.read_prepared(prepared_dir, split), tokenizer.eos_token)
         texts = texts.filter(pa.compute.is_in(texts["id"], value_set=ours["id"]))
         theirs = DPOTrainer._prepare_dataset(stand_in, Dataset(texts), tokenizer, args, split)
         assert list(theirs["id"]) == ours["id"].to_pylist()
@@ -146,12 +148,12 @@ def test_batched_tokenization_equals_trl_on_the_rows_trl_treats_specially(
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
     from tests.stage.test_train import chatml_prompt
 
     tokenizer = load_tokenizer(tiny_base_dir)
     eos = tokenizer.eos_token
-    args = training.dpo_config(tiny_params, tmp_path / "ckpt")
+    args = dpo_lib.dpo_config(tiny_params, tmp_path / "ckpt")
     # An answer without the eos (trl appends it), a prompt ending inside a word so that prompt+answer
     # tokenizes across the boundary (the answer starts where the token sequences diverge), and a prompt that
     # fills max_length (keep_start truncation drops the row).

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline import models, tokens, training, trl_glue
-from dpo_pipeline import pairs as pairs_lib
+from dpo_pipeline.data import tables, tokens
+from dpo_pipeline.models import loading
+from dpo_pipeline.train import dpo, trl_glue
+from dpo_pipeline.train import pairs as pairs_lib
 from tests.conftest import REPO, replace_params
 
 ANSWER_END = "<|im_end|>\n"
@@ -84,7 +86,7 @@ def train_params(tiny_params):
 
 @pytest.fixture(scope="session")
 def tokenized_dir(tmp_path_factory, tiny_base_dir, raw_rows, train_params) -> Path:
-    from dpo_pipeline.models import load_tokenizer
+    from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base_dir)
     return write_pairs(tmp_path_factory.mktemp("pairs"), raw_rows[:60], tokenizer, train_params, 12)
@@ -179,7 +181,7 @@ def test_outputs_and_metrics(trained, train_params):
     assert not list(adapter.glob("*.bin")), "pickle weights must never be written"
 
     metrics = json.loads((trained / "metrics" / "train.json").read_text())
-    assert set(metrics) == set(training.METRIC_KEYS)
+    assert set(metrics) == set(dpo.METRIC_KEYS)
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["train_steps"] == train_params.train.max_steps
     assert 0.0 <= metrics["eval_rewards_accuracies"] <= 1.0
@@ -189,7 +191,7 @@ def test_outputs_and_metrics(trained, train_params):
 
     with open(trained / "metrics" / "train_history.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(training.HISTORY_COLUMNS)
+    assert list(rows[0]) == list(dpo.HISTORY_COLUMNS)
     assert [int(r["step"]) for r in rows] == list(range(1, train_params.train.max_steps + 1))
     assert float(rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
 
@@ -197,7 +199,7 @@ def test_outputs_and_metrics(trained, train_params):
     summary = json.loads((adapter / "train_summary.json").read_text())
     assert summary["params"]["train"]["lora"]["r"] == 4 and summary["params"]["seed"] == train_params.seed
     assert summary["params"]["data.max_length"] == train_params.data.max_length
-    assert summary["metrics"] == {k: metrics[k] for k in training.SUMMARY_METRIC_KEYS}
+    assert summary["metrics"] == {k: metrics[k] for k in dpo.SUMMARY_METRIC_KEYS}
     assert "train_runtime_s" not in summary["metrics"] and "mlflow_run_id" not in summary
 
     # A finished run deletes its checkpoints.
@@ -208,7 +210,7 @@ def test_lora_weights_changed_and_base_did_not(trained, tiny_base_dir):
     import torch
     from peft import PeftModel
 
-    from dpo_pipeline.models import load_model
+    from dpo_pipeline.models.loading import load_model
 
     assert (
         hashlib.sha256((tiny_base_dir / "model.safetensors").read_bytes()).hexdigest()
@@ -271,19 +273,19 @@ def test_cached_reference_matches_on_the_fly(
 
     # trl's own precompute inside a train-configured trainer (real LoRA adapter, disabled; trl's two rows per
     # pair, while the reference stage ran one row per pair, train.share_prompt), on the selected training pairs ...
-    tokenizer = models.load_tokenizer(tiny_base_dir)
+    tokenizer = loading.load_tokenizer(tiny_base_dir)
     selected = sorted(pairs_lib.read_selected(pairs_of(tokenized_dir))["train"])
-    dataset = training.to_dataset(
-        pairs_lib.rows_in_order(tokens.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
+    dataset = dpo.to_dataset(
+        pairs_lib.rows_in_order(tables.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
     )
     params = replace_params(train_params, train={"precompute_ref": True})
     assert params.train.share_prompt, "the reference fixture should share prompts (the profile's setting)"
     trainer = trl_glue.trainer_class(share_prompt=False)(
-        model=models.load_policy(tiny_base_dir, params.train),
-        args=training.dpo_config(params, tmp_path / "ckpt"),
+        model=loading.load_policy(tiny_base_dir, params.train),
+        args=dpo.dpo_config(params, tmp_path / "ckpt"),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=models.lora_config(params.train.lora),
+        peft_config=loading.lora_config(params.train.lora),
     )
     on_the_fly = {
         c: torch.tensor(trainer.train_dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")
@@ -405,7 +407,7 @@ def test_resume_after_kill_matches_uninterrupted(
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / "adapter").exists(), "a killed run publishes nothing"
 
-    assert training.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
+    assert dpo.latest_checkpoint(first.parent.parent).name == "checkpoint-2"
     run_train(train_params, tiny_base_dir, tokenized_dir, reference_dir, tmp_path)
     resumed_history = (tmp_path / "metrics" / "train_history.csv").read_text()
     assert resumed_history == (trained / "metrics" / "train_history.csv").read_text(), (

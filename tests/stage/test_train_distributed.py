@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_pipeline import pairs as pairs_lib
+from dpo_pipeline.train import pairs as pairs_lib
 from tests.conftest import REPO, replace_params
 from tests.stage import test_train as single_process
 from tests.stage.test_train import load_adapter, train_runs

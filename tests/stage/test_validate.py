@@ -198,7 +198,7 @@ def test_bad_corpus_is_named_when_it_is_not_the_raw_file(workdir, good_params):
 def test_a_raw_file_in_any_format_is_also_a_corpus(workdir, good_params, suffix):
     """The base stage reads its corpus with the raw data's own reader: a Parquet or JSON-array raw file that
     is also the builtin corpus passes (one reader, one verdict), and a separate one is read the same way."""
-    from dpo_pipeline import raw
+    from dpo_pipeline.data import raw
 
     path = workdir / f"raw/pairs{suffix}"
     if suffix == ".parquet":

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from dpo_pipeline import builtin, chatml, hub, raw
-from dpo_pipeline.chatml import CHATML_TEMPLATE
+from dpo_pipeline.data import chatml, raw
+from dpo_pipeline.data.chatml import CHATML_TEMPLATE
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.models import builtin, hub
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ _DELETE = object()
 def test_every_params_file_loads(path):
     params = config.load(path)
     assert params.data.max_length > params.data.max_prompt_length
-    from dpo_pipeline.trl_glue import DPO_LOSS_TYPES
+    from dpo_pipeline.config import DPO_LOSS_TYPES
 
     assert params.train.loss_type in DPO_LOSS_TYPES
 

@@ -59,29 +59,86 @@ def test_imports_flow_one_way():
         }
         assert not others, f"{path.name} imports stage module(s) {sorted(others)}"
     for folder in ("dpo_pipeline", "bench", "tools"):
-        for path in sorted((REPO / folder).glob("*.py")):
+        for path in sorted((REPO / folder).rglob("*.py")):
             upward = {m for m in dag.imported_modules(path) if m.split(".")[0] == "stages"}
             assert not upward, f"{folder}/{path.name} imports stage module(s) {sorted(upward)}"
-    for path in sorted((REPO / "dpo_pipeline").glob("*.py")):
+    for path in sorted((REPO / "dpo_pipeline").rglob("*.py")):
         tools = {m for m in dag.imported_modules(path) if m.split(".")[0] in ("tools", "bench")}
-        assert not tools, f"dpo_pipeline/{path.name} imports {sorted(tools)}"
+        assert not tools, f"{path.relative_to(REPO)} imports {sorted(tools)}"
+
+
+def _library_modules() -> list[str]:
+    return sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in (REPO / "dpo_pipeline").rglob("*.py")
+    )
+
+
+# The stages that train or score a reference: the only ones whose code may reach the training glue.
+TRAINING_STAGES = {"reference", "train"}
+TRAINING_GLUE = (
+    "dpo_pipeline/train/trl_glue.py",
+    "dpo_pipeline/train/shared_prompt.py",
+    "dpo_pipeline/train/dpo.py",
+)
+
+
+def test_only_the_training_stages_depend_on_the_training_glue():
+    """An edit to trl_glue, shared_prompt or the training module re-runs reference and train (and what their
+    outputs feed), never validate, base, the data stages or the evaluations: none of them imports it."""
+    modules = dag.stage_modules(DVC_YAML)
+    assert TRAINING_STAGES <= set(modules)
+    for stage, module in modules.items():
+        reached = set(dag.code_deps(module)) & set(TRAINING_GLUE)
+        if stage in TRAINING_STAGES:
+            assert reached, f"{stage} no longer reaches the training glue: update TRAINING_STAGES"
+        else:
+            assert not reached, f"stage {stage} depends on training glue {sorted(reached)}"
+
+
+def test_the_library_is_grouped_by_job():
+    """dpo_pipeline/ is a small core plus data/, models/, train/, evaluate/; no package imports a stage's
+    sibling package beyond the few named here (data: the eval tasks' documents for decontaminate, the base
+    tokenizer's special tokens for prepare; models: the raw reader and filters for the builtin's corpus;
+    evaluate and train: model loading and the data contract). A new cross-package import is a decision."""
+    allowed = {
+        "data": {"dpo_pipeline.evaluate.tasks", "dpo_pipeline.models.loading"},
+        "models": {"dpo_pipeline.data.raw", "dpo_pipeline.data.chatml", "dpo_pipeline.data.filters"},
+        "evaluate": {"dpo_pipeline.data.chatml", "dpo_pipeline.models.loading"},
+        "train": {"dpo_pipeline.models.loading", "dpo_pipeline.data.tables"},
+    }
+    packages = {p.name for p in (REPO / "dpo_pipeline").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(allowed)
+    for package, ok in allowed.items():
+        for path in sorted((REPO / "dpo_pipeline" / package).glob("*.py")):
+            others = {
+                m
+                for m in dag.imported_modules(path)
+                if len(m.split(".")) > 2 and m.split(".")[1] in packages and m.split(".")[1] != package
+            }
+            assert others <= ok, f"{path.relative_to(REPO)} imports {sorted(others - ok)}"
 
 
 def test_library_imports_have_no_side_effects(tmp_path):
-    """Importing every library module loads no ML framework and writes nothing."""
-    modules = sorted(f"dpo_pipeline.{p.stem}" for p in (REPO / "dpo_pipeline").glob("*.py"))
+    """Importing every library module loads no ML framework, sets no environment variable, writes nothing."""
+    modules = _library_modules()
     code = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
+        "env = dict(os.environ)\n"
         f"for name in {modules!r}: __import__(name)\n"
         "heavy = ('torch', 'transformers', 'trl', 'peft', 'mlflow', 'datasets', 'lm_eval', 'bitsandbytes')\n"
-        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+        "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
+        "print(json.dumps([sorted(m for m in heavy if m in sys.modules), changed]))\n"
     )
     before = sorted(tmp_path.iterdir())  # the autouse tracking fixture's mlflow.db
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert json.loads(out.stdout) == []
+    heavy, env_changed = json.loads(out.stdout)
+    assert len(modules) > 30 and "dpo_pipeline.train.trl_glue" in modules
+    assert heavy == [], f"importing the library loaded {heavy}"
+    assert env_changed == [], f"importing the library set environment variables {env_changed}"
     assert sorted(tmp_path.iterdir()) == before
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dpo_pipeline.models import one_visible_gpu, pin_single_device
+from dpo_pipeline.models.loading import one_visible_gpu, pin_single_device
 from tests.conftest import REPO
 
 

@@ -7,8 +7,11 @@ import math
 
 import pytest
 
-from dpo_pipeline import builtin, chatml, scoring
+from dpo_pipeline.data import chatml
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.evaluate import compare, harness, samples
+from dpo_pipeline.evaluate import tasks as tasks_lib
+from dpo_pipeline.models import builtin
 from stages import evaluate
 from tests.conftest import REPO
 
@@ -61,9 +64,9 @@ SUITE = ["arc_challenge", "hellaswag", "truthfulqa_mc2", "mmlu", "winogrande", "
 
 def test_flat_scores_pick_the_leaderboard_metric_per_task_and_average_them():
     results = leaderboard_results()
-    flat = scoring.flat_scores(results, SUITE)
+    flat = harness.flat_scores(results, SUITE)
     assert "average" not in flat  # averages are made where every task's scores are (add_averages)
-    scores = scoring.add_averages(flat, scoring.primary_keys(results, SUITE))
+    scores = compare.add_averages(flat, harness.primary_keys(results, SUITE))
     expected_primary = {
         "arc_challenge/acc_norm": 0.65,
         "hellaswag/acc_norm": 0.84,
@@ -86,7 +89,7 @@ def test_flat_scores_pick_the_leaderboard_metric_per_task_and_average_them():
 
 
 def test_primary_keys_name_the_flat_metric_per_task():
-    keys = scoring.primary_keys(leaderboard_results(), SUITE)
+    keys = harness.primary_keys(leaderboard_results(), SUITE)
     assert keys == {
         "arc_challenge": "arc_challenge/acc_norm",
         "hellaswag": "hellaswag/acc_norm",
@@ -101,7 +104,7 @@ def test_average_covers_every_requested_task_and_the_suite_average_needs_all_six
     results = leaderboard_results()
     results["results"]["dpo_heldout_pref"] = {"acc,none": 0.5, "acc_norm,none": 0.9, "acc_stderr,none": "N/A"}
     tasks = ["arc_challenge", "dpo_heldout_pref"]
-    scores = scoring.add_averages(scoring.flat_scores(results, tasks), scoring.primary_keys(results, tasks))
+    scores = compare.add_averages(harness.flat_scores(results, tasks), harness.primary_keys(results, tasks))
     assert scores["average"] == pytest.approx((0.65 + 0.9) / 2)
     assert "open_llm_v1/average" not in scores
     assert "dpo_heldout_pref/acc_stderr" not in scores  # "N/A" is not a number: left out
@@ -109,7 +112,7 @@ def test_average_covers_every_requested_task_and_the_suite_average_needs_all_six
 
 def test_averages_refuse_scores_without_a_primary_metric():
     with pytest.raises(StageError, match=r"metrics/eval_base\.json: no hellaswag/acc_norm to average"):
-        scoring.add_averages(
+        compare.add_averages(
             {"arc_challenge/acc_norm": 0.6}, {"hellaswag": "hellaswag/acc_norm"}, "metrics/eval_base.json"
         )
 
@@ -118,7 +121,7 @@ def test_each_evaluate_stage_scores_its_own_tasks():
     """The base's benchmark stage reads no pipeline data; the held-out stage scores exactly the tasks/ tasks
     whose documents are data/prepared; the merged model is scored on all of them, in params order."""
     names = ["arc_challenge", "dpo_heldout_pref", "hellaswag", "chatml_format"]
-    assert scoring.heldout_task_names(TASKS_DIR) == {"dpo_heldout_pref", "chatml_format"}
+    assert tasks_lib.heldout_task_names(TASKS_DIR) == {"dpo_heldout_pref", "chatml_format"}
     picked = {stage: evaluate.part_tasks(part, names, TASKS_DIR) for stage, part in evaluate.PARTS.items()}
     assert picked == {
         "evaluate_base": ["arc_challenge", "hellaswag"],
@@ -129,36 +132,36 @@ def test_each_evaluate_stage_scores_its_own_tasks():
 
 def test_group_results_are_found_in_the_groups_section():
     results = {"results": {}, "groups": {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.01}}}
-    assert scoring.flat_scores(results, ["mmlu"])["mmlu/acc"] == 0.4
+    assert harness.flat_scores(results, ["mmlu"])["mmlu/acc"] == 0.4
 
 
 def test_missing_task_or_metric_fails_with_a_clear_message():
     with pytest.raises(StageError, match="no results for task 'hellaswag'"):
-        scoring.flat_scores({"results": {}}, ["hellaswag"])
+        harness.flat_scores({"results": {}}, ["hellaswag"])
     with pytest.raises(StageError, match="gsm8k: expected metric 'exact_match,strict-match'"):
-        scoring.primary_metric("gsm8k", {"exact_match,flexible-extract": 0.5})
+        harness.primary_metric("gsm8k", {"exact_match,flexible-extract": 0.5})
 
 
 def test_unknown_tasks_fall_back_to_a_sensible_metric():
-    assert scoring.primary_metric("some_task", {"acc,none": 0.1, "acc_norm,none": 0.2}) == "acc_norm,none"
-    assert scoring.primary_metric("some_task", {"acc,none": 0.1, "f1,none": 0.2}) == "acc,none"
+    assert harness.primary_metric("some_task", {"acc,none": 0.1, "acc_norm,none": 0.2}) == "acc_norm,none"
+    assert harness.primary_metric("some_task", {"acc,none": 0.1, "f1,none": 0.2}) == "acc,none"
     assert (
-        scoring.primary_metric("some_task", {"f1,none": 0.2, "f1_stderr,none": 0.01, "bleu,none": math.nan})
+        harness.primary_metric("some_task", {"f1,none": 0.2, "f1_stderr,none": 0.01, "bleu,none": math.nan})
         == "f1,none"
     )
     with pytest.raises(StageError, match="no numeric metric"):
-        scoring.primary_metric("some_task", {"alias": "x"})
+        harness.primary_metric("some_task", {"alias": "x"})
 
 
 def test_flat_key_names():
-    assert scoring.flat_key("arc_challenge", "acc_norm,none") == "arc_challenge/acc_norm"
-    assert scoring.flat_key("gsm8k", "exact_match,strict-match") == "gsm8k/exact_match/strict-match"
+    assert harness.flat_key("arc_challenge", "acc_norm,none") == "arc_challenge/acc_norm"
+    assert harness.flat_key("gsm8k", "exact_match,strict-match") == "gsm8k/exact_match/strict-match"
 
 
 def test_compare_scores_adds_base_and_delta_but_no_delta_of_stderr():
     tuned = {"t/acc": 0.75, "t/acc_stderr": 0.1, "average": 0.75, "only_tuned": 1.0}
     base = {"t/acc": 0.5, "t/acc_stderr": 0.12, "average": 0.5, "only_base": 3.0}
-    out = scoring.compare_scores(tuned, base)
+    out = compare.compare_scores(tuned, base)
     assert out == {
         "t/acc": 0.75,
         "t/acc_base": 0.5,
@@ -173,7 +176,7 @@ def test_compare_scores_adds_base_and_delta_but_no_delta_of_stderr():
 
 
 def test_settings_meta_records_what_the_scores_depend_on(default_params):
-    meta = scoring.settings_meta(default_params, "0.4.13")
+    meta = harness.settings_meta(default_params, "0.4.13")
     assert meta == {
         "lm_eval_version": "0.4.13",
         "seed": default_params.seed,
@@ -182,7 +185,7 @@ def test_settings_meta_records_what_the_scores_depend_on(default_params):
         "dtype": default_params.eval.dtype,
         "num_fewshot": {"dpo_heldout_pref": 0, "chatml_format": 0},
     }
-    assert set(scoring.COMPARABLE_META) == set(meta)
+    assert set(compare.COMPARABLE_META) == set(meta)
 
 
 def test_check_comparable_refuses_base_scores_made_with_other_settings():
@@ -194,24 +197,24 @@ def test_check_comparable_refuses_base_scores_made_with_other_settings():
         "dtype": "float32",
         "num_fewshot": {"a": 0},
     }
-    scoring.check_comparable(meta, dict(meta), "metrics/eval_base.json")
+    compare.check_comparable(meta, dict(meta), "metrics/eval_base.json")
     with pytest.raises(StageError, match=r"metrics/eval_base\.json: meta\.num_fewshot .*evaluate_base"):
-        scoring.check_comparable(meta, {**meta, "num_fewshot": {"a": 5}}, "metrics/eval_base.json")
+        compare.check_comparable(meta, {**meta, "num_fewshot": {"a": 5}}, "metrics/eval_base.json")
 
 
 def test_simple_evaluate_settings_come_from_params(default_params):
     e = default_params.eval
-    kwargs = scoring.simple_evaluate_kwargs(e, 7)
+    kwargs = harness.simple_evaluate_kwargs(e, 7)
     assert kwargs["limit"] is None  # limit 0 = all documents
     assert "batch_size" not in kwargs and "device" not in kwargs  # the loaded model's wrapper has them
     assert {
         kwargs[k] for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
     } == {7}
-    assert scoring.simple_evaluate_kwargs(type(e)(**{**e.__dict__, "limit": 3}), 7)["limit"] == 3
+    assert harness.simple_evaluate_kwargs(type(e)(**{**e.__dict__, "limit": 3}), 7)["limit"] == 3
 
 
 def test_local_tasks_are_the_yamls_in_tasks_dir():
-    assert scoring.local_task_names(REPO / "tasks") == {"dpo_heldout_pref", "chatml_format"}
+    assert tasks_lib.local_task_names(REPO / "tasks") == {"dpo_heldout_pref", "chatml_format"}
 
 
 def test_every_recipe_task_has_the_leaderboard_metric(repo_root):
@@ -237,9 +240,9 @@ def test_every_recipe_task_has_the_leaderboard_metric(repo_root):
     }
     for name in fewshot:
         if name in wanted:
-            assert scoring.PRIMARY_METRICS[name] == wanted[name]
+            assert harness.PRIMARY_METRICS[name] == wanted[name]
         else:
-            assert name in scoring.local_task_names(repo_root / "tasks")
+            assert name in tasks_lib.local_task_names(repo_root / "tasks")
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +253,7 @@ def chatml_tokenizer():
 
 
 def test_sample_prompts_use_the_prepare_stage_format(chatml_tokenizer):
-    from dpo_pipeline.chatml import format_row
+    from dpo_pipeline.data.chatml import format_row
 
     for system in ("You are a helpful assistant chatbot.", ""):
         row = {
@@ -268,16 +271,16 @@ def test_sample_prompts_use_the_prepare_stage_format(chatml_tokenizer):
 
 
 def test_generation_kwargs_and_answer_decoding(chatml_tokenizer, default_params):
-    kwargs = scoring.generation_kwargs(default_params.eval, chatml_tokenizer)
+    kwargs = samples.generation_kwargs(default_params.eval, chatml_tokenizer)
     assert kwargs["do_sample"] is True
     assert (kwargs["temperature"], kwargs["top_p"], kwargs["max_new_tokens"]) == (0.7, 0.9, 48)
     assert kwargs["eos_token_id"] == chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     ids = chatml_tokenizer("A model", add_special_tokens=False)["input_ids"]
     eos = chatml_tokenizer.eos_token_id
-    assert scoring.decode_answer(ids + [eos] + ids, chatml_tokenizer) == ("A model", True)
-    assert scoring.decode_answer(ids, chatml_tokenizer) == ("A model", False)
-    assert scoring.decode_answer([eos], chatml_tokenizer) == ("", True)
+    assert samples.decode_answer(ids + [eos] + ids, chatml_tokenizer) == ("A model", True)
+    assert samples.decode_answer(ids, chatml_tokenizer) == ("A model", False)
+    assert samples.decode_answer([eos], chatml_tokenizer) == ("", True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""tracking.lineage_hash: DVC's md5 from dvc.lock for what a stage produced (no contents read), our sha256
+"""lineage.lineage_hash: DVC's md5 from dvc.lock for what a stage produced (no contents read), our sha256
 only for what DVC does not record, and never a stale record."""
 
 from __future__ import annotations
 
 import yaml
 
-from dpo_pipeline import tracking
+from dpo_pipeline import lineage
 from dpo_pipeline.io import sha256_file, sha256_tree
 
 
@@ -27,7 +27,7 @@ def test_an_output_in_dvc_lock_is_named_by_dvcs_md5_without_reading_it(tmp_path,
         raise AssertionError("a path dvc.lock records must not be hashed again")
 
     monkeypatch.setattr("dpo_pipeline.io.sha256_tree", no_reading)
-    assert tracking.lineage_hash("models/base", lock) == "md5:abc.dir"
+    assert lineage.lineage_hash("models/base", lock) == "md5:abc.dir"
 
 
 def test_a_changed_output_or_a_dep_falls_back_to_our_hash(tmp_path, monkeypatch):
@@ -42,11 +42,11 @@ def test_a_changed_output_or_a_dep_falls_back_to_our_hash(tmp_path, monkeypatch)
         [{"path": "data/raw.txt", "md5": "dep-md5", "size": 3}],
     )
     # the size differs from dvc.lock's record: a stage re-ran by hand, so dvc.lock's md5 is not its content
-    assert tracking.lineage_hash("data/out.txt", lock) == f"sha256:{sha256_file(out)}"
+    assert lineage.lineage_hash("data/out.txt", lock) == f"sha256:{sha256_file(out)}"
     # a dep's record is from the stage's previous run: stale by definition while the stage runs again
-    assert tracking.lineage_hash("data/raw.txt", lock) == f"sha256:{sha256_file(dep)}"
-    assert tracking.lineage_hash("data/absent", lock) == "missing"
-    assert tracking.lineage_hash(tmp_path / "data", lock) == f"sha256:{sha256_tree(tmp_path / 'data')}"
+    assert lineage.lineage_hash("data/raw.txt", lock) == f"sha256:{sha256_file(dep)}"
+    assert lineage.lineage_hash("data/absent", lock) == "missing"
+    assert lineage.lineage_hash(tmp_path / "data", lock) == f"sha256:{sha256_tree(tmp_path / 'data')}"
 
 
 def test_data_added_with_dvc_add_is_named_by_its_dvc_file(tmp_path, monkeypatch):
@@ -56,4 +56,4 @@ def test_data_added_with_dvc_add_is_named_by_its_dvc_file(tmp_path, monkeypatch)
     (tmp_path / "raw.jsonl.dvc").write_text(
         yaml.safe_dump({"outs": [{"path": "raw.jsonl", "md5": "f00d", "size": raw.stat().st_size}]})
     )
-    assert tracking.lineage_hash("raw.jsonl", tmp_path / "no.lock") == "md5:f00d"
+    assert lineage.lineage_hash("raw.jsonl", tmp_path / "no.lock") == "md5:f00d"

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dpo_pipeline import layout, training
-from dpo_pipeline import pairs as pairs_lib
-from dpo_pipeline import reference as reference_lib
+from dpo_pipeline import layout
+from dpo_pipeline.train import dpo
+from dpo_pipeline.train import pairs as pairs_lib
+from dpo_pipeline.train import reference as reference_lib
 from stages import pairs
 from tests.conftest import REPO, replace_params
 
@@ -107,6 +108,6 @@ def test_declared_params_and_deps_match_dvc_yaml():
 def test_train_reads_the_order_front_to_back(default_params, tmp_path):
     from torch.utils.data import SequentialSampler
 
-    config = training.dpo_config(default_params, tmp_path)
+    config = dpo.dpo_config(default_params, tmp_path)
     assert config.train_sampling_strategy == "sequential"
     assert isinstance(SequentialSampler(range(3)), SequentialSampler)

@@ -1,4 +1,4 @@
-"""dpo_pipeline.models.peak_memory_mb on the CPU: this process's own peak RSS, not an inherited one."""
+"""dpo_pipeline.models.loading.peak_memory_mb on the CPU: this process's own peak RSS, not an inherited one."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline.models import peak_memory_mb
+from dpo_pipeline.models.loading import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[2]
 PARENT_MB = 600  # what the parent touches before starting the child: well above an idle child with torch
@@ -28,7 +28,7 @@ def test_child_of_a_big_parent_reports_its_own_peak():
         import json, resource, subprocess, sys
         block = b"\\x01" * ({PARENT_MB} << 20)  # written, so resident
         child = subprocess.run(
-            [sys.executable, "-c", "from dpo_pipeline.models import peak_memory_mb; print(peak_memory_mb('cpu'))"],
+            [sys.executable, "-c", "from dpo_pipeline.models.loading import peak_memory_mb; print(peak_memory_mb('cpu'))"],
             capture_output=True, text=True, check=True,
         )
         print(json.dumps({{

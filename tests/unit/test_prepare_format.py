@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from dpo_pipeline import builtin, chatml, filters, preparation, raw
-from dpo_pipeline.chatml import CHATML_TEMPLATE
+from dpo_pipeline.data import chatml, filters, prepare, raw
+from dpo_pipeline.data.chatml import CHATML_TEMPLATE
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.models import builtin
 
 # Intel/orca_dpo_pairs row 1, as printed in Maxime Labonne's "Fine-tune a Mistral-7b model with Direct
 # Preference Optimization" (NeuralHermes-2.5) before and after `chatml_format`.
@@ -221,10 +222,10 @@ def test_split_fraction_is_close_to_test_fraction():
 
 def test_adding_rows_does_not_move_existing_rows_between_splits(tokenizer):
     rows = random_rows(400, seed=7)
-    train, test, _ = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
+    train, test, _ = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
     more = random_rows(300, seed=8)
     mixed = more[:150] + rows + more[150:]  # new rows before and after the old ones
-    train2, test2, _ = preparation.prepare_table(table_of(mixed), tokenizer, data_params(test_fraction=0.2))
+    train2, test2, _ = prepare.prepare_table(table_of(mixed), tokenizer, data_params(test_fraction=0.2))
     old_train, old_test = set(train["id"].to_pylist()), set(test["id"].to_pylist())
     new_train, new_test = set(train2["id"].to_pylist()), set(test2["id"].to_pylist())
     assert old_test and old_train
@@ -250,7 +251,7 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
     # Length is not prepare's business (the tokenize stage applies the limits): long rows are kept.
     long_rows = [dict(good[5], question=long_text), dict(good[6], chosen=long_text)]
     rows = good + bad + long_rows
-    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
     assert counts["rows_in"] == len(rows)
     assert counts["dropped"] == {
         "blank_question": 1,
@@ -262,7 +263,7 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
     assert tuple(counts["dropped"]) == filters.REASONS
     assert train.num_rows + test.num_rows == len(good) + len(long_rows)
     kept = pa.concat_tables([train, test])
-    assert kept.column_names == list(filters.OUTPUT_COLUMNS)
+    assert kept.column_names == list(filters.TOKENIZED_COLUMNS)
     # The first copy of a duplicate is kept: every id is unique.
     assert len(set(kept["id"].to_pylist())) == kept.num_rows
 
@@ -272,14 +273,14 @@ def test_a_row_is_counted_once_under_its_first_reason(tokenizer):
     rows.append(
         dict(rows[0], question=" ", chosen="", rejected="")
     )  # blank question, blank answers, identical
-    _, _, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    _, _, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
     assert counts["dropped"]["blank_question"] == 1
     assert sum(counts["dropped"].values()) == 1
 
 
 def test_metrics_are_flat_and_complete(tokenizer):
     rows = random_rows(60, seed=11)
-    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
     metrics = filters.data_metrics(train, test, counts)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     for reason in filters.REASONS:
@@ -303,14 +304,14 @@ def test_template_that_fails_to_render_is_a_stage_error(tokenizer):
 
 def test_no_rows_left_or_an_empty_split_stops_the_stage(tokenizer):
     rows = [dict(r, chosen=" ") for r in random_rows(5, seed=12)]
-    train, test, counts = preparation.prepare_table(table_of(rows), tokenizer, data_params())
+    train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params())
     metrics = filters.data_metrics(train, test, counts)
     with pytest.raises(
         StageError, match=r"raw.jsonl: no rows left after the content filters \(.*blank_answer=5"
     ):
         filters.check_split(train, test, metrics, "raw.jsonl", data_params())
     one = random_rows(1, seed=13)
-    train, test, counts = preparation.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
+    train, test, counts = prepare.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
     metrics = filters.data_metrics(train, test, counts)
     with pytest.raises(StageError, match="the test split is empty"):
         filters.check_split(train, test, metrics, "raw.jsonl", data_params(test_fraction=1e-9))
@@ -323,7 +324,7 @@ def test_a_row_whose_text_holds_a_special_token_is_dropped_and_counted(tokenizer
     turns. Dropped and counted (`special_token`), in any of the four columns, for every special token."""
     rows = random_rows(20, seed=12)
     forged = dict(rows[0], **{column: rows[0][column] + f" {marker}assistant\nI forge"})
-    train, test, counts = preparation.prepare_table(
+    train, test, counts = prepare.prepare_table(
         table_of(rows[1:] + [forged]), tokenizer, data_params(test_fraction=0.3)
     )
     assert counts["dropped"]["special_token"] == 1 and train.num_rows + test.num_rows == 19
@@ -339,13 +340,13 @@ def test_the_special_tokens_of_the_real_mistral_tokenizer_count_too(tmp_path):
     and the ChatML markers, read from the loaded tokenizer and from its files alone (validate), agree."""
     from transformers import AutoTokenizer
 
-    from dpo_pipeline import models
+    from dpo_pipeline.models import loading
     from tools import hub_layout
 
     folder = hub_layout.write_tokenizer(tmp_path / "tok")
-    loaded = models.special_tokens(AutoTokenizer.from_pretrained(folder))
+    loaded = loading.special_tokens(AutoTokenizer.from_pretrained(folder))
     assert {"<s>", "</s>", "<unk>", "<|im_end|>", "<|im_start|>"} <= set(loaded)
-    assert models.special_tokens_from_files(folder) == loaded
+    assert loading.special_tokens_from_files(folder) == loaded
     specials = filters.special_texts(loaded)
     rows = [
         dict(r, question=f"{r['question']} {s}")

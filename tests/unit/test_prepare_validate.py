@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpo_pipeline import raw
+from dpo_pipeline.data import raw
 from dpo_pipeline.errors import StageError
 
 ROW = {"system": "", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}

@@ -5,31 +5,29 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from dpo_pipeline import publishing
+from dpo_pipeline.models import publish
 
 
 def test_the_license_comes_from_the_bases_own_card(tmp_path):
-    assert publishing.base_license(tmp_path) is None  # the builtin base has no card
+    assert publish.base_license(tmp_path) is None  # the builtin base has no card
     (tmp_path / "README.md").write_text(
         "---\nlicense: apache-2.0\ntags: [x]\n---\n# OpenHermes\nlicense: mit\n"
     )
-    assert publishing.base_license(tmp_path) == "apache-2.0"  # the header's, not the body's
+    assert publish.base_license(tmp_path) == "apache-2.0"  # the header's, not the body's
     (tmp_path / "README.md").write_text("# no header\nlicense: mit\n")
-    assert publishing.base_license(tmp_path) is None
+    assert publish.base_license(tmp_path) is None
 
 
 def test_the_datasets_are_the_hub_ones_the_data_came_from(tmp_path):
     hub = SimpleNamespace(source="hub", hub_name="Intel/orca_dpo_pairs")
-    assert publishing.dataset_ids(hub, None) == ["Intel/orca_dpo_pairs"]
+    assert publish.dataset_ids(hub, None) == ["Intel/orca_dpo_pairs"]
     local = SimpleNamespace(source="local", hub_name="Intel/orca_dpo_pairs")
     imported = tmp_path / "orca_rlhf.jsonl.dvc"
-    assert publishing.dataset_ids(local, imported) == []  # a local file of unknown origin: no claim
+    assert publish.dataset_ids(local, imported) == []  # a local file of unknown origin: no claim
     imported.write_text(
         "deps:\n- path: https://huggingface.co/datasets/Intel/orca_dpo_pairs/resolve/main/orca_rlhf.jsonl\n"
     )
-    assert publishing.dataset_ids(local, imported) == [
-        "Intel/orca_dpo_pairs"
-    ]  # `dvc import-url` of a hub file
+    assert publish.dataset_ids(local, imported) == ["Intel/orca_dpo_pairs"]  # `dvc import-url` of a hub file
 
 
 def test_the_card_header_is_what_the_hub_reads():
@@ -42,7 +40,7 @@ def test_the_card_header_is_what_the_hub_reads():
         "artifact_md5": "d41d8cd98f00b204e9800998ecf8427e.dir",
         "train_params": {"beta": 0.1},
     }
-    card = publishing.card("adapter", "me/neuralhermes", info)
+    card = publish.card("adapter", "me/neuralhermes", info)
     header = re.match(r"---\n(.*?)\n---\n", card, re.S).group(1).splitlines()
     assert header[:4] == [
         'base_model: "teknium/OpenHermes-2.5-Mistral-7B"',
@@ -57,7 +55,7 @@ def test_the_card_header_is_what_the_hub_reads():
 def test_a_hub_bases_license_is_asked_of_the_hub_and_offline_is_none(monkeypatch):
     import huggingface_hub
 
-    assert publishing.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "0" * 40) is None  # offline in tests
+    assert publish.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "0" * 40) is None  # offline in tests
     seen = {}
 
     def model_info(name, revision=None):
@@ -65,5 +63,5 @@ def test_a_hub_bases_license_is_asked_of_the_hub_and_offline_is_none(monkeypatch
         return SimpleNamespace(card_data=SimpleNamespace(license="apache-2.0"))
 
     monkeypatch.setattr(huggingface_hub, "model_info", model_info)
-    assert publishing.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "a" * 40) == "apache-2.0"
+    assert publish.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "a" * 40) == "apache-2.0"
     assert seen == {"name": "teknium/OpenHermes-2.5-Mistral-7B", "revision": "a" * 40}

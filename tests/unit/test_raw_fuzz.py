@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpo_pipeline import filters, preparation, raw
+from dpo_pipeline.data import filters, prepare, raw
 from dpo_pipeline.errors import StageError
 
 CASES = 300
@@ -210,7 +210,7 @@ def check_table(table) -> None:
     for name in table.column_names:
         for value in table[name].to_pylist():
             assert value.encode("utf-8").decode("utf-8") == value
-    rows, _counts, _digests = preparation.split_rows(
+    rows, _counts, _digests = prepare.split_rows(
         table, SimpleNamespace(test_fraction=0.3), filters.special_texts(["</s>"])
     )
     assert sorted(rows["train"] + rows["test"]) == sorted(set(rows["train"] + rows["test"]))

@@ -1,11 +1,11 @@
-"""dpo_pipeline.shared_prompt: one row per pair gives trl's two-row log-probs, metrics and gradients."""
+"""dpo_pipeline.train.shared_prompt: one row per pair gives trl's two-row log-probs, metrics and gradients."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpo_pipeline import shared_prompt
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.train import shared_prompt
 
 
 def collate(examples):

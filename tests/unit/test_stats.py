@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from dpo_pipeline import stats
+from dpo_pipeline.evaluate import stats
 
 
 def exact_mcnemar(b: int, c: int) -> float:

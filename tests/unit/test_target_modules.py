@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpo_pipeline import models
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.models import loading
 
 TINY = {
     "hidden_size": 64,
@@ -21,28 +21,28 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(models.KNOWN_MODULE_LAYOUTS))
+@pytest.mark.parametrize("family", sorted(loading.KNOWN_MODULE_LAYOUTS))
 def test_the_known_layouts_are_the_models_transformers_builds(tmp_path, family):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(family, **TINY)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert models.known_module_kinds(saved) == models.meta_module_kinds(tmp_path)
+    assert loading.known_module_kinds(saved) == loading.meta_module_kinds(tmp_path)
 
 
 def test_an_unknown_family_is_read_from_the_meta_model(tmp_path):
     from transformers import AutoConfig
 
     AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128).save_pretrained(tmp_path)
-    assert models.known_module_kinds(json.loads((tmp_path / "config.json").read_text())) is None
-    kinds = models.base_module_kinds(tmp_path)
+    assert loading.known_module_kinds(json.loads((tmp_path / "config.json").read_text())) is None
+    kinds = loading.base_module_kinds(tmp_path)
     assert "transformer.h.1.attn.c_attn" in kinds  # gpt2 names its layers differently
     with pytest.raises(StageError, match=r"'q_proj' names no module of the model"):
-        models.check_target_modules(["q_proj"], kinds, "params.yaml")
+        loading.check_target_modules(["q_proj"], kinds, "params.yaml")
 
 
-MISTRAL = models.known_module_kinds({"model_type": "mistral", "num_hidden_layers": 4})
+MISTRAL = loading.known_module_kinds({"model_type": "mistral", "num_hidden_layers": 4})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ MISTRAL = models.known_module_kinds({"model_type": "mistral", "num_hidden_layers
 )
 def test_a_target_that_is_not_a_linear_layer_of_the_model_is_named(targets, message):
     with pytest.raises(StageError, match=message):
-        models.check_target_modules(targets, MISTRAL, "params.yaml")
+        loading.check_target_modules(targets, MISTRAL, "params.yaml")
 
 
 def test_names_peft_accepts_pass():
@@ -70,7 +70,7 @@ def test_names_peft_accepts_pass():
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ["self_attn.q_proj", "model.layers.3.mlp.down_proj", "lm_head", "embed_tokens"],
     ):
-        models.check_target_modules(targets, MISTRAL, "params.yaml")
+        loading.check_target_modules(targets, MISTRAL, "params.yaml")
 
 
 def test_the_check_agrees_with_peft_on_a_real_model():
@@ -80,8 +80,8 @@ def test_the_check_agrees_with_peft_on_a_real_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", **TINY))
-    kinds = models.module_kinds(model)
-    assert kinds == models.known_module_kinds({"model_type": "mistral", "num_hidden_layers": 2})
+    kinds = loading.module_kinds(model)
+    assert kinds == loading.known_module_kinds({"model_type": "mistral", "num_hidden_layers": 2})
     peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "k_prj"], task_type="CAUSAL_LM"))
     wrapped = {
         n
@@ -90,4 +90,4 @@ def test_the_check_agrees_with_peft_on_a_real_model():
     }
     assert wrapped and all(n.endswith("q_proj") for n in wrapped)  # k_prj: nothing, and no error from peft
     with pytest.raises(StageError, match="'k_prj' names no module"):
-        models.check_target_modules(["q_proj", "k_prj"], kinds, "params.yaml")
+        loading.check_target_modules(["q_proj", "k_prj"], kinds, "params.yaml")

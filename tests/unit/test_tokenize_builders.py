@@ -11,8 +11,11 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from dpo_pipeline import builtin, preparation, tokens
+from dpo_pipeline import layout
+from dpo_pipeline.data import prepare, tokens
+from dpo_pipeline.data import tables as tables_lib
 from dpo_pipeline.errors import StageError
+from dpo_pipeline.models import builtin
 from tests.unit.test_prepare_format import WORDS, random_rows, table_of
 
 EOS = "<|im_end|>"
@@ -29,7 +32,7 @@ def limits(max_prompt_length: int = 10_000, max_length: int = 20_000):
 
 
 def prepared(rows, tokenizer):
-    train, test, _counts = preparation.prepare_table(
+    train, test, _counts = prepare.prepare_table(
         table_of(rows), tokenizer, SimpleNamespace(test_fraction=0.0)
     )
     assert test.num_rows == 0
@@ -46,7 +49,7 @@ def test_ids_are_the_tokenizers_and_split_where_the_answer_starts(tokenizer):
     table = prepared(random_rows(12, seed=3), tokenizer)
     out, counts = tokens.tokenize_split(table, tokenizer, limits())
     assert counts == {"contaminated": 0, "prompt_too_long": 0, "too_long": 0}
-    assert out.column_names == list(tokens.OUTPUT_COLUMNS)
+    assert out.column_names == list(layout.TOKENIZED_COLUMNS)
     assert out["id"].to_pylist() == table["id"].to_pylist()  # every row, in the prepared order
     assert out.schema.field("prompt_ids").type == pa.list_(pa.int32())
     for row, ids in zip(table.to_pylist(), out.to_pylist(), strict=True):
@@ -111,7 +114,7 @@ def test_read_prepared_names_the_missing_file_and_columns(tmp_path):
     import pyarrow.parquet as pq
 
     with pytest.raises(StageError, match=r"test\.parquet: prepared split not found.*dvc repro prepare"):
-        tokens.read_prepared(tmp_path, "test")
+        tables_lib.read_prepared(tmp_path, "test")
     pq.write_table(pa.table({"id": ["a"], "prompt": ["p"]}), tmp_path / "test.parquet")
     with pytest.raises(StageError, match=r"test\.parquet: missing column\(s\) chosen, rejected"):
-        tokens.read_prepared(tmp_path, "test")
+        tables_lib.read_prepared(tmp_path, "test")

@@ -7,15 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from dpo_pipeline import launch, models, tokens, training
-from dpo_pipeline import reference as reference_lib
+from dpo_pipeline import layout, lineage
+from dpo_pipeline.data import tables, tokens
+from dpo_pipeline.models import loading
+from dpo_pipeline.train import dpo, launch
+from dpo_pipeline.train import reference as reference_lib
 from tests.conftest import replace_params
 
 
 def test_bnb_config(default_params):
     import torch
 
-    config = models.bnb_config(default_params.train)
+    config = loading.bnb_config(default_params.train)
     assert config.load_in_4bit and not config.load_in_8bit
     assert config.bnb_4bit_quant_type == default_params.train.bnb_4bit_quant_type
     assert config.bnb_4bit_compute_dtype == torch.float32
@@ -29,11 +32,11 @@ def test_bnb_config(default_params):
             "bnb_4bit_use_double_quant": False,
         },
     )
-    config = models.bnb_config(other.train)
+    config = loading.bnb_config(other.train)
     assert config.bnb_4bit_quant_type == "fp4"
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert config.bnb_4bit_use_double_quant is False
-    assert models.bnb_config(replace_params(default_params, train={"load_in_4bit": False}).train) is None
+    assert loading.bnb_config(replace_params(default_params, train={"load_in_4bit": False}).train) is None
 
 
 def test_lora_config(default_params):
@@ -41,7 +44,7 @@ def test_lora_config(default_params):
     lora = replace_params(
         default_params, train={"lora": {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "lora_only"}}
     ).train.lora
-    config = models.lora_config(lora)
+    config = loading.lora_config(lora)
     assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (8, 32, 0.1, "lora_only")
     assert config.target_modules == set(default_params.train.lora.target_modules)
     assert config.task_type == "CAUSAL_LM"
@@ -70,7 +73,7 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
             "group_by_length": False,
         },
     )
-    config = training.dpo_config(p, tmp_path / "ckpt")
+    config = dpo.dpo_config(p, tmp_path / "ckpt")
     assert config.output_dir == str(tmp_path / "ckpt")
     assert config.beta == 0.25 and config.loss_type == ["ipo"]
     assert config.learning_rate == 1.0e-4 and config.lr_scheduler_type == "linear"
@@ -87,7 +90,7 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
     assert config.disable_dropout is False, "the LoRA dropout of params.yaml must stay active"
     assert config.report_to == [] or config.report_to == "none"
 
-    grouped = training.dpo_config(
+    grouped = dpo.dpo_config(
         replace_params(p, train={"group_by_length": True, "precompute_ref": True}), tmp_path
     )
     assert grouped.train_sampling_strategy == "sequential"
@@ -97,14 +100,14 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
 def test_precision_flags(default_params):
 
     assert (
-        models.precision_kwargs(replace_params(default_params, train={"precision": "bf16"}).train)["bf16"]
+        loading.precision_kwargs(replace_params(default_params, train={"precision": "bf16"}).train)["bf16"]
         is True
     )
-    flags = models.precision_kwargs(
+    flags = loading.precision_kwargs(
         replace_params(default_params, train={"precision": "fp16", "device": "cuda"}).train
     )
     assert flags == {"bf16": False, "fp16": True, "use_cpu": False}
-    assert models.model_dtype("bf16") == "bfloat16" and models.model_dtype("fp32") == "float32"
+    assert loading.model_dtype("bf16") == "bfloat16" and loading.model_dtype("fp32") == "float32"
 
 
 def test_reference_config_reads_only_declared_params(default_params, tmp_path):
@@ -124,18 +127,18 @@ def test_reference_config_reads_only_declared_params(default_params, tmp_path):
 def test_checkpoint_key(default_params):
 
     inputs = {"base": "a" * 64, "prepared": "b" * 64, "reference": "c" * 64}
-    key = training.checkpoint_key(default_params, inputs)
-    assert key == training.checkpoint_key(default_params, dict(reversed(list(inputs.items()))))
-    assert key != training.checkpoint_key(replace_params(default_params, train={"beta": 0.2}), inputs)
-    assert key != training.checkpoint_key(replace_params(default_params, seed=1), inputs)
-    assert key != training.checkpoint_key(default_params, {**inputs, "prepared": "d" * 64})
+    key = dpo.checkpoint_key(default_params, inputs)
+    assert key == dpo.checkpoint_key(default_params, dict(reversed(list(inputs.items()))))
+    assert key != dpo.checkpoint_key(replace_params(default_params, train={"beta": 0.2}), inputs)
+    assert key != dpo.checkpoint_key(replace_params(default_params, seed=1), inputs)
+    assert key != dpo.checkpoint_key(default_params, {**inputs, "prepared": "d" * 64})
     # Params train does not read cannot make a checkpoint incompatible.
-    assert key == training.checkpoint_key(replace_params(default_params, eval={"batch_size": 1}), inputs)
+    assert key == dpo.checkpoint_key(replace_params(default_params, eval={"batch_size": 1}), inputs)
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path):
 
-    assert training.latest_checkpoint(tmp_path / "none") is None
+    assert dpo.latest_checkpoint(tmp_path / "none") is None
     for step in (2, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
@@ -143,7 +146,7 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
     (tmp_path / "checkpoint-14").mkdir()
     (tmp_path / "checkpoint-14" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
     (tmp_path / "checkpoint-x").mkdir()
-    assert training.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert dpo.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
 
 
 def test_history_rows_and_csv():
@@ -154,23 +157,23 @@ def test_history_rows_and_csv():
         {"eval_loss": 0.5, "step": 2},
         {"train_runtime": 1.0, "train_loss": 0.65, "step": 2},
     ]
-    rows = training.history_rows(log)
+    rows = dpo.history_rows(log)
     assert [r["step"] for r in rows] == [1, 2]
-    assert list(rows[0]) == list(training.HISTORY_COLUMNS)
-    text = training.history_csv(rows)
-    assert text.splitlines()[0] == ",".join(training.HISTORY_COLUMNS)
+    assert list(rows[0]) == list(dpo.HISTORY_COLUMNS)
+    text = dpo.history_csv(rows)
+    assert text.splitlines()[0] == ",".join(dpo.HISTORY_COLUMNS)
     assert text.splitlines()[2] == "2,0.6,,,0.3,0.75,0.0002"
 
 
 def test_collapse_rule():
 
     collapsed = {"loss": 0.001, "rewards/accuracies": 1.0}
-    assert training.is_collapse(collapsed, step=10, max_steps=120)
-    assert not training.is_collapse(collapsed, step=13, max_steps=120), "only early in training"
-    assert not training.is_collapse({"loss": 0.02, "rewards/accuracies": 1.0}, step=5, max_steps=120)
-    assert not training.is_collapse({"loss": 0.001, "rewards/accuracies": 0.9}, step=5, max_steps=120)
-    assert not training.is_collapse({"eval_loss": 0.001}, step=5, max_steps=120)
-    assert training.is_collapse(collapsed, step=1, max_steps=4), "at least the first step counts"
+    assert dpo.is_collapse(collapsed, step=10, max_steps=120)
+    assert not dpo.is_collapse(collapsed, step=13, max_steps=120), "only early in training"
+    assert not dpo.is_collapse({"loss": 0.02, "rewards/accuracies": 1.0}, step=5, max_steps=120)
+    assert not dpo.is_collapse({"loss": 0.001, "rewards/accuracies": 0.9}, step=5, max_steps=120)
+    assert not dpo.is_collapse({"eval_loss": 0.001}, step=5, max_steps=120)
+    assert dpo.is_collapse(collapsed, step=1, max_steps=4), "at least the first step counts"
 
 
 def test_collapse_callback_warns_and_tags(monkeypatch, caplog):
@@ -178,7 +181,7 @@ def test_collapse_callback_warns_and_tags(monkeypatch, caplog):
 
     tags = {}
     monkeypatch.setattr(tracking, "set_tags", tags.update)
-    callback = training.collapse_callback(max_steps=100)
+    callback = dpo.collapse_callback(max_steps=100)
     callback.on_log(None, SimpleNamespace(global_step=5), None, logs={"loss": 0.5, "rewards/accuracies": 1.0})
     assert tags == {}
     callback.on_log(
@@ -232,7 +235,7 @@ def test_to_dataset():
     table = tokenized_table(["a", "b"]).append_column(
         "ref_chosen_logps", pa.array([-1.0, -2.0], pa.float32())
     )
-    dataset = training.to_dataset(table, ("ref_chosen_logps",))
+    dataset = dpo.to_dataset(table, ("ref_chosen_logps",))
     assert dataset.column_names == [
         "id",
         "prompt_ids",
@@ -243,7 +246,7 @@ def test_to_dataset():
     ]
     assert dataset[1]["prompt_ids"] == [1] * 11 and dataset[0]["rejected_ids"] == [5, 6, 7, 8, 9]
     assert list(dataset[tokens.LENGTH_COLUMN]) == [15, 16]
-    assert training.to_dataset(table).column_names == list(tokens.OUTPUT_COLUMNS)
+    assert dpo.to_dataset(table).column_names == list(layout.TOKENIZED_COLUMNS)
 
 
 def test_read_tokenized_errors(tmp_path):
@@ -252,16 +255,16 @@ def test_read_tokenized_errors(tmp_path):
     from dpo_pipeline.errors import StageError
 
     with pytest.raises(StageError, match=r"train\.parquet: tokenized split not found .*dvc repro tokenize"):
-        tokens.read_tokenized(tmp_path, "train")
+        tables.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table(["a", "b"]).drop_columns(["chosen_ids"]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match=r"train\.parquet: missing column\(s\) chosen_ids"):
-        tokens.read_tokenized(tmp_path, "train")
+        tables.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table(["a", "a"]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match="duplicate"):
-        tokens.read_tokenized(tmp_path, "train")
+        tables.read_tokenized(tmp_path, "train")
     pq.write_table(tokenized_table([]), tmp_path / "train.parquet")
     with pytest.raises(StageError, match=r"train\.parquet: no rows"):
-        tokens.read_tokenized(tmp_path, "train")
+        tables.read_tokenized(tmp_path, "train")
 
 
 def test_read_reference_checks_meta(tmp_path):
@@ -277,7 +280,7 @@ def test_read_reference_checks_meta(tmp_path):
 def test_last_step_is_always_logged():
     from transformers import TrainerControl
 
-    callback = training.collapse_callback(max_steps=7)
+    callback = dpo.collapse_callback(max_steps=7)
     control = TrainerControl()
     callback.on_step_end(None, SimpleNamespace(global_step=6, max_steps=7), control)
     assert not control.should_log
@@ -292,10 +295,10 @@ def test_recipe_builders(repo_root):
     from dpo_pipeline import config
 
     recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
-    bnb = models.bnb_config(recipe.train)
+    bnb = loading.bnb_config(recipe.train)
     assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
-    assert models.lora_config(recipe.train.lora).r == 16
-    assert models.precision_kwargs(recipe.train) == {"bf16": True, "fp16": False, "use_cpu": False}
+    assert loading.lora_config(recipe.train.lora).r == 16
+    assert loading.precision_kwargs(recipe.train) == {"bf16": True, "fp16": False, "use_cpu": False}
 
 
 @pytest.mark.gpu
@@ -303,14 +306,14 @@ def test_recipe_dpo_config_on_cuda(repo_root, tmp_path):
     from dpo_pipeline import config
 
     recipe = config.load(repo_root / "recipes" / "neuralhermes-2.5.yaml")
-    args = training.dpo_config(recipe, tmp_path)
+    args = dpo.dpo_config(recipe, tmp_path)
     assert args.optim == "paged_adamw_32bit" and args.bf16 and args.gradient_checkpointing
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
 
 
 def test_dpo_config_tells_ddp_every_lora_weight_is_used(default_params, tmp_path):
 
-    assert training.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
+    assert dpo.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
 
 
 def test_launch_command_cpu_is_torchrun(default_params):
@@ -361,15 +364,14 @@ def test_is_distributed_worker():
 
 
 def test_train_summary_holds_declared_params_and_deterministic_metrics(default_params):
-    from dpo_pipeline import tracking
     from stages import train
 
-    metrics = {key: float(i) for i, key in enumerate(training.METRIC_KEYS)}
-    summary = training.train_summary(default_params, metrics)
+    metrics = {key: float(i) for i, key in enumerate(dpo.METRIC_KEYS)}
+    summary = dpo.train_summary(default_params, metrics)
     assert set(summary) == {"params", "metrics"}
-    assert summary["params"] == tracking.params_for(default_params, train.SECTIONS)
+    assert summary["params"] == lineage.params_for(default_params, train.SECTIONS)
     assert set(summary["params"]) == {"seed", "data.max_length", "train"}
-    assert set(summary["metrics"]) == set(training.SUMMARY_METRIC_KEYS) <= set(training.METRIC_KEYS)
+    assert set(summary["metrics"]) == set(dpo.SUMMARY_METRIC_KEYS) <= set(dpo.METRIC_KEYS)
     for varying in ("train_runtime_s", "pairs_per_s", "tokens_per_s", "peak_memory_mb", "pad_fraction"):
         assert varying not in summary["metrics"]
     assert summary["metrics"]["eval_loss"] == metrics["eval_loss"]

@@ -1,4 +1,4 @@
-"""dpo_pipeline.trl_glue against the installed trl: the facts it states and the internals it overrides.
+"""dpo_pipeline.train.trl_glue against the installed trl: the facts it states and the internals it overrides.
 A trl upgrade that renames a method, changes its arguments or the loss-type list fails here, not in a run."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import inspect
 import re
 from pathlib import Path
 
-from dpo_pipeline import trl_glue
+from dpo_pipeline import config
+from dpo_pipeline.train import trl_glue
 
 
 def trl_source(name: str) -> str:
@@ -18,17 +19,17 @@ def trl_source(name: str) -> str:
 
 def test_the_loss_types_are_the_installed_trls():
     help_text = re.search(r"loss_type: list\[str\] = field\((.*?)\n    \)", trl_source("dpo_config.py"), re.S)
-    assert help_text, "DPOConfig.loss_type moved: check trl_glue.DPO_LOSS_TYPES by hand"
-    assert tuple(re.findall(r"`'([a-z_]+)'`", help_text.group(1))) == trl_glue.DPO_LOSS_TYPES
+    assert help_text, "DPOConfig.loss_type moved: check config.DPO_LOSS_TYPES by hand"
+    assert tuple(re.findall(r"`'([a-z_]+)'`", help_text.group(1))) == config.DPO_LOSS_TYPES
     dispatch = set(re.findall(r'loss_type == "([a-z_]+)"', trl_source("dpo_trainer.py")))
-    assert set(trl_glue.DPO_LOSS_TYPES) <= dispatch | {"sigmoid"}
+    assert set(config.DPO_LOSS_TYPES) <= dispatch | {"sigmoid"}
 
 
 def test_the_label_smoothing_rules_are_the_installed_trls():
     source = trl_source("dpo_trainer.py")
     assert '"exo_pair" in self.loss_types and self.label_smoothing == 0.0' in source
     assert '"robust" in self.loss_types and not (0.0 <= self.label_smoothing < 0.5)' in source
-    exo, robust = (trl_glue.LABEL_SMOOTHING_RULES[k][0] for k in ("exo_pair", "robust"))
+    exo, robust = (config.LABEL_SMOOTHING_RULES[k][0] for k in ("exo_pair", "robust"))
     assert not exo(0.0) and exo(1e-3) and robust(0.0) and not robust(0.5)
 
 
@@ -57,15 +58,15 @@ def test_every_overridden_trainer_method_exists_upstream_with_the_same_arguments
 
 
 def test_every_listed_optimizer_builds_and_steps_with_the_pinned_packages(tmp_path):
-    """trl_glue.OPTIMIZERS: names transformers knows, each building and stepping an optimizer here (CPU), so a
+    """config.OPTIMIZERS: names transformers knows, each building and stepping an optimizer here (CPU), so a
     name config accepts never fails in train; a name transformers dropped fails this test, not a run."""
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.training_args import OptimizerNames
 
-    assert set(trl_glue.OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    assert set(config.OPTIMIZERS) <= {o.value for o in OptimizerNames}
     model = torch.nn.Linear(64, 64)
-    for name in trl_glue.OPTIMIZERS:
+    for name in config.OPTIMIZERS:
         args = TrainingArguments(output_dir=str(tmp_path), optim=name, use_cpu=True, report_to=[])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         optimizer = cls(list(model.parameters()), **kwargs)
@@ -79,9 +80,9 @@ def test_every_listed_scheduler_builds_from_warmup_and_total_steps_alone():
     from transformers.optimization import get_scheduler
     from transformers.trainer_utils import SchedulerType
 
-    assert set(trl_glue.LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert set(config.LR_SCHEDULERS) <= {s.value for s in SchedulerType}
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-    for name in trl_glue.LR_SCHEDULERS:
+    for name in config.LR_SCHEDULERS:
         optimizer.step()
         get_scheduler(name, optimizer, num_warmup_steps=2, num_training_steps=10).step()
     # the ones left out really need more than params give them
@@ -90,4 +91,4 @@ def test_every_listed_scheduler_builds_from_warmup_and_total_steps_alone():
             get_scheduler(name, optimizer, num_warmup_steps=2, num_training_steps=10).step()
         except (ValueError, TypeError):
             continue
-        raise AssertionError(f"{name} builds without arguments now: add it to trl_glue.LR_SCHEDULERS")
+        raise AssertionError(f"{name} builds without arguments now: add it to config.LR_SCHEDULERS")

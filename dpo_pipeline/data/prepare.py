@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_pipeline.chatml import check_formatting, check_rows, format_table
-from dpo_pipeline.filters import (
+from dpo_pipeline.data.chatml import check_formatting, check_rows, format_table
+from dpo_pipeline.data.filters import (
     REASONS,
     content_masks,
     digests,
@@ -35,8 +35,8 @@ def check_split_sizes(table, data, source: str, global_batch: int, specials) -> 
     one optimizer step (`global_batch` distinct pairs); returns prepare's data metrics."""
     from types import SimpleNamespace
 
+    from dpo_pipeline.data.filters import check_split, data_metrics
     from dpo_pipeline.errors import StageError
-    from dpo_pipeline.filters import check_split, data_metrics
 
     rows, counts, _ = split_rows(table, data, specials)
     train, test = (SimpleNamespace(num_rows=len(rows[split])) for split in ("train", "test"))
@@ -60,7 +60,7 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     import pyarrow as pa
 
     rows_in = table.num_rows
-    from dpo_pipeline.models import special_tokens
+    from dpo_pipeline.models.loading import special_tokens
 
     rows, counts, row_digests = split_rows(table, data, special_texts(special_tokens(tokenizer)))
     splits = []

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.merging import markdown_table
+from dpo_pipeline.models.merge import markdown_table
 
 KINDS = {"merged": Path("models/merged"), "adapter": Path("models/adapter")}
 # Files of a model folder that are the pipeline's own bookkeeping, not the model: left out of the upload.

@@ -24,7 +24,7 @@ REASONS = (
 )
 
 
-OUTPUT_COLUMNS = ("id", "system", "question", "prompt", "chosen", "rejected")
+TOKENIZED_COLUMNS = ("id", "system", "question", "prompt", "chosen", "rejected")
 
 
 def row_digest(system: str, question: str, chosen: str, rejected: str) -> bytes:
@@ -168,7 +168,7 @@ def content_masks(table, row_digests: list[bytes], specials: Sequence[str]) -> d
 def special_texts(specials: Sequence[str]) -> tuple[str, ...]:
     """What no raw text may contain: the given special tokens of a tokenizer plus ChatML's turn markers (the
     prompt format's own, whether or not the tokenizer has them as special tokens)."""
-    from dpo_pipeline.chatml import TURN_MARKERS
+    from dpo_pipeline.data.chatml import TURN_MARKERS
 
     return tuple(sorted({s for s in (*specials, *TURN_MARKERS) if s}))
 

@@ -62,7 +62,7 @@ def document_texts(task: Any, doc: dict[str, Any]) -> list[str]:
 def task_documents(names: Sequence[str], tasks_dir, prepared_dir) -> dict[str, list[list[str]]]:
     """{eval task: the text of each of its evaluation documents}, read through lm-eval's task registry (tasks/
     and, for any other name, lm-eval's own tasks with their hub datasets), a group's sub-tasks together."""
-    from dpo_pipeline.scoring import task_manager
+    from dpo_pipeline.evaluate.tasks import task_manager
 
     manager, _local = task_manager(list(names), tasks_dir, prepared_dir)
     out: dict[str, list[list[str]]] = {}

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from dpo_pipeline.models import (
+from dpo_pipeline.models.loading import (
     resolve_device,
 )
 

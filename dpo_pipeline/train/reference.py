@@ -7,14 +7,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline import layout, models, pairs, training, trl_glue
+from dpo_pipeline import layout
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import PAIRS_DIR, REF_COLUMNS
-from dpo_pipeline.models import (
+from dpo_pipeline.models import loading
+from dpo_pipeline.models.loading import (
     load_tokenizer,
     require_safetensors,
 )
-from dpo_pipeline.pairs import index_by_id
+from dpo_pipeline.train import dpo, pairs, trl_glue
+from dpo_pipeline.train.pairs import index_by_id
 
 # Exactly the params the reference stage declares in dvc.yaml (train checks meta.json against them).
 SECTIONS = [
@@ -36,7 +38,7 @@ def reference_config(p: Any, out_dir: str | Path):
     max_length=None: the tokenize stage already applied data.max_length, so trl must not cut anything."""
     from trl import DPOConfig
 
-    from dpo_pipeline.models import precision_kwargs
+    from dpo_pipeline.models.loading import precision_kwargs
 
     return DPOConfig(
         output_dir=str(out_dir),
@@ -80,8 +82,8 @@ def compute(
     """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the selected train and test pairs."""
     import pyarrow as pa
 
-    from dpo_pipeline.pairs import read_selected
-    from dpo_pipeline.tokens import read_tokenized
+    from dpo_pipeline.data.tables import read_tokenized
+    from dpo_pipeline.train.pairs import read_selected
 
     require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
     tokenizer = load_tokenizer(base_dir)
@@ -94,8 +96,8 @@ def compute(
         )
         for split in layout.SPLITS
     }
-    datasets = {split: training.to_dataset(table) for split, table in tokenized.items()}
-    model = models.load_policy(base_dir, params.train)
+    datasets = {split: dpo.to_dataset(table) for split, table in tokenized.items()}
+    model = loading.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = trl_glue.trainer_class(params.train.share_prompt)(
             model=model,

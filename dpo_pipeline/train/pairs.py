@@ -65,8 +65,8 @@ def build(params: Any, tokenized_dir: str | Path) -> tuple[Any, Any, dict[str, A
     """(selected table, order table, metrics) from the tokenized splits and the declared params."""
     import pyarrow as pa
 
+    from dpo_pipeline.data.tables import read_tokenized
     from dpo_pipeline.layout import LENGTH_COLUMN
-    from dpo_pipeline.tokens import read_tokenized
 
     t = params.train
     tables = {

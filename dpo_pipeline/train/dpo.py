@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpo_pipeline import lineage
 from dpo_pipeline.io import (
     sha256_bytes,
 )
-from dpo_pipeline.models import precision_kwargs
-from dpo_pipeline.tokens import OUTPUT_COLUMNS
-from dpo_pipeline.trl_glue import checkpointing_kwargs
+from dpo_pipeline.layout import TOKENIZED_COLUMNS
+from dpo_pipeline.models.loading import precision_kwargs
+from dpo_pipeline.train.trl_glue import checkpointing_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,8 @@ def checkpoint_key(params: Any, input_hashes: dict[str, str]) -> str:
 
     A resume only ever picks up a checkpoint written with the same key, i.e. a compatible run.
     """
-    from dpo_pipeline import tracking
 
-    payload = {"params": tracking.params_for(params, SECTIONS), "inputs": dict(sorted(input_hashes.items()))}
+    payload = {"params": lineage.params_for(params, SECTIONS), "inputs": dict(sorted(input_hashes.items()))}
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())[:16]
 
 
@@ -169,10 +169,9 @@ def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
 
 def train_summary(params: Any, metrics: dict[str, float]) -> dict[str, Any]:
     """models/adapter/train_summary.json: the declared params and the deterministic metrics only."""
-    from dpo_pipeline import tracking
 
     return {
-        "params": tracking.params_for(params, SECTIONS),
+        "params": lineage.params_for(params, SECTIONS),
         "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS},
     }
 
@@ -183,7 +182,7 @@ def to_dataset(table, keep: Sequence[str] = ()):
     import pyarrow as pa
     from datasets import Dataset
 
-    return Dataset(pa.table({name: table.column(name) for name in (*OUTPUT_COLUMNS, *keep)}))
+    return Dataset(pa.table({name: table.column(name) for name in (*TOKENIZED_COLUMNS, *keep)}))
 
 
 def collapse_callback(max_steps: int):

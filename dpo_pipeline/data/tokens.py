@@ -12,12 +12,6 @@ from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, SPLITS
 logger = logging.getLogger(__name__)
 
 
-PREPARED_COLUMNS = ("id", "prompt", "chosen", "rejected")
-
-
-OUTPUT_COLUMNS = ("id", *IDS_COLUMNS, LENGTH_COLUMN)
-
-
 REASONS = (
     "contaminated",  # a training row the decontaminate stage selected (data/contamination/drop.parquet)
     "prompt_too_long",  # prompt longer than data.max_prompt_length tokens
@@ -143,12 +137,12 @@ def length_masks(prompt, total, data) -> dict[str, Any]:
 
 
 def tokenize_split(prepared, tokenizer, data, drop_ids=frozenset()) -> tuple[Any, dict[str, int]]:
-    """One prepared split -> (tokenized Table with OUTPUT_COLUMNS in the prepared order, drops per reason);
+    """One prepared split -> (tokenized Table with TOKENIZED_COLUMNS in the prepared order, drops per reason);
     rows whose id is in `drop_ids` are dropped as `contaminated`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from dpo_pipeline.filters import first_reason
+    from dpo_pipeline.data.filters import first_reason
 
     tokenized = tokenize_pairs(trl_texts(prepared, tokenizer.eos_token), tokenizer, tokenizer.eos_token)
     lengths = token_lengths(tokenized)
@@ -191,59 +185,6 @@ def token_metrics(tables: dict[str, Any], counts: dict[str, dict[str, int]]) -> 
     for name, values in token_lengths(both).items():
         metrics.update(percentile_metrics(f"{name}_tokens", values.to_numpy()))
     return metrics
-
-
-def _read_split(path: Path, columns: tuple[str, ...], missing_hint: str, only: bool = False):
-    """A split's Parquet file, checked to hold `columns` (and read to those alone when `only`); a missing file
-    names the stage to run."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise StageError(f"{path}: {missing_hint}")
-    if only:
-        names = pq.read_schema(path).names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise StageError(
-                f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(columns)})"
-            )
-        return pq.read_table(path, columns=list(columns))
-    table = pq.read_table(path)
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise StageError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(columns)})")
-    return table
-
-
-def read_prepared(prepared_dir: str | Path, split: str):
-    """data/prepared/<split>.parquet as a pyarrow Table of the columns this stage reads."""
-    path = Path(prepared_dir) / f"{split}.parquet"
-    hint = "prepared split not found (run the prepare stage first: dvc repro prepare)"
-    return _read_split(path, PREPARED_COLUMNS, hint).select(list(PREPARED_COLUMNS))
-
-
-def read_drop_ids(contamination_dir: str | Path) -> frozenset[str]:
-    """The training row ids the decontaminate stage selected for dropping."""
-    from dpo_pipeline.layout import DROP_FILE
-
-    path = Path(contamination_dir) / DROP_FILE
-    hint = "decontamination result not found (run the decontaminate stage first: dvc repro decontaminate)"
-    return frozenset(_read_split(path, ("id",), hint).column("id").to_pylist())
-
-
-def read_tokenized(tokenized_dir: str | Path, split: str, columns: tuple[str, ...] | None = None):
-    """data/tokenized/<split>.parquet as a pyarrow Table, checked for what training needs: the columns, at
-    least one row, one row per id. `columns`: read only those (the pairs stage needs id and length, not the
-    token ids)."""
-    path = Path(tokenized_dir) / f"{split}.parquet"
-    hint = "tokenized split not found (run the tokenize stage first: dvc repro tokenize)"
-    table = _read_split(path, columns or OUTPUT_COLUMNS, hint, only=columns is not None)
-    if table.num_rows == 0:
-        raise StageError(f"{path}: no rows")
-    ids = table.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise StageError(f"{path}: column id has duplicate values (expected one row per id)")
-    return table
 
 
 def check_split(tables: dict[str, Any], metrics: dict[str, Any], source: Path, data) -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline.chatml import CHATML_TEMPLATE
+from dpo_pipeline.data.chatml import CHATML_TEMPLATE
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, template_hash, write_json
-from dpo_pipeline.models import require_safetensors
+from dpo_pipeline.models.loading import require_safetensors
 
 HUB_ALLOW_PATTERNS = [
     "*.safetensors",

@@ -7,86 +7,15 @@ Checked against trl 1.16, transformers 5.24, peft 0.21.2:
 - OPTIMIZERS, LR_SCHEDULERS: the `optim` and `lr_scheduler_type` names training can use with these params and
   the pinned packages (transformers knows more: those need packages or scheduler arguments this pipeline lacks);
 - checkpointing_kwargs: the TrainingArguments name of activation checkpointing (renamed in 5.24);
-- weights_read_not_mapped: transformers' module-level safe_open swapped for pread while a model loads;
 - mlflow_callback: transformers' MLflowCallback made unable to fail training.
 tests/unit/test_trl_glue.py fails when an upgrade changes one of them (a loss type added or dropped, an
-overridden method renamed or given other arguments); tests/stage/test_load_model.py checks the pread swap.
+overridden method renamed or given other arguments).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, REF_COLUMNS
-
-# DPOConfig.loss_type's choices in trl 1.16 (its help text and DPOTrainer's loss dispatch). A constant, not read
-# from trl's help text at run time: a reworded help string must not break every params load.
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
-# What trl 1.16 requires of `label_smoothing` per loss type (DPOTrainer.__init__): exo_pair raises at 0,
-# robust warns outside [0, 0.5). Checked by config, before any work.
-LABEL_SMOOTHING_RULES = {
-    "exo_pair": (
-        lambda eps: eps > 0.0,
-        "a number > 0 with train.loss_type exo_pair (the EXO paper uses 1.0e-3)",
-    ),
-    "robust": (lambda eps: 0.0 <= eps < 0.5, "a number in [0, 0.5) with train.loss_type robust"),
-}
-
-# transformers' OptimizerNames that build and step here with the pinned packages (torch, bitsandbytes: its
-# optimizers step on CPU too). Left out: those needing a package constraints.txt does not pin (torch_xla,
-# torch_npu, torchdistx, torchao, galore_torch, lomo_optim, grokadamw, schedulefree, apollo_torch, torch-optimi).
-OPTIMIZERS = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adafactor",
-    "ademamix",
-    "sgd",
-    "adagrad",
-    "rmsprop",
-    "adamw_bnb_8bit",
-    "adamw_8bit",
-    "ademamix_8bit",
-    "lion_8bit",
-    "lion_32bit",
-    "paged_adamw_32bit",
-    "paged_adamw_8bit",
-    "paged_ademamix_32bit",
-    "paged_ademamix_8bit",
-    "paged_lion_32bit",
-    "paged_lion_8bit",
-    "rmsprop_bnb",
-    "rmsprop_bnb_8bit",
-    "rmsprop_bnb_32bit",
-)
-# transformers' SchedulerType names that need nothing but warm-up and total steps. Left out: cosine_with_min_lr,
-# cosine_warmup_with_min_lr and warmup_stable_decay (they need lr_scheduler_kwargs, which params do not carry),
-# reduce_lr_on_plateau and greedy (they step on an eval metric; training evaluates only at its end).
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
 
 
 def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
@@ -133,7 +62,7 @@ def _forward(trainer, model):
         return model
     import torch
 
-    from dpo_pipeline.shared_prompt import SharedPromptModel
+    from dpo_pipeline.train.shared_prompt import SharedPromptModel
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     weight = unwrapped.get_input_embeddings().weight
@@ -148,7 +77,7 @@ def _forward(trainer, model):
 
 def trainer_class(share_prompt: bool):
     """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters,
-    and with `share_prompt` one row per pair (dpo_pipeline.shared_prompt) for the policy and reference forwards."""
+    and with `share_prompt` one row per pair (dpo_pipeline.train.shared_prompt) for the policy and reference forwards."""
     import torch
     from trl import DPOTrainer
 
@@ -160,7 +89,7 @@ def trainer_class(share_prompt: bool):
             self._forward_positions: dict[str, int] = {}
             super().__init__(*args, **kwargs)
             if share_prompt:
-                from dpo_pipeline.shared_prompt import check_attention
+                from dpo_pipeline.train.shared_prompt import check_attention
 
                 check_attention(_attention_implementation(self))
 
@@ -213,34 +142,6 @@ def trainer_class(share_prompt: bool):
             return loss
 
     return PipelineDPOTrainer
-
-
-@contextlib.contextmanager
-def weights_read_not_mapped():
-    """Inside: transformers reads safetensors shards with pread instead of memory-mapping them.
-
-    On Linux transformers maps every shard for the whole load, so all of a checkpoint's pages count as
-    resident until the load ends, on top of the (4-bit) model being built: loading the bench's 0.6B model
-    in 4-bit peaks at ~2.7 GB RSS mapped, ~1.5 GB read (bench/, `large_*_load_peak_rss_mb`). pread is the
-    backend transformers itself uses on Windows and MPS; the loaded tensors are bit-identical (tested).
-    transformers 5.x has no option for it, so its module-level `safe_open` is swapped for the duration
-    (restored after, also on errors); where that name is gone, loading is unchanged.
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    original = getattr(modeling_utils, "safe_open", None)
-    if original is None:
-        yield
-        return
-
-    def pread_open(filename, framework="pt", device="cpu", backend="mmap"):
-        return original(filename, framework=framework, device=device, backend="pread")
-
-    modeling_utils.safe_open = pread_open
-    try:
-        yield
-    finally:
-        modeling_utils.safe_open = original
 
 
 def mlflow_callback():

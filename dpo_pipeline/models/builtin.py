@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpo_pipeline.chatml import CHATML_TEMPLATE, conversation
+from dpo_pipeline.data.chatml import CHATML_TEMPLATE, conversation
+from dpo_pipeline.data.filters import first_special, special_texts
+from dpo_pipeline.data.raw import read_corpus
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.filters import first_special, special_texts
 from dpo_pipeline.io import atomic_dir, sha256_file, template_hash, write_json
-from dpo_pipeline.raw import read_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 

@@ -1,0 +1,1 @@
+"""Raw preference rows -> prepared, tokenized rows: readers, filters, templating, split, contamination."""

@@ -1,0 +1,1 @@
+"""lm-eval scoring, sample generations, statistics, the report."""

@@ -1,0 +1,1 @@
+"""Pairs, reference log-probs, DPO training on trl, its overrides, the launchers."""
