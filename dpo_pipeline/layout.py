@@ -29,8 +29,7 @@ DROP_FILE = "drop.parquet"  # data/contamination: ids of the training rows to dr
 ORDER_FILE = "order.parquet"  # data/pairs: the training order (position, id)
 TRAIN_SUMMARY = "train_summary.json"  # in models/adapter: the params and run-independent metrics
 BASE_INFO = "pipeline_base.json"  # in models/base: where the base came from
-TRAIN_RUN_FILE = Path("metrics/train_run.json")  # the train stage's MLflow run id: lineage for merge/evaluate
-MERGE_INFO = "pipeline_merge.json"  # in models/merged: the lineage back to the adapter and its train run
+MERGE_INFO = "pipeline_merge.json"  # in models/merged: the lineage back to the adapter (content hashes)
 
 DATA_META_PREFIX = "dpo."  # prefix of the prepare stage's Parquet schema metadata keys
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # data/reference columns (trl's names)

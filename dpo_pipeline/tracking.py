@@ -362,6 +362,42 @@ def log_model(
     return _guarded(go) or ""
 
 
+# The train run tags its adapter with this content hash (our sha256 of the folder, small next to the model); merge,
+# evaluate and report find the train run by it (train_run_of), instead of a run id written into their inputs.
+ADAPTER_SHA256_TAG = "output.adapter.sha256"
+
+
+def find_run(stage: str, tags: dict[str, str]) -> str:
+    """The id of the latest FINISHED run of `stage` in the active run's experiment whose tags equal `tags`, or ""
+    (tracking off or broken, no such run). Lineage between runs is looked up here, at run time, so no run id
+    is ever written into an output that a later stage hashes: a re-run that makes the same bytes re-runs
+    nothing downstream."""
+    if is_secondary_rank() or not all(tags.values()):
+        return ""
+    import mlflow
+
+    def go() -> str:
+        run = mlflow.active_run()
+        if run is None:
+            return ""
+        conditions = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'"]
+        conditions += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        found = mlflow.MlflowClient().search_runs(
+            [run.info.experiment_id],
+            filter_string=" and ".join(conditions),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return found[0].info.run_id if found else ""
+
+    return _guarded(go) or ""
+
+
+def train_run_of(adapter_sha256: str) -> str:
+    """The latest finished train run that wrote an adapter with this content hash ("" when none is recorded)."""
+    return find_run("train", {ADAPTER_SHA256_TAG: adapter_sha256})
+
+
 def tag_logged_model(model_id: str, tags: dict[str, Any]) -> None:
     """Add tags to a logged model (publish: where it went on the hub)."""
     if is_secondary_rank() or not model_id:

@@ -41,7 +41,6 @@ from typing import Any
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.evaluate.compare import check_comparable, document_figures, heldout_documents
 from dpo_pipeline.evaluate.harness import (
-    LINEAGE_TAGS,
     flat_scores,
     load_eval_model,
     primary_keys,
@@ -173,7 +172,11 @@ def run(
         sections=list(part.sections),
         inputs=inputs,
         tags={"eval.model": part.model, **{LINEAGE_TAGS[k]: str(v) for k, v in lineage.items()}},
-    ) as mlflow_run:
+    ):
+        # The train run, found by the adapter's content hash: tagged on this run, never written to a file.
+        train_run_id = tracking.train_run_of(str(lineage.get("adapter_sha256", "")))
+        if train_run_id:
+            tracking.set_tags({"lineage.train_run_id": train_run_id})
         loaded = load_eval_model(model_dir, e, tokenizer)  # once, for scoring and samples
         results = run_lm_eval(model_dir, params, tasks_dir, prepared_dir, loaded, names) if names else {}
         scores = flat_scores(results, names)
@@ -193,7 +196,6 @@ def run(
                 "primary_metric": primary,
                 "n_samples": n_samples,
                 "chat_template_sha": template_hash(tokenizer.chat_template),
-                "run_id": mlflow_run.info.run_id if mlflow_run is not None else "",
                 **{k: str(v) for k, v in lineage.items()},
             }
         )
@@ -218,8 +220,13 @@ def run(
     return scores
 
 
+# models/merged/pipeline_merge.json keys -> MLflow tags (the merge run sets the same ones). Content hashes only:
+# the scores files this stage writes are inputs of later stages, so they hold no run id.
+LINEAGE_TAGS = {"adapter_hash": "lineage.adapter.hash", "adapter_sha256": "lineage.adapter.sha256"}
+
+
 def _lineage(model_dir: Path) -> dict[str, Any]:
-    """The merge stage's record of what the merged model came from (adapter hash, train run), if present."""
+    """The merge stage's record of what the merged model came from (the adapter's hashes), if present."""
     info = model_dir / "pipeline_merge.json"
     if not info.is_file():
         return {}

@@ -1,11 +1,14 @@
 """merge stage: fold the DPO LoRA adapter into the unquantized base -> one standalone model.
 
-Reads: params `seed`, `merge`; models/base/ (model + ChatML tokenizer, and pipeline_base.json when the base
+Reads: params `merge`; models/base/ (model + ChatML tokenizer, and pipeline_base.json when the base
 stage wrote it); models/adapter/ (adapter_model.safetensors + adapter_config.json + tokenizer, and the
 optional train_summary.json: {"params": ..., "metrics": ...}); data/prepared/
 (test.parquet for the fidelity prompts, train.parquet's schema metadata for the model card).
 Writes: models/merged/ (model.safetensors in `merge.dtype`, config, tokenizer with its chat template, the
-model card README.md and pipeline_merge.json with the lineage) and metrics/merge.json (flat numbers).
+model card README.md and pipeline_merge.json with the lineage by content: the adapter's hashes, never a run
+id) and metrics/merge.json (flat numbers). The train run that made the adapter is found in MLflow by the
+adapter's sha256 (tracking.train_run_of) and tagged on this run, so a train re-run that reproduces the adapter
+byte for byte leaves models/merged, and every stage after it, up to date.
 
 Why the unquantized base: QLoRA trains the adapter against the NF4-dequantized weights, but a merge into
 the 4-bit model itself has to requantize W + BA back to NF4, and the adapter's delta (small next to the NF4
@@ -34,7 +37,7 @@ from typing import Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import atomic_dir, read_json, template_hash, write_json
+from dpo_pipeline.io import atomic_dir, sha256_tree, template_hash, write_json
 from dpo_pipeline.layout import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -43,7 +46,6 @@ from dpo_pipeline.layout import (
     MERGED_DIR,
     METRICS_DIR,
     PREPARED_DIR,
-    TRAIN_RUN_FILE,
     TRAIN_SUMMARY,
 )
 from dpo_pipeline.models import loading
@@ -68,11 +70,9 @@ def run(
     prepared_dir: str | Path = PREPARED_DIR,
     merged_dir: str | Path = MERGED_DIR,
     metrics_path: str | Path = METRICS_DIR / "merge.json",
-    train_run_path: str | Path = TRAIN_RUN_FILE,
 ) -> dict[str, Any]:
     """Merge, check fidelity, publish models/merged and metrics/merge.json; returns the metrics."""
     import pyarrow.parquet as pq
-    import torch
     from peft import PeftModel
 
     from dpo_pipeline import lineage, tracking
@@ -94,27 +94,22 @@ def run(
     # The adapter folder carries the tokenizer it was trained with; fall back to the base's.
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
-    train_run_path = Path(train_run_path)
-    if not train_run_path.is_file():
-        raise StageError(
-            f"{train_run_path}: the train run's record not found (run the train stage: dvc repro train)"
-        )
-    train_run_id = str(read_json(train_run_path).get("mlflow_run_id") or "")
 
     dtype = torch_dtype(m.dtype)
     device = resolve_device(m.device)
-    torch.manual_seed(params.seed)
+    adapter_sha256 = sha256_tree(adapter_dir)  # the train run's tag (the adapter is small next to the model)
 
     inputs = {"base": base_dir, "adapter": adapter_dir, "prepared": prepared_dir}
-    with tracking.stage_run(
-        "merge",
-        params,
-        sections=["seed", "merge"],
-        inputs=inputs,
-        tags={"lineage.train_run_id": train_run_id} if train_run_id else None,
-    ) as mlflow_run:
+    with tracking.stage_run("merge", params, sections=["merge"], inputs=inputs) as mlflow_run:
         # The hash the run's input tag already holds (DVC's md5 under dvc repro): not worked out twice.
         adapter_hash = lineage.input_hashes(mlflow_run, {"adapter": adapter_dir})["adapter"]
+        train_run_id = tracking.train_run_of(adapter_sha256)
+        tracking.set_tags(
+            {
+                "lineage.adapter.sha256": adapter_sha256,
+                **({"lineage.train_run_id": train_run_id} if train_run_id else {}),
+            }
+        )
         encoded = [
             tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0].to(device)
             for t in texts
@@ -159,16 +154,13 @@ def run(
                     f"Nothing was published: {merged_dir} and {metrics_path} are unchanged."
                 )
 
-            merge_section = {
-                "seed": params.seed,
-                **{f"merge.{k}": v for k, v in params.section("merge").items()},
-            }
+            merge_section = {f"merge.{k}": v for k, v in params.section("merge").items()}
             info = {
                 "base": base_info,
                 "data": data_meta,
                 "adapter": adapter_summary(adapter_config),
                 "adapter_hash": adapter_hash,
-                "train_run_id": train_run_id,
+                "adapter_sha256": adapter_sha256,
                 "train_params": train_summary.get("params"),
                 "train_metrics": train_summary.get("metrics"),
                 "merge": merge_section,
@@ -183,7 +175,7 @@ def run(
                 tmp / MERGE_INFO,
                 {
                     "adapter_hash": adapter_hash,
-                    "train_run_id": train_run_id,
+                    "adapter_sha256": adapter_sha256,
                     "base": base_info,
                     "dtype": m.dtype,
                     "chat_template_sha": info["chat_template_sha"],

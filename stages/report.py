@@ -114,8 +114,11 @@ def run(params: Any, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]:
                 "dvc.md5": lineage.dvc_lock_md5(MERGED_DIR) or "",
                 "git.commit": lineage.git_tags().get("git.commit", ""),
                 "lineage.adapter.hash": str(meta.get("adapter_hash", "")),
-                "lineage.train_run_id": str(meta.get("train_run_id", "")),
-                "lineage.evaluate_run_id": str(meta.get("run_id", "")),
+                # Found by content (the scores files hold no run ids, so a re-run with equal bytes re-runs nothing).
+                "lineage.train_run_id": tracking.train_run_of(str(meta.get("adapter_sha256", ""))),
+                "lineage.evaluate_run_id": tracking.find_run(
+                    "evaluate", {"lineage.adapter.hash": str(meta.get("adapter_hash", ""))}
+                ),
             },
             metrics=out,
             model_type="transformers-causal-lm (merged LoRA DPO; weights in DVC)",

@@ -65,6 +65,7 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     atomic_dir,
     atomic_write_bytes,
+    sha256_tree,
     template_hash,
     write_json,
 )
@@ -78,7 +79,6 @@ from dpo_pipeline.layout import (
     SCRATCH_DIR,
     SPLITS,
     TOKENIZED_DIR,
-    TRAIN_RUN_FILE,
     TRAIN_SUMMARY,
 )
 from dpo_pipeline.models.loading import (
@@ -126,12 +126,12 @@ def run(
     checkpoint_dir: str | Path = SCRATCH_DIR / "checkpoints" / "train",
     extra_callbacks: Sequence[Any] = (),
     pairs_dir: str | Path = PAIRS_DIR,
-    run_path: str | Path = TRAIN_RUN_FILE,
 ) -> dict[str, float]:
     """Train the adapter; returns the metrics written to `metrics_path`.
 
-    `run_path` gets this run's MLflow run id: the lineage merge puts in the merged model card and evaluate in
-    its tags. Kept out of models/adapter, so identical weights still give a byte-identical adapter folder."""
+    The MLflow run is tagged with the adapter's sha256 (tracking.ADAPTER_SHA256_TAG): merge, evaluate and report
+    find it by that content hash. No run id is written to any output, so identical weights give byte-identical
+    outputs and leave every later stage up to date."""
     from dpo_pipeline import lineage, tracking
 
     base_dir, tokenized_dir, reference_dir = Path(base_dir), Path(tokenized_dir), Path(reference_dir)
@@ -238,13 +238,12 @@ def run(
             save_adapter(trainer.model, tokenizer, tmp)
             write_json(tmp / TRAIN_SUMMARY, train_summary(params, metrics))
         write_json(metrics_path, metrics)
-        run_id = getattr(getattr(mlflow_run, "info", None), "run_id", None) or ""
-        write_json(run_path, {"mlflow_run_id": run_id})
         atomic_write_bytes(history_path, history_csv(history_rows(history)).encode("utf-8"))
 
         # Prefixed: the MLflow callback already logged transformers' own `train_loss` (a mean over the run).
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
         tracking.log_outputs({"adapter": adapter_dir})
+        tracking.set_tags({tracking.ADAPTER_SHA256_TAG: sha256_tree(adapter_dir)})
         tracking.log_artifact(history_path)
         shutil.rmtree(run_dir, ignore_errors=True)
         return metrics

@@ -23,7 +23,8 @@ from typing import Any
 
 from dpo_pipeline import lineage
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.layout import BASE_DIR, BASE_INFO, METRICS_DIR, PREPARED_DIR, SCRATCH_DIR, TRAIN_RUN_FILE
+from dpo_pipeline.io import sha256_tree
+from dpo_pipeline.layout import ADAPTER_DIR, BASE_DIR, BASE_INFO, METRICS_DIR, PREPARED_DIR, SCRATCH_DIR
 from dpo_pipeline.models.publish import KINDS, base_license, build_folder, card, dataset_ids, hub_license
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -90,9 +91,8 @@ def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
         "raw_source": prepared_meta.get("raw_source", ""),
         "raw_data_hash": prepared_meta.get("raw_data_hash", ""),
         "pairs_trained": pairs.get("selected_train", ""),
-        "train_run_id": read_json(TRAIN_RUN_FILE).get("mlflow_run_id", "")
-        if TRAIN_RUN_FILE.is_file()
-        else "",
+        # The train run is named by the adapter's content hash (its MLflow tag), as the merge stage names it.
+        "adapter_sha256": sha256_tree(ADAPTER_DIR) if ADAPTER_DIR.is_dir() else "",
         "train_params": {k: v for k, v in train.items() if k != "lora"}
         | {f"lora.{k}": v for k, v in train["lora"].items()},
         "evaluation": card_md.read_text(encoding="utf-8") if card_md.is_file() else None,

@@ -9,10 +9,6 @@ from typing import Any
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.evaluate.tasks import task_manager
 
-# models/merged/pipeline_merge.json keys -> MLflow tags (the merge run sets the same ones).
-LINEAGE_TAGS = {"adapter_hash": "lineage.adapter.hash", "train_run_id": "lineage.train_run_id"}
-
-
 # The metric each task is ranked by (lm-eval's "metric,filter" keys), as the Open LLM Leaderboard v1 read
 # them: length-normalised accuracy where answers differ in length, strict-match for gsm8k.
 PRIMARY_METRICS = {

@@ -112,7 +112,9 @@ def model_card(info: dict[str, Any]) -> str:
         + "\n## Training\n\nAdapter (adapter_config.json):\n\n"
         + markdown_table(info.get("adapter", {}))
         + f"\nAdapter content hash (models/adapter; md5 = DVC's, as in dvc.lock): `{info.get('adapter_hash', '')}`\n\n"
-        + f"Train run (MLflow run id, metrics/train_run.json): `{info.get('train_run_id') or '(not tracked)'}`\n\n"
+        + f"Adapter sha256 (models/adapter, pipeline's own hash): `{info.get('adapter_sha256', '')}`; the train run "
+        "that made it is the MLflow run of stage `train` tagged `output.adapter.sha256` with it (its id is not "
+        "written here: a re-run that reproduces the adapter must leave this folder byte-identical)\n\n"
         + "Training params (models/adapter/train_summary.json):\n\n"
         + markdown_table(flatten(train_params))
         + "\nTraining metrics (models/adapter/train_summary.json):\n\n"

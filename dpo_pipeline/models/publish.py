@@ -96,7 +96,9 @@ def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
         "raw data": info.get("raw_source", ""),
         "raw data hash": info.get("raw_data_hash", ""),
         "pairs trained on (data/pairs)": info.get("pairs_trained", ""),
-        "MLflow train run": info.get("train_run_id", ""),
+        "MLflow train run": f"stage train, tag output.adapter.sha256 = {info['adapter_sha256']}"
+        if info.get("adapter_sha256")
+        else "",
     }
     params = info.get("train_params", {})
     load = (

@@ -292,7 +292,8 @@ def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, m
     tags = model.tags
     assert tags["dvc.path"] == "models/merged" and tags["dvc.md5"] == lock_md5(project, "models/merged")
     assert tags["git.commit"] == project.head()
-    assert tags["lineage.train_run_id"] == project.read_json("metrics/train_run.json")["mlflow_run_id"]
+    train_run = stage_runs(client, exp_id, "train", head)[0]
+    assert tags["lineage.train_run_id"] == train_run.info.run_id
     assert tags["lineage.evaluate_run_id"] == evaluate_run.info.run_id
     assert tags["lineage.report_run_id"] == report_run.info.run_id
     assert tags["lineage.adapter.hash"] == merge_run.data.tags["lineage.adapter.hash"]

@@ -114,9 +114,9 @@ def eval_inputs(tmp_path_factory, tiny_base_dir, raw_rows):
     tokenizer = load_tokenizer(tiny_base_dir)
     good_id, bad_id = write_split(root / "prepared", raw_rows, tokenizer)
     tuned = constant_logit_model(tiny_base_dir, root / "prefers_chosen", good_id, bad_id)
-    # what the merge stage leaves next to a merged model: the lineage back to the adapter and train run
+    # what the merge stage leaves next to a merged model: the lineage back to the adapter, by content
     (tuned / "pipeline_merge.json").write_text(
-        json.dumps({"adapter_hash": "md5:" + "ab" * 16, "train_run_id": "run123"})
+        json.dumps({"adapter_hash": "md5:" + "ab" * 16, "adapter_sha256": "cd" * 32})
     )
     return {
         "prepared": root / "prepared",
@@ -149,6 +149,16 @@ def evaluated(tmp_path_factory, tiny_params, eval_inputs):
     metrics = root / "metrics"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        # The train run that made the adapter, tagged as the train stage tags it: evaluate and report find it
+        # by the adapter's sha256 in pipeline_merge.json.
+        import mlflow
+
+        from dpo_pipeline import tracking
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(tiny_params.tracking.experiment)
+        with mlflow.start_run(tags={"stage": "train", tracking.ADAPTER_SHA256_TAG: "cd" * 32}) as train_run:
+            pass
         tuned_args = (eval_inputs["prefers_chosen"], eval_inputs["prepared"], TASKS_DIR, metrics)
         with pytest.raises(StageError, match=r"eval_base\.json: base model results not found"):
             evaluate.run(tiny_params, "evaluate", *tuned_args)
@@ -182,6 +192,7 @@ def evaluated(tmp_path_factory, tiny_params, eval_inputs):
         "heldout": heldout,
         "tuned": tuned,
         "report": reported,
+        "train_run_id": train_run.info.run_id,
     }
 
 
@@ -293,6 +304,7 @@ def test_evaluate_runs_are_tracked(evaluated):
         "evaluate_base_heldout": ["FINISHED"],
         "evaluate": ["FINISHED"],  # the attempts without base scores failed before opening a run
         "report": ["FINISHED"],
+        "train": ["FINISHED"],  # the fixture's stand-in for the run that made the adapter
     }
     reported = by_stage["report"][0]
     assert reported["metrics.dpo_heldout_pref/acc_norm_delta"] == 1.0
@@ -304,6 +316,11 @@ def test_evaluate_runs_are_tracked(evaluated):
     model = mlflow.MlflowClient(evaluated["uri"]).get_logged_model(reported["tags.model.id"])
     assert {m.key: m.value for m in model.metrics}["dpo_heldout_pref/acc_norm_delta"] == 1.0
     assert model.tags["lineage.evaluate_run_id"] == by_stage["evaluate"][0]["run_id"]
+    assert model.tags["lineage.train_run_id"] == evaluated["train_run_id"]
+    # No run id in a file a later stage reads (the scores files are report's deps): same bytes, no re-run.
+    for name in ("eval_base.json", "eval_base_heldout.json", "eval_merged.json"):
+        text = (evaluated["metrics"] / name).read_text()
+        assert evaluated["train_run_id"] not in text and '"run_id"' not in text, name
     assert read_json(evaluated["metrics"] / "eval.json")["meta"]["mlflow_model_id"] == model.model_id
     run = by_stage["evaluate"][0]
     assert run["metrics.dpo_heldout_pref/acc_norm"] == 1.0
@@ -312,7 +329,7 @@ def test_evaluate_runs_are_tracked(evaluated):
     assert run["tags.input.merged.hash"].startswith("sha256:")
     assert (
         run["tags.lineage.adapter.hash"] == "md5:" + "ab" * 16
-        and run["tags.lineage.train_run_id"] == "run123"
+        and run["tags.lineage.train_run_id"] == evaluated["train_run_id"]
     )
     assert by_stage["evaluate_base"][0]["tags.input.base.hash"].startswith("sha256:")
     assert "tags.input.prepared.hash" not in by_stage["evaluate_base"][0] or pd.isna(

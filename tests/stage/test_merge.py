@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import read_json
+from dpo_pipeline.io import read_json, sha256_tree
 from dpo_pipeline.models import merge as merge_lib
 from dpo_pipeline.models.loading import load_model, load_tokenizer
 from stages import merge
@@ -85,10 +85,20 @@ def merge_inputs(tmp_path_factory, tiny_base_dir, raw_rows):
         "metrics": {"rewards_accuracies": 0.8125},
     }
     adapter = make_adapter(tiny_base_dir, root / "adapter", summary=summary)
-    # The train stage's record of its MLflow run (the e2e lineage test reads one a real train run wrote).
-    train_run = root / "train_run.json"
-    train_run.write_text(json.dumps({"mlflow_run_id": "0123abcd"}))
-    return {"base": tiny_base_dir, "adapter": adapter, "prepared": prepared, "train_run": train_run}
+    return {"base": tiny_base_dir, "adapter": adapter, "prepared": prepared}
+
+
+def record_train_run(uri: str, experiment: str, adapter_dir: Path) -> str:
+    """A finished train run tagged as the train stage tags it (the e2e lineage test checks a real one)."""
+    import mlflow
+
+    from dpo_pipeline import tracking
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    tags = {"stage": "train", tracking.ADAPTER_SHA256_TAG: sha256_tree(adapter_dir)}
+    with mlflow.start_run(tags=tags) as run:
+        return run.info.run_id
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +108,9 @@ def merged(tmp_path_factory, tiny_params, merge_inputs):
     out = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", out["uri"])
+        out["train_run_id"] = record_train_run(
+            out["uri"], tiny_params.tracking.experiment, merge_inputs["adapter"]
+        )
         for name in ("first", "second"):
             out[name] = merge.run(
                 tiny_params,
@@ -106,7 +119,6 @@ def merged(tmp_path_factory, tiny_params, merge_inputs):
                 merge_inputs["prepared"],
                 root / name / "models" / "merged",
                 root / name / "metrics" / "merge.json",
-                merge_inputs["train_run"],
             )
     return out
 
@@ -156,7 +168,12 @@ def test_merged_folder_is_a_float16_model_with_tokenizer_and_lineage(merged, mer
         assert not any("lora" in k for k in fh.keys())
     assert load_tokenizer(merged_dir).chat_template == load_tokenizer(merge_inputs["base"]).chat_template
     info = read_json(merged_dir / "pipeline_merge.json")
-    assert info["train_run_id"] == "0123abcd" and info["adapter_hash"].startswith("sha256:")
+    assert info["adapter_hash"].startswith("sha256:")
+    assert info["adapter_sha256"] == sha256_tree(merge_inputs["adapter"])
+    # No run id anywhere in the folder: a train re-run that reproduces the adapter leaves it byte-identical.
+    for path in merged_dir.iterdir():
+        if path.suffix in (".json", ".md"):
+            assert merged["train_run_id"] not in path.read_text(encoding="utf-8"), path.name
 
 
 def test_merged_logprobs_match_the_adapter_on_base_in_float32(merged, merge_inputs, tiny_params):
@@ -182,7 +199,7 @@ def test_merged_logprobs_match_the_adapter_on_base_in_float32(merged, merge_inpu
     ).abs().mean() > 10 * diff.mean()  # the merged weights are not the base's
 
 
-def test_model_card_names_base_data_params_and_training(merged):
+def test_model_card_names_base_data_params_and_training(merged, merge_inputs):
     card = (merged["root"] / "first" / "models" / "merged" / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\nbase_model:")
     for expected in (
@@ -195,7 +212,7 @@ def test_model_card_names_base_data_params_and_training(merged):
         "| merge.fidelity_prompts | 4 |",
         "metrics/eval.json",
         "QLoRA: 4-bit FP4 base",  # what train_summary.json says, not a fixed "NF4"
-        "`0123abcd`",  # the train run, from metrics/train_run.json
+        sha256_tree(merge_inputs["adapter"]),  # how to find the train run: by the adapter's content hash
     ):
         assert expected in card, expected
     assert "| other |" not in card  # only the prepare stage's dpo.* keys
@@ -216,7 +233,7 @@ def test_merge_run_is_tracked_with_lineage(merged, merge_inputs):
     assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
     run = runs.iloc[0]
     assert run["metrics.fidelity_max_abs_diff"] == pytest.approx(merged["second"]["fidelity_max_abs_diff"])
-    assert run["tags.lineage.train_run_id"] == "0123abcd"
+    assert run["tags.lineage.train_run_id"] == merged["train_run_id"]  # found by the adapter's sha256
     assert run["tags.input.adapter.hash"] == run["tags.lineage.adapter.hash"]
     assert run["params.merge.dtype"] == "float16"
 
@@ -235,25 +252,10 @@ def test_gate_failure_publishes_nothing(tmp_path, tiny_params, merge_inputs):
             merge_inputs["prepared"],
             merged_dir,
             metrics_path,
-            merge_inputs["train_run"],
         )
     assert [p.name for p in merged_dir.iterdir()] == ["previous.txt"]
     assert metrics_path.read_text() == '{"old": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.json", "merged", "mlflow.db"]
-
-
-def test_missing_train_run_record_fails_clearly(tmp_path, tiny_params, merge_inputs):
-    with pytest.raises(StageError, match=r"absent\.json: the train run's record not found"):
-        merge.run(
-            tiny_params,
-            merge_inputs["base"],
-            merge_inputs["adapter"],
-            merge_inputs["prepared"],
-            tmp_path / "m",
-            tmp_path / "merge.json",
-            tmp_path / "absent.json",
-        )
-    assert not (tmp_path / "m").exists()
 
 
 def test_missing_or_bad_adapter_fails_clearly(tmp_path, tiny_params, merge_inputs):

@@ -158,7 +158,6 @@ def test_train_refuses_the_marker(tmp_path, tokenized_dir, tiny_base_dir, train_
             tmp_path / "history.csv",
             tmp_path / "ckpt",
             pairs_dir=pairs_of(tokenized_dir),
-            run_path=tmp_path / "train_run.json",
         )
     assert not (tmp_path / "adapter").exists()
 

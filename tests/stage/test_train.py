@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline import tracking
 from dpo_pipeline.data import tables, tokens
+from dpo_pipeline.io import sha256_tree
 from dpo_pipeline.models import loading
 from dpo_pipeline.train import dpo, trl_glue
 from dpo_pipeline.train import pairs as pairs_lib
@@ -114,7 +116,6 @@ def run_train(params, base_dir, tokenized_dir, reference_dir, out: Path, **kwarg
         history_path=out / "metrics" / "train_history.csv",
         checkpoint_dir=out / "checkpoints",
         pairs_dir=pairs_of(tokenized_dir),
-        run_path=out / "metrics" / "train_run.json",
         **kwargs,
     )
 
@@ -254,10 +255,9 @@ def test_mlflow_run(trained, train_params):
         assert run.data.metrics[f"final_{key}"] == pytest.approx(value), key
     assert run.data.tags["output.adapter.path"]
     assert run.data.tags["input.reference.hash"].startswith("sha256:")  # no dvc.lock here: hashed by us
-    # the lineage merge and evaluate read: this run's id, written next to the metrics, not into the adapter
-    assert json.loads((trained / "metrics" / "train_run.json").read_text()) == {
-        "mlflow_run_id": run.info.run_id
-    }
+    # the lineage merge, evaluate and report look up: the adapter's content hash as a tag, no run id in a file
+    assert run.data.tags[tracking.ADAPTER_SHA256_TAG] == sha256_tree(trained / "adapter")
+    assert not (trained / "metrics" / "train_run.json").exists()
     assert mlflow.active_run() is None
 
 
@@ -367,7 +367,7 @@ class Slow(TrainerCallback):
 params = replace_params(config.load({repo!r} + "/params.yaml"), **{overrides!r})
 train.run(params, {base!r}, {tokenized!r}, {reference!r}, {out!r} + "/adapter", {out!r} + "/train.json",
           {out!r} + "/history.csv", {out!r} + "/checkpoints", extra_callbacks=[Slow()],
-          pairs_dir=os.path.join(os.path.dirname({tokenized!r}), "pairs"), run_path={out!r} + "/train_run.json")
+          pairs_dir=os.path.join(os.path.dirname({tokenized!r}), "pairs"))
 """
 
 

@@ -154,7 +154,6 @@ def test_run_refuses_a_process_group_of_another_size(
             tmp_path / "adapter",
             tmp_path / "t.json",
             pairs_dir=tokenized_dir.parent / "pairs",
-            run_path=tmp_path / "train_run.json",
         )
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "t.json").exists()
     from mlflow.tracking import MlflowClient
