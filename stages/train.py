@@ -154,6 +154,8 @@ def run(
     with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
         import torch
 
+        trl_glue.log_versions()
+
         require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
         # Before any weights load: every LoRA target a linear layer of this base (validate checked it already
         # when the base's family was known from params or the HF cache; this covers the rest).
@@ -220,6 +222,7 @@ def run(
         if bad:
             raise StageError(f"adapter weight {bad[0]} is not finite after training; nothing was published")
 
+        tracking.log_metrics(trl_glue.log_sharing(trainer, "training"))
         evaluation = trainer.evaluate()
         history = trainer.state.log_history
         counts, peak_mb = across_processes(accelerator, trainer.pipeline_counts, peak_memory_mb(device))

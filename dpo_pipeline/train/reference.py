@@ -97,6 +97,7 @@ def compute(
         for split in layout.SPLITS
     }
     datasets = {split: dpo.to_dataset(table) for split, table in tokenized.items()}
+    trl_glue.log_versions()
     model = loading.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = trl_glue.trainer_class(params.train.share_prompt)(
@@ -107,6 +108,7 @@ def compute(
             processing_class=tokenizer,
             peft_config=placeholder_adapter(),
         )
+        trl_glue.log_sharing(trainer, "reference")
         computed = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
         tables = {}
         for split, dataset in computed.items():

@@ -22,8 +22,10 @@ on the two-row batch), runs the one-row batch with pre-shifted labels (`shift_la
 head scores as given) and hands back every per-token output (log_probs, entropy, mean_logits, is_top1, ...)
 in the two-row layout, so trl's loss and metrics code runs unchanged. A batch it cannot share (a pair whose
 two rows do not start with the same prompt, an empty prompt, left padding, a sequence longer than the model's
-sliding attention window, an MoE model's router logits, any call without the fused head) goes to the model as
-it came.
+sliding attention window, an MoE model's router logits) goes to the model as it came, and is counted
+(`outcomes`): the trainer warns once when a batch falls back and logs how many shared. A log-prob call in a
+shape this was not written for (a trl that passes position ids, shifted labels or positional arguments, or no
+longer asks for the fused head) fails the run: `train.share_prompt: true` never silently means trl's two rows.
 
 Cost: the linear layers (most of the FLOPs) see |prompt| + |chosen| + |rejected| + 1 positions per pair
 instead of 2 x max(|prompt| + |answer|), and less padding; attention with a dense mask costs at most the
@@ -177,6 +179,40 @@ def unpack(value, packed: Packed):
     return out.masked_fill(~packed.valid, 0)
 
 
+# What trl 1.16's _compute_loss and compute_ref_log_probs pass to the model, beyond the batch's tensors
+# (input_ids, attention_mask, labels) and use_cache; anything else means trl changed how it calls the model.
+KNOWN_CALL_KEYS = {
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "fused_lm_head",
+    "use_cache",
+    "output_router_logits",
+}
+
+
+def check_call_shape(args: tuple, kwargs: dict) -> None:
+    """Refuse a log-prob call this layout was not written for, naming what differs (a trl upgrade)."""
+    problems = []
+    if args:
+        problems.append(f"{len(args)} positional argument(s)")
+    if not kwargs.get("fused_lm_head"):
+        problems.append("no fused_lm_head=True")
+    missing = [k for k in ("input_ids", "attention_mask", "labels") if kwargs.get(k) is None]
+    if missing:
+        problems.append(f"no {', '.join(missing)}")
+    unknown = sorted(set(kwargs) - KNOWN_CALL_KEYS)
+    if unknown:
+        problems.append(f"unknown argument(s) {', '.join(unknown)}")
+    if problems:
+        raise StageError(
+            "train.share_prompt: true cannot engage: trl called the model with "
+            + "; ".join(problems)
+            + " (one row per pair is written for trl 1.16's model(input_ids=, attention_mask=, labels=, "
+            "fused_lm_head=True)). Set train.share_prompt: false, or install the locked trl (constraints.txt)"
+        )
+
+
 class SharedPromptModel:
     """Callable in place of the (wrapped) model inside trl's loss and reference code; see the module doc."""
 
@@ -187,6 +223,7 @@ class SharedPromptModel:
         mask_dtype: Any = None,
         counts: dict | None = None,
         window: int | None = None,
+        outcomes: dict | None = None,
     ):
         check_attention(implementation)
         self.model = model
@@ -196,26 +233,30 @@ class SharedPromptModel:
         self.counts = (
             counts  # when given: the positions each one-row forward computed (all, those with a token)
         )
+        # when given: how many log-prob calls ran one row per pair ("shared") and how many could not ("fallback",
+        # with the last reason in "reason")
+        self.outcomes = outcomes if outcomes is not None else {}
 
     def __call__(self, *args, **kwargs):
         import torch
 
         labels = kwargs.get("labels")
-        shareable = (
-            not args
-            and kwargs.get("fused_lm_head")
-            and labels is not None
-            and "shift_labels" not in kwargs
-            and "position_ids" not in kwargs
-            and not kwargs.get("output_router_logits")
-            and "input_ids" in kwargs
-        )
+        if labels is None and not kwargs.get("fused_lm_head"):
+            return self.model(
+                *args, **kwargs
+            )  # not a log-prob call (trl's deprecated return_outputs forward)
+        check_call_shape(args, kwargs)
         packed = None
-        if shareable:
+        reason = "an MoE model's router logits"
+        if not kwargs.get("output_router_logits"):
             dtype = (self.mask_dtype or torch.float32) if self.eager else None
             packed = pack(kwargs["input_ids"], kwargs.get("attention_mask"), labels, dtype, self.window)
+            reason = "a pair without a shared right-padded prompt, or longer than the sliding window"
         if packed is None:
+            self.outcomes["fallback"] = self.outcomes.get("fallback", 0) + 1
+            self.outcomes["reason"] = reason
             return self.model(*args, **kwargs)
+        self.outcomes["shared"] = self.outcomes.get("shared", 0) + 1
         if self.counts is not None:
             self.counts["positions"] = self.counts.get("positions", 0) + packed.positions
             self.counts["real_positions"] = self.counts.get("real_positions", 0) + packed.real_positions

@@ -1,21 +1,91 @@
-"""Every override of trl/transformers internals, and the facts about trl the config checks rely on.
+"""Every override of trl/transformers internals the training and reference stages use, and their tripwires.
 
-Checked against trl 1.16, transformers 5.24, peft 0.21.2:
-- trainer_class: DPOTrainer with the tokenize stage's ids and the cached reference columns taken as they are,
-  the length column kept, a resume that keeps the adapter's dtype, the NaN guard and throughput counters;
-- DPO_LOSS_TYPES, LABEL_SMOOTHING_RULES: trl's loss types and what each needs of label_smoothing;
-- OPTIMIZERS, LR_SCHEDULERS: the `optim` and `lr_scheduler_type` names training can use with these params and
-  the pinned packages (transformers knows more: those need packages or scheduler arguments this pipeline lacks);
+Checked against the releases in TESTED (trl 1.16, transformers 5.17-5.24, peft 0.21); train and reference log
+the versions in use at start-up and warn in one line outside them (log_versions):
+- trainer_class: DPOTrainer with the tokenize stage's ids and the cached reference columns taken as they are
+  (_prepare_dataset, _precompute_ref_logps: trl 1.16 has no public switch to skip either), the length column
+  kept (_set_signature_columns_if_needed), a resume that keeps the adapter's dtype (_load_from_checkpoint), the
+  NaN guard and throughput counters (training_step), and with share_prompt one row per pair for the policy and
+  reference forwards (_compute_loss, compute_ref_log_probs). Every name in OVERRIDES must exist on the installed
+  DPOTrainer (refused by name when the class is built) and be called by it: tests/stage/test_trl_overrides.py
+  counts the calls in real reference and train runs, resume included, and that prompt sharing engaged;
 - checkpointing_kwargs: the TrainingArguments name of activation checkpointing (renamed in 5.24);
 - mlflow_callback: transformers' MLflowCallback made unable to fail training.
-tests/unit/test_trl_glue.py fails when an upgrade changes one of them (a loss type added or dropped, an
-overridden method renamed or given other arguments).
+The loss types, label-smoothing rules, optimizers and schedulers params may name are plain data in config.py
+(loading params imports no ML library); tests/unit/test_trl_glue.py checks them against the installed trl and
+transformers, and every overridden method's arguments against trl's.
 """
 
 from __future__ import annotations
 
+import logging
+
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, REF_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+# The releases every override below was checked against, as [lowest, first untested) version prefixes.
+# Outside them train and reference warn once at start-up (version_line): an override may no longer apply.
+# tests/unit/test_trl_glue.py checks the installed versions against these, so a lock bump must update them.
+TESTED = {"trl": ("1.16", "1.17"), "transformers": ("5.17", "5.25"), "peft": ("0.21", "0.22")}
+# The DPOTrainer methods PipelineDPOTrainer overrides: each must exist on the installed trl (checked when the
+# class is built) and be called by it (tests/stage/test_trl_overrides.py counts the calls in a real run).
+OVERRIDES = (
+    "_compute_loss",
+    "compute_ref_log_probs",
+    "_prepare_dataset",
+    "_precompute_ref_logps",
+    "_set_signature_columns_if_needed",
+    "_load_from_checkpoint",
+    "training_step",
+)
+
+
+def untested_versions(installed: dict[str, str]) -> list[str]:
+    """The `name version` of each installed package outside its TESTED range."""
+    from packaging.version import Version
+
+    out = []
+    for name, (low, high) in TESTED.items():
+        version = Version(installed[name])
+        if not Version(low) <= Version(version.base_version) < Version(high):
+            out.append(f"{name} {installed[name]}")
+    return out
+
+
+def log_versions() -> None:
+    """One line at the train and reference stages' start: the versions in use, a warning outside TESTED."""
+    from importlib import metadata
+
+    installed = {name: metadata.version(name) for name in TESTED}
+    tested = ", ".join(f"{n} {lo}.x-<{hi}" for n, (lo, hi) in TESTED.items())
+    here = ", ".join(f"{n} {v}" for n, v in installed.items())
+    outside = untested_versions(installed)
+    if outside:
+        logger.warning(
+            "%s untested: the overrides in dpo_pipeline/train/trl_glue.py were checked against %s; the run goes "
+            "on, but an override may no longer apply (pip install -c constraints.txt -e . restores the lock)",
+            ", ".join(outside),
+            tested,
+        )
+    else:
+        logger.info("%s (tested: %s)", here, tested)
+
+
+def log_sharing(trainer, what: str) -> dict[str, int]:
+    """One line: how many of `what`'s log-prob calls ran one row per pair (train.share_prompt); the counts."""
+    shared = trainer.share_outcomes.get("shared", 0)
+    fallback = trainer.share_outcomes.get("fallback", 0)
+    if trainer.share_prompt:
+        logger.info(
+            "train.share_prompt: %d of %d %s model calls ran one row per pair%s",
+            shared,
+            shared + fallback,
+            what,
+            f" (the rest as trl's two rows: {trainer.share_outcomes['reason']})" if fallback else "",
+        )
+    return {"share_prompt_calls_shared": shared, "share_prompt_calls_fallback": fallback}
 
 
 def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
@@ -71,7 +141,12 @@ def _forward(trainer, model):
     # Mistral sets sliding_window (4,096); Qwen2/3 carry one that only counts with use_sliding_window.
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return SharedPromptModel(
-        model, _attention_implementation(trainer), dtype, trainer._forward_positions, window
+        model,
+        _attention_implementation(trainer),
+        dtype,
+        trainer._forward_positions,
+        window,
+        trainer.share_outcomes,
     )
 
 
@@ -79,12 +154,22 @@ def trainer_class(share_prompt: bool):
     """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters,
     and with `share_prompt` one row per pair (dpo_pipeline.train.shared_prompt) for the policy and reference forwards."""
     import torch
+    import trl
     from trl import DPOTrainer
+
+    gone = [name for name in OVERRIDES if not callable(getattr(DPOTrainer, name, None))]
+    if gone:
+        raise StageError(
+            f"trl {trl.__version__} has no DPOTrainer.{', DPOTrainer.'.join(gone)}: the pipeline's overrides "
+            f"(dpo_pipeline/train/trl_glue.py) were written for trl {TESTED['trl'][0]}; install the locked "
+            "versions (pip install -c constraints.txt -e .)"
+        )
 
     class PipelineDPOTrainer(DPOTrainer):
         def __init__(self, *args, **kwargs):
             # Set before trl's __init__, which computes the reference log-probs (precompute_ref) through _forward.
             self.share_prompt = share_prompt
+            self.share_outcomes: dict = {}  # SharedPromptModel's count of shared and fallen-back calls
             self.pipeline_counts = new_counts()
             self._forward_positions: dict[str, int] = {}
             super().__init__(*args, **kwargs)
@@ -130,7 +215,13 @@ def trainer_class(share_prompt: bool):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._forward_positions.clear()
+            fallbacks = self.share_outcomes.get("fallback", 0)
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.share_outcomes.get("fallback", 0) > fallbacks and not fallbacks:
+                logger.warning(
+                    "train.share_prompt: a micro-batch ran as trl's two rows (%s); counted, the rest go on",
+                    self.share_outcomes.get("reason", ""),
+                )
             count_batch(self.pipeline_counts, inputs, self._forward_positions)
             # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
             # logging would only average NaNs away (logging_nan_inf_filter).

@@ -122,9 +122,41 @@ def test_a_batch_that_cannot_share_is_left_as_it_came(change):
         calls.append(kwargs)
         return "as it came"
 
-    wrapped = shared_prompt.SharedPromptModel(model, "sdpa", window=window)
+    outcomes: dict = {}
+    wrapped = shared_prompt.SharedPromptModel(model, "sdpa", window=window, outcomes=outcomes)
     assert wrapped(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) == "as it came"
     assert calls[0]["input_ids"] is ids and "position_ids" not in calls[0]
+    # counted, with a reason the trainer logs: share_prompt never falls back without a word
+    assert outcomes["fallback"] == 1 and "shared" not in outcomes and outcomes["reason"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"position_ids": "p"}, "unknown argument.*position_ids"),
+        ({"shift_labels": "s"}, "unknown argument.*shift_labels"),
+        ({"fused_lm_head": False}, "no fused_lm_head"),
+        ({"attention_mask": None}, "no attention_mask"),
+    ],
+)
+def test_a_call_shape_trl_1_16_never_makes_fails_the_run(extra, named):
+    """A trl that calls the model another way (padding-free position ids, pre-shifted labels, no fused head)
+    must not silently turn train.share_prompt into trl's two rows: the run fails naming what differs."""
+    batch = collate(random_examples(1, 2))
+    kwargs = {**batch, "labels": labelled(batch), "fused_lm_head": True, "use_cache": False, **extra}
+    wrapped = shared_prompt.SharedPromptModel(lambda **kw: "ran", "sdpa")
+    with pytest.raises(StageError, match=f"share_prompt: true cannot engage.*{named}"):
+        wrapped(**kwargs)
+    with pytest.raises(StageError, match="1 positional argument"):
+        wrapped(batch["input_ids"], labels=labelled(batch), fused_lm_head=True)
+
+
+def test_a_forward_that_asks_for_no_log_probs_passes_through():
+    """trl's deprecated return_outputs forward (no labels, no fused head) is not a log-prob call."""
+    batch = collate(random_examples(1, 2))
+    outcomes: dict = {}
+    wrapped = shared_prompt.SharedPromptModel(lambda **kw: "ran", "sdpa", outcomes=outcomes)
+    assert wrapped(**batch, use_cache=False) == "ran" and outcomes == {}
 
 
 def test_flash_attention_is_refused_by_name():

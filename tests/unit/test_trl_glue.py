@@ -92,3 +92,33 @@ def test_every_listed_scheduler_builds_from_warmup_and_total_steps_alone():
         except (ValueError, TypeError):
             continue
         raise AssertionError(f"{name} builds without arguments now: add it to config.LR_SCHEDULERS")
+
+
+def test_the_installed_trl_transformers_and_peft_are_the_tested_ones():
+    """A lock bump that moves any of them outside trl_glue.TESTED fails here: re-check the overrides, then
+    move the range (train and reference warn in one line at start-up when a user runs other versions)."""
+    from importlib import metadata
+
+    installed = {name: metadata.version(name) for name in trl_glue.TESTED}
+    assert trl_glue.untested_versions(installed) == []
+
+
+def test_versions_outside_the_tested_range_are_named():
+    ok = {"trl": "1.16.3", "transformers": "5.17.0", "peft": "0.21.2"}
+    assert trl_glue.untested_versions(ok) == []
+    assert trl_glue.untested_versions({**ok, "trl": "1.17.0", "transformers": "5.16.1"}) == [
+        "trl 1.17.0",
+        "transformers 5.16.1",
+    ]
+    assert trl_glue.untested_versions({**ok, "peft": "0.22.0.dev0"}) == ["peft 0.22.0.dev0"]
+
+
+def test_the_version_line_warns_outside_the_range(monkeypatch, caplog):
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.99.0" if name == "trl" else real(name))
+    with caplog.at_level("INFO", logger=trl_glue.logger.name):
+        trl_glue.log_versions()
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "trl 1.99.0 untested" in record.getMessage()
