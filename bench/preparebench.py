@@ -4,7 +4,7 @@
 
 MODE
   ours      the prepare stage's own functions on the raw file, phase by phase: tokenizer load, read and
-            validate (read_local), prepare_table (filters, vectorised ChatML formatting, split),
+            validate (read_local), prepare_table (filters, ChatML formatting, split),
             data_metrics, write_prepared. No MLflow run.
   article   the article's way: datasets.load_dataset("json") then Dataset.map with a Python chatml_format
             calling tokenizer.apply_chat_template per row (formatting only: no validation, filters or split).
@@ -29,7 +29,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dpo_pipeline.data import chatml, filters, raw, tokens  # noqa: E402
+from dpo_pipeline.data import filters, raw, tokens  # noqa: E402
 from dpo_pipeline.data import prepare as prepare_lib  # noqa: E402
 from dpo_pipeline.models import loading  # noqa: E402
 from dpo_pipeline.train import dpo  # noqa: E402
@@ -51,17 +51,12 @@ def _ours(args, params) -> dict:
     out: dict = {"import_s": time.perf_counter() - clock}
 
     work = time.perf_counter()
-    io.use_system_allocator()  # as prepare.run() does first
     clock = work
     tokenizer = load_tokenizer(args.base)
     out["tokenizer_load_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     table, _schema = raw.read_local(args.raw, params.data.columns)
     out["read_validate_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    formatted = chatml.format_table(table, tokenizer)
-    out["format_s"] = time.perf_counter() - clock  # also inside prepare_table; timed alone for the ratio
-    del formatted
     clock = time.perf_counter()
     train, test, counts = prepare_lib.prepare_table(table, tokenizer, params.data)
     out["prepare_table_s"] = time.perf_counter() - clock
@@ -73,7 +68,7 @@ def _ours(args, params) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     io.write_prepared(target, train, test, {"bench": "1"})
     out["write_s"] = time.perf_counter() - clock
-    out["work_s"] = time.perf_counter() - work - out["format_s"]
+    out["work_s"] = time.perf_counter() - work
     out["rows_in"] = metrics["rows_in"]
     out["rows_out"] = metrics["rows_out"]
     return out

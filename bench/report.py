@@ -183,7 +183,6 @@ def prepare_metrics(ours: Mapping[str, Any], article: Mapping[str, Any]) -> dict
         "import_s",
         "tokenizer_load_s",
         "read_validate_s",
-        "format_s",
         "prepare_table_s",
         "write_s",
         "work_s",
@@ -193,8 +192,6 @@ def prepare_metrics(ours: Mapping[str, Any], article: Mapping[str, Any]) -> dict
         m[f"prepare_article_{key}"] = article.get(key)
     # Whole work after imports. Ours does more (validation, filters, split, Parquet); ratio < 1: ours faster.
     m["prepare_work_ratio"] = ratio(ours.get("work_s"), article.get("work_s"))
-    # Same scope: ChatML formatting of every row (ours: pyarrow joins; the article: datasets.map).
-    m["prepare_format_speedup"] = ratio(article.get("map_s"), ours.get("format_s"))
     return m
 
 

@@ -311,12 +311,6 @@ def render(metrics: dict, context: dict) -> str:
         out.append(f"prepare, {fmt(metrics.get('prepare_rows'))} orca-sized rows (seconds after imports)")
         rows = [
             (
-                "ChatML formatting (pyarrow vs datasets.map)",
-                fmt(metrics.get("prepare_format_s")),
-                fmt(metrics.get("prepare_article_map_s")),
-                speed(metrics.get("prepare_format_speedup")),
-            ),
-            (
                 "whole work (ours: +validation, filters, split, write)",
                 fmt(metrics.get("prepare_work_s")),
                 fmt(metrics.get("prepare_article_work_s")),

@@ -137,13 +137,3 @@ def write_prepared(out_dir: Path, train, test, meta: dict[str, Any]) -> None:
     for name, table in (("train", train), ("test", test)):
         table = table.replace_schema_metadata(parquet_metadata({**meta, "split": name}))
         pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
-
-
-def use_system_allocator() -> None:
-    """Arrow buffers from the C library's malloc instead of pyarrow's default mimalloc pool: on 12,859
-    orca-sized rows the stage's work (read, filters, formatting, split, write; a fresh process) took 0.47 s
-    instead of 0.65 s here, the difference being mimalloc's first-touch cost on tens of MB of fresh text
-    buffers. Process-wide, so run() (and bench.preparebench, which times run()'s work) call it first."""
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())

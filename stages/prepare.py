@@ -12,8 +12,9 @@ Steps:
    unparseable JSON line, no rows, an unsupported file type) stop the stage with a message naming the
    file, the row and the column, before anything is written: previous outputs stay byte-identical.
 2. Content filters drop rows and count each reason (first matching reason wins, in REASONS order).
-3. ChatML formatting exactly as in Maxime Labonne's NeuralHermes-2.5 article (`format_row`), done for the
-   rows of a split at once with pyarrow string joins (`format_table`) and checked against `format_row`.
+3. ChatML formatting exactly as in Maxime Labonne's NeuralHermes-2.5 article (`chatml.format_row`): the
+   prompt is the conversation rendered by the base tokenizer's chat template (one call per row,
+   `chatml.format_prompt`), each answer closed with `<|im_end|>\n`.
 4. A train/test split by a stable hash of each row's content: a row's split depends only on its own
    text, so adding rows never moves existing ones. The hash also gives the row id.
 
@@ -35,7 +36,6 @@ from dpo_pipeline.io import (
     atomic_dir,
     sha256_file,
     template_hash,
-    use_system_allocator,
     write_json,
     write_prepared,
 )
@@ -64,7 +64,6 @@ def run(
     """Prepare the data; returns the metrics written to `metrics_path`."""
     from dpo_pipeline import tracking
 
-    use_system_allocator()
     data = params.data
     base_dir = Path(base_dir)
     if data.source == "local":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_pipeline.data.chatml import check_formatting, check_rows, format_table
+from dpo_pipeline.data.chatml import ANSWER_SUFFIX, format_prompt, require_chatml
 from dpo_pipeline.data.filters import (
     REASONS,
     content_masks,
@@ -62,22 +62,25 @@ def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
     rows_in = table.num_rows
     from dpo_pipeline.models.loading import special_tokens
 
+    require_chatml(tokenizer)
     rows, counts, row_digests = split_rows(table, data, special_texts(special_tokens(tokenizer)))
     splits = []
     for indices in rows.values():
         part = table.take(pa.array(indices, pa.int64()))
-        formatted = format_table(part, tokenizer)
-        check_formatting(part, formatted, tokenizer, check_rows(part))
-        prompt, chosen, rejected = formatted
+        systems, questions = part["system"].to_pylist(), part["question"].to_pylist()
+        prompt = [format_prompt(s, q, tokenizer) for s, q in zip(systems, questions, strict=True)]
+        chosen, rejected = (
+            [a + ANSWER_SUFFIX for a in part[name].to_pylist()] for name in ("chosen", "rejected")
+        )
         splits.append(
             pa.table(
                 {
                     "id": pa.array([row_id(row_digests[i]) for i in indices], pa.string()),
                     "system": part["system"],
                     "question": part["question"],
-                    "prompt": prompt,
-                    "chosen": chosen,
-                    "rejected": rejected,
+                    "prompt": pa.array(prompt, pa.string()),
+                    "chosen": pa.array(chosen, pa.string()),
+                    "rejected": pa.array(rejected, pa.string()),
                 },
             )
         )

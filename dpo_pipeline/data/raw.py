@@ -274,57 +274,8 @@ def read_local(path: Path, wanted: str):
                 f"{source}: not a readable Parquet file ({type(err).__name__}: {detail})"
             ) from None
         return validate_arrow(table, wanted, source)
-    fast = read_json_lines_fast(path, wanted)
-    if fast is not None:
-        return fast
     rows, where = read_json_rows(path)
     return rows_to_table(rows, where, wanted, source)
-
-
-def _object_lines(data: bytes) -> int | None:
-    """How many rows the line-by-line reader would make of `data`: its non-blank lines, when each is exactly
-    one `{...}` (else None). pyarrow's reader also takes two objects on one line or one object over two
-    lines, which JSON Lines does not allow; this keeps it to the files the line-by-line reader accepts.
-
-    A line that starts with `{` and ends with `}` holds whole objects only: a line break inside an object or
-    array is always next to a `,`, `:`, `[` or an opening brace after one of those, so never between `}` and
-    `{`; the count then rules out two on one line."""
-    count = 0
-    for line in data.split(b"\n"):
-        line = line.strip()
-        if not line:
-            continue
-        if line[:1] != b"{" or line[-1:] != b"}":
-            return None
-        count += 1
-    return count
-
-
-def read_json_lines_fast(path: Path, wanted: str):
-    """(table, schema) of a JSON Lines file read by pyarrow's C++ reader, or None to use the Python reader.
-
-    pyarrow parses and validates in a fraction of the time of json.loads per line (0.15 s vs 0.6 s for the
-    12,859 orca rows) but cannot say on which line a problem is. So any parse or validation failure here
-    returns None and the file is read again line by line by `read_json_rows` + `rows_to_table`, which raise
-    the error that names the line and column; so does a file that is not one object per line. A file both
-    readers accept gives the same table (tests/unit/test_raw_fuzz.py checks it on generated files).
-    """
-    import pyarrow as pa
-    import pyarrow.json as pj
-
-    data = path.read_bytes()
-    rows = _object_lines(data)
-    if rows is None:
-        return None  # a JSON array, a BOM, a line that is not one object: the Python reader's job
-    try:
-        table = pj.read_json(pa.BufferReader(data))
-        if table.num_rows != rows:
-            return None
-        return validate_arrow(table, wanted, str(path))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, StageError, UnicodeDecodeError):
-        # A problem with the file's content: the line-by-line reader finds it and names the line. Anything
-        # else (MemoryError, an I/O error) is not the file's fault and would only fail again: it propagates.
-        return None
 
 
 def read_hub(data) -> tuple[Any, str, str]:

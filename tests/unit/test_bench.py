@@ -106,10 +106,9 @@ def test_merge_repeats_keeps_the_fastest_run_the_best_step_and_the_highest_peak(
 
 
 def test_prepare_metrics_ratios():
-    ours = {"format_s": 0.1, "work_s": 0.4, "rows_in": 100, "rows_out": 90}
+    ours = {"work_s": 0.4, "rows_in": 100, "rows_out": 90}
     article = {"map_s": 1.5, "work_s": 2.0}
     m = report.prepare_metrics(ours, article)
-    assert m["prepare_format_speedup"] == pytest.approx(15.0)
     assert m["prepare_work_ratio"] == pytest.approx(0.2)
     assert m["prepare_work_s"] == 0.4 and m["prepare_article_map_s"] == 1.5
     assert m["prepare_rows"] == 100 and m["prepare_rows_out"] == 90
@@ -252,7 +251,6 @@ def test_quick_bench_writes_the_headline_figures(tmp_path, repo_root):
         "large_pairs_per_s_ratio",
         "large_peak_memory_ratio",
         "large_train_peak_memory_ratio",
-        "prepare_format_speedup",
         "prepare_work_s",
         "prepare_work_ratio",
         "tokenize_speedup",

@@ -86,11 +86,13 @@ def test_format_row_midsummer_house_matches_the_article_byte_for_byte(tokenizer)
     assert chatml.format_row(MIDSUMMER_ROW, tokenizer) == MIDSUMMER_EXPECTED
 
 
-def test_vectorised_formatting_midsummer_house_matches_the_article(tokenizer):
-    prompt, chosen, rejected = chatml.format_table(table_of([MIDSUMMER_ROW]), tokenizer)
-    assert prompt[0].as_py() == MIDSUMMER_EXPECTED["prompt"]
-    assert chosen[0].as_py() == MIDSUMMER_EXPECTED["chosen"]
-    assert rejected[0].as_py() == MIDSUMMER_EXPECTED["rejected"]
+def test_the_prepare_stage_writes_the_midsummer_house_row_as_the_article(tokenizer):
+    train, test, _ = prepare.prepare_table(
+        table_of([MIDSUMMER_ROW]), tokenizer, data_params(test_fraction=0.0)
+    )
+    assert test.num_rows == 0
+    (row,) = train.to_pylist()
+    assert {k: row[k] for k in ("prompt", "chosen", "rejected")} == MIDSUMMER_EXPECTED
 
 
 def test_empty_system_has_no_system_turn(tokenizer):
@@ -100,8 +102,7 @@ def test_empty_system_has_no_system_turn(tokenizer):
         "<|im_start|>user\n" + MIDSUMMER_ROW["question"] + "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert "system" not in formatted["prompt"]
-    (prompt, _, _) = chatml.format_table(table_of([row]), tokenizer)
-    assert prompt[0].as_py() == formatted["prompt"]
+    assert chatml.format_prompt("", row["question"], tokenizer) == formatted["prompt"]
 
 
 def test_whitespace_system_keeps_its_turn_as_in_the_article(tokenizer):
@@ -112,12 +113,11 @@ def test_whitespace_system_keeps_its_turn_as_in_the_article(tokenizer):
 
 @pytest.mark.parametrize("system", ["", " ", "\n", "Be brief."])
 def test_one_system_rule_for_prepared_rows_pretraining_text_and_eval_prompts(tokenizer, system):
-    """prepare (format_row, format_table), the builtin base's pre-training text (conversation) and the
-    evaluation prompts (format_prompt) give the same turns for every system text, whitespace-only included."""
+    """The article's two calls (format_row), prepare's and the evaluation prompts' one call (format_prompt) and
+    the builtin base's pre-training text (conversation) give the same turns for every system text."""
     row = dict(MIDSUMMER_ROW, system=system)
     expected = chatml.format_row(row, tokenizer)["prompt"]
     assert chatml.format_prompt(system, row["question"], tokenizer) == expected
-    assert chatml.format_table(table_of([row]), tokenizer)[0][0].as_py() == expected
     rendered = tokenizer.apply_chat_template(
         chatml.conversation(system, row["question"]), tokenize=False, add_generation_prompt=True
     )
@@ -125,39 +125,15 @@ def test_one_system_rule_for_prepared_rows_pretraining_text_and_eval_prompts(tok
     assert (system != "") == expected.startswith("<|im_start|>system\n")
 
 
-def test_vectorised_formatting_equals_format_row_on_random_rows(tokenizer):
+def test_prepared_rows_equal_the_articles_format_row_on_random_rows(tokenizer):
     rows = random_rows(300, seed=3)
     assert any(r["system"] == "" for r in rows) and any(r["system"] for r in rows)
-    prompt, chosen, rejected = chatml.format_table(table_of(rows), tokenizer)
-    for i, row in enumerate(rows):
-        expected = chatml.format_row(row, tokenizer)
-        assert prompt[i].as_py() == expected["prompt"], i
-        assert chosen[i].as_py() == expected["chosen"], i
-        assert rejected[i].as_py() == expected["rejected"], i
-
-
-def test_run_time_check_catches_a_formatting_difference(tokenizer):
-    table = table_of(random_rows(5, seed=4))
-    prompt, chosen, rejected = chatml.format_table(table, tokenizer)
-    chatml.check_formatting(table, (prompt, chosen, rejected), tokenizer, range(5))
-    broken = pa.array([p.as_py() + "x" for p in prompt])
-    with pytest.raises(StageError, match="differs from format_row"):
-        chatml.check_formatting(table, (broken, chosen, rejected), tokenizer, [2])
-
-
-def test_check_rows_include_rows_with_and_without_system():
-    rows = [dict(MIDSUMMER_ROW) for _ in range(20)] + [dict(MIDSUMMER_ROW, system="")]
-    picks = chatml.check_rows(table_of(rows))
-    assert 0 in picks and 20 in picks and len(picks) <= chatml.CHECK_ROWS + 2
-
-
-def test_template_that_edits_content_is_refused(tokenizer):
-    import copy
-
-    trimming = copy.deepcopy(tokenizer)
-    trimming.chat_template = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | trim)")
-    with pytest.raises(StageError, match="constant prefix"):
-        chatml.template_pieces(trimming)
+    train, test, _ = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.2))
+    prepared = {(r["system"], r["question"]): r for r in train.to_pylist() + test.to_pylist()}
+    assert len(prepared) == len(rows)
+    for row in rows:
+        got = prepared[(row["system"], row["question"])]
+        assert {k: got[k] for k in ("prompt", "chosen", "rejected")} == chatml.format_row(row, tokenizer)
 
 
 def test_template_without_im_end_is_refused(tokenizer):
@@ -168,8 +144,8 @@ def test_template_without_im_end_is_refused(tokenizer):
         "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}"
     )
-    with pytest.raises(StageError, match="<\\|im_end\\|>"):
-        chatml.template_pieces(other)
+    with pytest.raises(StageError, match="<\\|im_end\\|>.*expected a ChatML template"):
+        chatml.require_chatml(other)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +174,7 @@ ESCAPE_PROBES = [
 ]
 
 
-def test_vectorised_digests_equal_row_digest_on_every_escape():
+def test_digests_equal_row_digest_on_every_escape_sliced_and_chunked():
     rng = random.Random(11)
     rows = [[rng.choice(ESCAPE_PROBES) + rng.choice(ESCAPE_PROBES) for _ in range(4)] for _ in range(400)]
     rows += [list(r.values()) for r in random_rows(100, seed=12)]
@@ -263,7 +239,7 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
     assert tuple(counts["dropped"]) == filters.REASONS
     assert train.num_rows + test.num_rows == len(good) + len(long_rows)
     kept = pa.concat_tables([train, test])
-    assert kept.column_names == list(filters.TOKENIZED_COLUMNS)
+    assert kept.column_names == ["id", "system", "question", "prompt", "chosen", "rejected"]
     # The first copy of a duplicate is kept: every id is unique.
     assert len(set(kept["id"].to_pylist())) == kept.num_rows
 
@@ -296,10 +272,8 @@ def test_template_that_fails_to_render_is_a_stage_error(tokenizer):
 
     failing = copy.deepcopy(tokenizer)
     failing.chat_template = "{{ raise_exception('conversations must start with a user turn') }}"
-    with pytest.raises(
-        StageError, match="rendering a single system turn failed.*must start with a user turn"
-    ):
-        chatml.template_pieces(failing)
+    with pytest.raises(StageError, match="rendering a prompt failed.*must start with a user turn"):
+        chatml.require_chatml(failing)
 
 
 def test_no_rows_left_or_an_empty_split_stops_the_stage(tokenizer):

@@ -298,11 +298,6 @@ def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
 # The fast (pyarrow) JSON Lines reader and the line-by-line one agree
 
 
-def _slow(path: Path, columns: str = "auto"):
-    rows_, where = raw.read_json_rows(path)
-    return raw.rows_to_table(rows_, where, columns, str(path))
-
-
 TRICKY = [
     'quote " backslash \\ slash /',
     "control \x00\x01\x1f \t tab \r\n crlf \b\f",
@@ -314,7 +309,7 @@ TRICKY = [
 
 
 @pytest.mark.parametrize("ensure_ascii", [True, False])
-def test_fast_reader_equals_line_by_line_reader(tmp_path, ensure_ascii):
+def test_tricky_text_reads_back_exactly(tmp_path, ensure_ascii):
     rows = [
         {"system": a, "question": b, "chosen": c, "rejected": d, "extra": i}
         for i, (a, b, c, d) in enumerate(
@@ -325,30 +320,15 @@ def test_fast_reader_equals_line_by_line_reader(tmp_path, ensure_ascii):
     ]
     path = tmp_path / "tricky.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), encoding="utf-8")
-    fast = raw.read_json_lines_fast(path, "auto")
-    assert fast is not None, "a valid JSON Lines file must take the fast path"
-    slow = _slow(path)
-    assert fast[1] == slow[1] == "current"
-    assert fast[0].equals(slow[0])
-    assert fast[0].column("system").to_pylist() == [r["system"] for r in rows]
-
-
-def test_fast_reader_equals_line_by_line_reader_on_the_shipped_sample():
-    path = Path("data/raw/orca_dpo_sample.jsonl")
-    fast = raw.read_json_lines_fast(path, "auto")
-    assert fast is not None and fast[0].num_rows == 3000
-    assert fast[0].equals(_slow(path)[0])
-
-
-def test_read_local_takes_the_fast_path_for_valid_files(tmp_path, monkeypatch):
-    path = write_jsonl(tmp_path / "raw.jsonl", rows(5))
-
-    def boom(*_args, **_kwargs):
-        raise AssertionError("the line-by-line reader should not be needed for a valid file")
-
-    monkeypatch.setattr(raw, "read_json_rows", boom)
     table, schema = raw.read_local(path, "auto")
-    assert table.num_rows == 5 and schema == "current"
+    assert schema == "current"
+    for name in raw.TEXT_COLUMNS:
+        assert table.column(name).to_pylist() == [r[name] for r in rows], name
+
+
+def test_the_shipped_sample_reads_whole():
+    table, schema = raw.read_local(Path("data/raw/orca_dpo_sample.jsonl"), "auto")
+    assert table.num_rows == 3000 and schema == "current"
 
 
 @pytest.mark.parametrize(
@@ -367,27 +347,7 @@ def test_read_local_takes_the_fast_path_for_valid_files(tmp_path, monkeypatch):
         ),
     ],
 )
-def test_fast_reader_gives_way_to_the_precise_one_on_bad_rows(tmp_path, lines, expected):
+def test_a_bad_row_is_named_by_its_line(tmp_path, lines, expected):
     path = write_jsonl(tmp_path / "raw.jsonl", rows(5), lines)
-    assert raw.read_json_lines_fast(path, "auto") is None
     with pytest.raises(StageError, match=expected):
-        raw.read_local(path, "auto")
-
-
-def test_a_reader_failure_that_is_not_the_files_fault_is_not_retried(tmp_path, monkeypatch):
-    """MemoryError (or an I/O error) from pyarrow propagates: re-reading the file line by line would only
-    fail again, slower. Only content problems fall back to the line-by-line reader that names the line."""
-    import pyarrow.json as pj
-
-    path = write_jsonl(tmp_path / "raw.jsonl", rows(5))
-
-    def out_of_memory(*_args, **_kwargs):
-        raise MemoryError("arrow could not allocate")
-
-    def second_read(*_args, **_kwargs):
-        raise AssertionError("the file must not be read a second time")
-
-    monkeypatch.setattr(pj, "read_json", out_of_memory)
-    monkeypatch.setattr(raw, "read_json_rows", second_read)
-    with pytest.raises(MemoryError, match="could not allocate"):
         raw.read_local(path, "auto")

@@ -1,7 +1,7 @@
 """Issue 15: the raw readers fuzzed. Generated files (random text with escapes and odd characters, mixed
 schemas, and then corruptions: flipped or invalid bytes, truncations, Latin-1 lines, duplicate keys, two objects
-on a line, an object over two lines, BOMs, CRLFs, nulls, numbers) go to every reader of raw rows: read_local
-(pyarrow first, then the line-by-line reader), the line-by-line reader alone, and the builtin corpus reader.
+on a line, an object over two lines, BOMs, CRLFs, nulls, numbers) go to every reader of raw rows: read_local,
+the line-by-line reader alone, and the builtin corpus reader.
 
 Asserted for every file: all readers agree (the same table, or the same error); an error is one StageError
 that starts with the file and names the line or row, unless it is about the whole file (no rows, its
