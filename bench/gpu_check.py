@@ -192,7 +192,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
             tables_lib.read_tokenized(work / "tokenized", split), wanted[split], split
         )
         table = reference_lib.attach_reference(table, tables[split], split)
-        datasets[split] = dpo.to_dataset(table, layout.REF_COLUMNS)
+        datasets[split] = pairs_lib.to_dataset(table, layout.REF_COLUMNS)
     timer = StepTimes()
     trainer = trl_glue.trainer_class(params.train.share_prompt)(
         model=loading.load_policy(base_dir, params.train),

@@ -161,7 +161,7 @@ def _train(
         table = pairs_lib.rows_in_order(tables_lib.read_tokenized(tokenized_dir, "train"), order, path)
         path = reference_dir / "train.parquet"
         table = reference_lib.attach_reference(table, pq.read_table(path), path)
-        dataset = dpo.to_dataset(table, layout.REF_COLUMNS)
+        dataset = pairs_lib.to_dataset(table, layout.REF_COLUMNS)
     else:
         # The article's dataset: prompt / chosen / rejected strings (the ones tokenize made ours from).
         from datasets import Dataset

@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -356,9 +357,17 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 def _check(p: Params, source: str) -> None:
+    """Cross-field rules, section by section; the first broken one raises ConfigError naming file and key."""
+
     def fail(key: str, expected: str, got: Any) -> ConfigError:
         return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
 
+    for check in (_check_ranges, _check_sources, _check_eval_and_report, _check_train_options):
+        check(p, fail)
+
+
+def _check_ranges(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """Every number within the range it can mean."""
     positive_ints = {
         "base.builtin.vocab_size": p.base.builtin.vocab_size,
         "train.reference_batch_size": p.train.reference_batch_size,
@@ -421,6 +430,10 @@ def _check(p: Params, source: str) -> None:
         value = getattr(p.merge, key.split(".")[1])
         if not (value > 0 and math.isfinite(value)):  # .inf would switch the fidelity gate off
             raise fail(key, "a finite number > 0", value)
+
+
+def _check_sources(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """Where the base and the data come from, and the shapes they must have."""
     if p.data.max_length <= p.data.max_prompt_length:
         raise fail(
             "data.max_length",
@@ -458,6 +471,10 @@ def _check(p: Params, source: str) -> None:
         )
     if p.data.source == "hub" and not _SHA.match(p.data.hub_revision):
         raise fail("data.hub_revision", "a 40-hex commit sha when data.source is hub", p.data.hub_revision)
+
+
+def _check_eval_and_report(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """Targets, tasks and the report's published figures."""
     if not p.train.lora.target_modules:
         raise fail("train.lora.target_modules", "a non-empty list of module names", [])
     if not p.eval.tasks:
@@ -488,6 +505,10 @@ def _check(p: Params, source: str) -> None:
                 item.value,
             )
         seen.add((item.task, item.metric))
+
+
+def _check_train_options(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """The trl/transformers names training passes on (the tables above)."""
     if p.train.optim not in OPTIMIZERS:
         raise fail(
             "train.optim",

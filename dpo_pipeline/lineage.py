@@ -7,7 +7,10 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 LIBRARIES = (
     "torch",
@@ -128,7 +131,7 @@ def input_hashes(run: Any, inputs: dict[str, str | Path]) -> dict[str, str]:
     return {name: tags.get(f"input.{name}.hash") or lineage_hash(path) for name, path in inputs.items()}
 
 
-def params_for(params: Any, sections: list[str]) -> dict[str, Any]:
+def params_for(params: Params, sections: list[str]) -> dict[str, Any]:
     """The declared params (dotted names as in dvc.yaml) as a nested dict of plain data."""
     import dataclasses
 

@@ -38,11 +38,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import flatten
 from dpo_pipeline.lineage import git_tags, library_tags, lineage_hash, params_for
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3
 
@@ -135,7 +138,7 @@ def _set_experiment(mlflow: Any, name: str, attempts: int = 3) -> Any:
     raise AssertionError("unreachable")
 
 
-def prepare_store(params: Any) -> None:
+def prepare_store(params: Params) -> None:
     """Check the tracking server and create the store and experiment once, before `train.num_processes`
     workers start (dpo_pipeline.train.launch).
 
@@ -196,7 +199,7 @@ def close_stale_runs(client: Any, experiment_id: str, stage: str) -> list[str]:
 @contextlib.contextmanager
 def stage_run(
     stage: str,
-    params: Any,
+    params: Params,
     sections: list[str],
     inputs: dict[str, str | Path] | None = None,
     tags: dict[str, str] | None = None,

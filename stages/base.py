@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.layout import BASE_DIR
 from dpo_pipeline.models.builtin import build_builtin
 from dpo_pipeline.models.hub import build_from_hub
 from dpo_pipeline.runner import run_main
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
-def run(params: Any, out_dir: str | Path = BASE_DIR) -> dict[str, Any]:
+
+def run(params: Params, out_dir: str | Path = BASE_DIR) -> dict[str, Any]:
     """Build (builtin) or fetch (hub) the base model into `out_dir`; returns pipeline_base.json's content."""
     from dpo_pipeline import tracking
 

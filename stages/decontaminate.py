@@ -16,17 +16,20 @@ normalised text as lm-eval's decontamination, per field, boilerplate n-grams lef
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import CONTAMINATION_DIR, DROP_FILE, METRICS_DIR, PREPARED_DIR, TASKS_DIR
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
 SECTIONS = ["decontamination", "eval.tasks"]
 
 
 def run(
-    params: Any,
+    params: Params,
     prepared_dir: str | Path = PREPARED_DIR,
     tasks_dir: str | Path = TASKS_DIR,
     out_dir: str | Path = CONTAMINATION_DIR,

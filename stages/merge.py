@@ -15,25 +15,18 @@ the 4-bit model itself has to requantize W + BA back to NF4, and the adapter's d
 step size) is mostly rounded away; that is the known QLoRA merge quality problem. So, as the article does,
 the base is reloaded in half precision (float16 by default) and the adapter is folded into those weights.
 
-Fidelity gate: the merged model, reloaded from the files just written, must give the same per-token
-log-probs as the unmerged adapter-on-base model (same dtype, same device) on the first
-`merge.fidelity_prompts` held-out rows (test.parquet by id, prompt + chosen). The remaining difference is
-only the rounding of W + BA to `merge.dtype` (the unmerged model adds the LoRA product in float32), so the
-tolerances catch a broken merge or save (wrong scaling, a module left out, a lost delta), not noise. Both
-models run in `merge.dtype`: float16 matmuls work on the CPU in torch 2.13 (about 3x slower than float32,
-negligible for the small model; a 7B merge belongs on a GPU, which is used when one is visible). Log-probs
-are computed in float32 from the logits. Beyond `merge.fidelity_max_abs` (largest per-token difference) or
-`merge.fidelity_mean_abs` (mean) the stage fails and publishes nothing: models/merged/ and
-metrics/merge.json keep their previous contents. The adapter's own effect (mean |log-prob change| against
-the base with the adapter disabled) is reported next to it, so the tolerance can be read against the size
-of what was merged.
+Fidelity gate: the merged model, reloaded from the files just written, must give the same per-token log-probs
+as the unmerged adapter-on-base model (same dtype and device) on the first `merge.fidelity_prompts` held-out
+rows; only the rounding of W + BA to `merge.dtype` may differ, so `merge.fidelity_max_abs` / `fidelity_mean_abs`
+catch a broken merge or save, not noise. Beyond them the stage fails and publishes nothing. The adapter's own
+effect (mean |log-prob change| against the base) is reported beside it, to read the tolerance against.
 """
 
 from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
@@ -62,9 +55,12 @@ from dpo_pipeline.models.merge import (
     token_logprobs,
 )
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
 
 def run(
-    params: Any,
+    params: Params,
     base_dir: str | Path = BASE_DIR,
     adapter_dir: str | Path = ADAPTER_DIR,
     prepared_dir: str | Path = PREPARED_DIR,

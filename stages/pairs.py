@@ -23,12 +23,15 @@ order.parquet and leaves selected.parquet byte-identical, so DVC re-runs train b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.io import write_json
 from dpo_pipeline.layout import METRICS_DIR, PAIRS_DIR, TOKENIZED_DIR
 from dpo_pipeline.runner import run_main
 from dpo_pipeline.train.pairs import build, write
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 SECTIONS = [
     "seed",
@@ -43,7 +46,7 @@ SECTIONS = [
 
 
 def run(
-    params: Any,
+    params: Params,
     tokenized_dir: str | Path = TOKENIZED_DIR,
     pairs_dir: str | Path = PAIRS_DIR,
     metrics_path: str | Path = METRICS_DIR / "pairs.json",

@@ -24,16 +24,19 @@ of the tokens on the small profile in prepared order). Each row's log-probs do n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
 from dpo_pipeline.models.loading import pin_single_device
 from dpo_pipeline.train.reference import SECTIONS, compute
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
 
 def run(
-    params: Any,
+    params: Params,
     base_dir: str | Path = BASE_DIR,
     tokenized_dir: str | Path = TOKENIZED_DIR,
     reference_dir: str | Path = REFERENCE_DIR,

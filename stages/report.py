@@ -27,7 +27,7 @@ re-runs only this stage, never an hour of scoring. How each figure is made:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.errors import StageError
@@ -41,6 +41,9 @@ from dpo_pipeline.evaluate.compare import (
 from dpo_pipeline.evaluate.report import calibrate, calibration_warning, card_section, read_docs
 from dpo_pipeline.io import atomic_write_bytes, read_json, write_json
 from dpo_pipeline.layout import MERGED_DIR, METRICS_DIR
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 SECTIONS = ["report"]
 FILES = {
@@ -58,7 +61,7 @@ def _scores(path: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def run(params: Any, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]:
+def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]:
     """Write metrics/eval.json and metrics/eval_card.md; returns eval.json's content."""
     import logging
 

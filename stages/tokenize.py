@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import runner
 from dpo_pipeline.data.tables import read_drop_ids, read_prepared
@@ -40,6 +40,9 @@ from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, CONTAMINATION_DIR, METRICS_DIR, PREPARED_DIR, SPLITS, TOKENIZED_DIR
 from dpo_pipeline.models.loading import load_tokenizer
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
 logger = logging.getLogger("stages.tokenize")  # the same name when run as __main__
 
 
@@ -48,7 +51,7 @@ SECTIONS = ["data.max_prompt_length", "data.max_length"]
 
 
 def run(
-    params: Any,
+    params: Params,
     base_dir: str | Path = BASE_DIR,
     prepared_dir: str | Path = PREPARED_DIR,
     tokenized_dir: str | Path = TOKENIZED_DIR,

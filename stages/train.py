@@ -25,107 +25,45 @@ models/adapter/train_summary.json (read by the merge stage's model card) holds t
 deterministic metrics only (losses, rewards, steps: no runtime, throughput or memory), so identical runs give
 a byte-identical adapter folder.
 
-Several processes (`train.num_processes` > 1): `python -m stages.train` re-launches itself as that many
-workers and exits with their exit code (see `launch_command`). On the CPU (`train.device: cpu`) the launcher
-is torchrun (`python -m torch.distributed.run`, gloo backend; `accelerate launch --cpu` started only one
-process here); on CUDA it is `accelerate launch --multi_gpu` (DDP, one GPU per process, `--mixed_precision`
-from `train.precision`). Each worker takes its own micro-batches of per_device_train_batch_size pairs, so
-the global batch is per_device_train_batch_size * num_processes * gradient_accumulation_steps. Only rank 0 opens the MLflow run
-and writes models/adapter, the metrics and the history; throughput counts are summed over the processes.
-DDP takes the 4-bit base and the LoRA layers as they are (checked with gloo on the CPU, with and without
-gradient checkpointing): only the LoRA weights require gradients and get synchronized, and the ranks end with
-identical adapters. `ddp_find_unused_parameters` is False because every LoRA weight is used in every step;
-the Trainer's default for a PEFT model (True) works too but searches the graph for unused weights each step.
-
-FSDP or DeepSpeed on several GPUs: write an accelerate config file (`accelerate config`, or a YAML with
-`distributed_type: FSDP` / `DEEPSPEED` and its `fsdp_config` / `deepspeed_config`) and point
-ACCELERATE_CONFIG_FILE at it; the stage then runs `accelerate launch --config_file $ACCELERATE_CONFIG_FILE`
-without `--multi_gpu`, so the file picks the distributed type, while `--num_processes` and
-`--mixed_precision` still come from params. The file changes how the work is spread, not what is computed,
-so it is not a DVC param. Only DDP is tested (on the CPU with gloo): a 4-bit 7B fits on one GPU, which DDP
-needs; sharding the 4-bit weights with FSDP / ZeRO-3 additionally needs bitsandbytes' `bnb_4bit_quant_storage`
-set to the compute dtype and a sharded save of the adapter, which this stage does not do.
+Several processes, GPUs, FSDP or DeepSpeed: dpo_pipeline/train/launch.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import layout
-from dpo_pipeline.data.tables import read_tokenized
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.io import (
-    atomic_dir,
-    atomic_write_bytes,
-    sha256_tree,
-    template_hash,
-    write_json,
-)
-from dpo_pipeline.layout import (
-    ADAPTER_DIR,
-    BASE_DIR,
-    METRICS_DIR,
-    PAIRS_DIR,
-    REF_COLUMNS,
-    REFERENCE_DIR,
-    SCRATCH_DIR,
-    SPLITS,
-    TOKENIZED_DIR,
-    TRAIN_SUMMARY,
-)
-from dpo_pipeline.models.loading import (
-    base_module_kinds,
-    check_target_modules,
-    load_policy,
-    load_tokenizer,
-    lora_config,
-    peak_memory_mb,
-    pin_single_device,
-    require_safetensors,
-    resolve_device,
-)
-from dpo_pipeline.train import pairs, reference, trl_glue
-from dpo_pipeline.train.dpo import (
-    SECTIONS,
-    across_processes,
-    checkpoint_key,
-    collapse_callback,
-    dpo_config,
-    final_metrics,
-    history_csv,
-    history_rows,
-    latest_checkpoint,
-    save_adapter,
-    to_dataset,
-    train_summary,
-)
+from dpo_pipeline.io import atomic_dir, atomic_write_bytes, sha256_tree, template_hash, write_json
+from dpo_pipeline.models import loading
+from dpo_pipeline.train import dpo, trl_glue
 from dpo_pipeline.train.launch import is_distributed_worker, launch
-from dpo_pipeline.train.pairs import rows_in_order
-from dpo_pipeline.train.reference import attach_reference, read_reference
-from dpo_pipeline.train.trl_glue import trainer_class
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
+SECTIONS = dpo.SECTIONS  # the params this stage reads (dvc.yaml declares the same)
 logger = logging.getLogger("stages.train")  # the same name when run as __main__
 
 
 def run(
-    params: Any,
-    base_dir: str | Path = BASE_DIR,
-    tokenized_dir: str | Path = TOKENIZED_DIR,
-    reference_dir: str | Path = REFERENCE_DIR,
-    adapter_dir: str | Path = ADAPTER_DIR,
-    metrics_path: str | Path = METRICS_DIR / "train.json",
-    history_path: str | Path = METRICS_DIR / "train_history.csv",
-    checkpoint_dir: str | Path = SCRATCH_DIR / "checkpoints" / "train",
+    params: Params,
+    base_dir: str | Path = layout.BASE_DIR,
+    tokenized_dir: str | Path = layout.TOKENIZED_DIR,
+    reference_dir: str | Path = layout.REFERENCE_DIR,
+    adapter_dir: str | Path = layout.ADAPTER_DIR,
+    metrics_path: str | Path = layout.METRICS_DIR / "train.json",
+    history_path: str | Path = layout.METRICS_DIR / "train_history.csv",
+    checkpoint_dir: str | Path = layout.SCRATCH_DIR / "checkpoints" / "train",
     extra_callbacks: Sequence[Any] = (),
-    pairs_dir: str | Path = PAIRS_DIR,
+    pairs_dir: str | Path = layout.PAIRS_DIR,
 ) -> dict[str, float]:
     """Train the adapter; returns the metrics written to `metrics_path`.
 
@@ -151,57 +89,41 @@ def run(
         "order": pairs_dir / layout.ORDER_FILE,
         "reference": reference_dir,
     }
-    with tracking.stage_run("train", params, sections=SECTIONS, inputs=inputs) as mlflow_run:
-        import torch
-
+    with tracking.stage_run("train", params, sections=dpo.SECTIONS, inputs=inputs) as mlflow_run:
         trl_glue.log_versions()
 
-        require_safetensors(base_dir)  # a clear error before transformers would try the hub with the path
+        loading.require_safetensors(
+            base_dir
+        )  # a clear error before transformers would try the hub with the path
         # Before any weights load: every LoRA target a linear layer of this base (validate checked it already
         # when the base's family was known from params or the HF cache; this covers the rest).
-        check_target_modules(
-            list(t.lora.target_modules), base_module_kinds(base_dir), str(base_dir / "config.json")
+        loading.check_target_modules(
+            list(t.lora.target_modules), loading.base_module_kinds(base_dir), str(base_dir / "config.json")
         )
-        tokenizer = load_tokenizer(base_dir)
+        tokenizer = loading.load_tokenizer(base_dir)
         tracking.set_tags(
             {"chat_template.sha256": template_hash(tokenizer.chat_template), "collapse_warning": "false"}
         )
         hashes = lineage.input_hashes(mlflow_run, inputs)
 
-        datasets = {}
-        tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
-        wanted = pairs.training_ids(pairs_dir)
-        for split in SPLITS:
-            table = rows_in_order(tokenized[split], wanted[split], tokenized_dir / f"{split}.parquet")
-            keep: tuple[str, ...] = ()
-            if t.precompute_ref:
-                expected = {
-                    "base_hash": hashes["base"],
-                    "tokenized_hash": hashes["tokenized"],
-                    "selected_hash": hashes["selected"],
-                    "params": lineage.params_for(params, reference.SECTIONS),
-                }
-                cached = read_reference(reference_dir, split, expected)
-                table = attach_reference(table, cached, reference_dir / f"{split}.parquet")
-                keep = REF_COLUMNS
-            datasets[split] = to_dataset(table, keep)
+        datasets = dpo.training_datasets(params, tokenized_dir, pairs_dir, reference_dir, hashes)
 
-        run_dir = Path(checkpoint_dir) / checkpoint_key(params, hashes)
-        resume = latest_checkpoint(run_dir)
+        run_dir = Path(checkpoint_dir) / dpo.checkpoint_key(params, hashes)
+        resume = dpo.latest_checkpoint(run_dir)
         tracking.set_tags({"checkpoint_dir": str(run_dir), "resumed_from": str(resume) if resume else ""})
         if resume:
             print(f"train: resuming from {resume}", file=sys.stderr)
 
-        device = resolve_device(t.device)
-        model = load_policy(base_dir, t)
-        collapse = collapse_callback(t.max_steps)
-        trainer = trainer_class(t.share_prompt)(
+        device = loading.resolve_device(t.device)
+        model = loading.load_policy(base_dir, t)
+        collapse = dpo.collapse_callback(t.max_steps)
+        trainer = trl_glue.trainer_class(t.share_prompt)(
             model=model,
-            args=dpo_config(params, run_dir),
+            args=dpo.dpo_config(params, run_dir),
             train_dataset=datasets["train"],
             eval_dataset=datasets["test"],
             processing_class=tokenizer,
-            peft_config=lora_config(t.lora),
+            peft_config=loading.lora_config(t.lora),
             callbacks=[trl_glue.mlflow_callback(), collapse, *extra_callbacks],
         )
         accelerator = trainer.accelerator
@@ -216,32 +138,26 @@ def run(
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
-        bad = [
-            n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
-        ]
-        if bad:
-            raise StageError(f"adapter weight {bad[0]} is not finite after training; nothing was published")
+        dpo.require_finite_adapter(trainer.model)
 
         tracking.log_metrics(trl_glue.log_sharing(trainer, "training"))
         evaluation = trainer.evaluate()
         history = trainer.state.log_history
-        counts, peak_mb = across_processes(accelerator, trainer.pipeline_counts, peak_memory_mb(device))
-        metrics = final_metrics(history, evaluation, runtime, trainer.state.global_step, counts, peak_mb)
-        bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad_metrics:
-            raise StageError(
-                f"metric {bad_metrics[0]} is not finite ({metrics[bad_metrics[0]]}); nothing was published"
-            )
+        counts, peak_mb = dpo.across_processes(
+            accelerator, trainer.pipeline_counts, loading.peak_memory_mb(device)
+        )
+        metrics = dpo.final_metrics(history, evaluation, runtime, trainer.state.global_step, counts, peak_mb)
+        dpo.require_finite_metrics(metrics)
 
         # Every process has finished training, evaluating and checkpointing; rank 0 alone publishes.
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return metrics
         with atomic_dir(adapter_dir) as tmp:
-            save_adapter(trainer.model, tokenizer, tmp)
-            write_json(tmp / TRAIN_SUMMARY, train_summary(params, metrics))
+            dpo.save_adapter(trainer.model, tokenizer, tmp)
+            write_json(tmp / layout.TRAIN_SUMMARY, dpo.train_summary(params, metrics))
         write_json(metrics_path, metrics)
-        atomic_write_bytes(history_path, history_csv(history_rows(history)).encode("utf-8"))
+        atomic_write_bytes(history_path, dpo.history_csv(dpo.history_rows(history)).encode("utf-8"))
 
         # Prefixed: the MLflow callback already logged transformers' own `train_loss` (a mean over the run).
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
@@ -259,7 +175,7 @@ def _main() -> None:
     if params.train.num_processes > 1 and not is_distributed_worker(os.environ):
         sys.exit(launch(params))
     if params.train.num_processes == 1:
-        pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
+        loading.pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 
 

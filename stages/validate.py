@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.io import atomic_write_bytes
 from dpo_pipeline.layout import VALIDATED_MARKER as MARKER
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
+
 MARKER_TEXT = b"params.yaml and the raw data passed stages/validate.py\n"
 
 
-def require_devices(params: Any, source: str) -> None:
+def require_devices(params: Params, source: str) -> None:
     """Every `cuda` device the params ask for exists (torch is imported only when one is asked for)."""
     from dpo_pipeline.config import ConfigError
 
@@ -58,7 +61,7 @@ def require_devices(params: Any, source: str) -> None:
         )
 
 
-def base_facts(params: Any) -> tuple[list[str], dict[str, Any] | None, str]:
+def base_facts(params: Params) -> tuple[list[str], dict[str, Any] | None, str]:
     """(special tokens, config.json, where from) of the base the params name, as far as they are known before
     the base stage runs: the builtin's from its params; a hub base's from the HF cache's pinned snapshot."""
     if params.base.source == "builtin":

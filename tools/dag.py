@@ -5,7 +5,8 @@
 
 tests/unit/test_dag.py checks that every stage lists exactly these (plus its data deps); this command prints
 what to write when an import changes. Imports are read from the syntax tree, function-level ones included
-(the stages import their heavy libraries lazily), so nothing runs.
+(the stages import their heavy libraries lazily), so nothing runs; imports under `if TYPE_CHECKING:` are
+left out (annotations only: they never run).
 """
 
 from __future__ import annotations
@@ -33,11 +34,28 @@ def module_file(name: str, root: Path = REPO) -> Path | None:
     return None
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def imported_modules(path: Path, root: Path = REPO) -> set[str]:
     """First-party module names `path` imports anywhere in its body (`from pkg import mod` counts as pkg.mod
     when mod is a module)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    # Imports under `if TYPE_CHECKING:` never run: a type annotation is no code a stage executes.
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import DataParams
 
 # Why rows are dropped, in the order they are tested (a row counts under its first reason).
 REASONS = (
@@ -115,7 +118,7 @@ def data_metrics(train, test, counts: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def check_split(train, test, metrics: dict[str, Any], source: str, data) -> None:
+def check_split(train, test, metrics: dict[str, Any], source: str, data: DataParams) -> None:
     dropped = ", ".join(f"{r}={metrics[f'dropped_{r}']}" for r in REASONS)
     if metrics["rows_out"] == 0:
         raise StageError(f"{source}: no rows left after the content filters (dropped: {dropped})")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.data.chatml import ANSWER_SUFFIX, format_prompt, require_chatml
 from dpo_pipeline.data.filters import (
@@ -15,8 +15,11 @@ from dpo_pipeline.data.filters import (
     special_texts,
 )
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import DataParams
 
-def split_rows(table, data, specials) -> tuple[dict[str, list[int]], dict[str, int], list[bytes]]:
+
+def split_rows(table, data: DataParams, specials) -> tuple[dict[str, list[int]], dict[str, int], list[bytes]]:
     """Which raw rows the content filters keep and which split each goes to: ({split: row indices in input
     order}, drop counts per reason, each row's content digest). No formatting, no tokenizer (`specials` are
     its texts, filters.special_texts): cheap enough for the validate stage to run it on the whole file before
@@ -30,7 +33,7 @@ def split_rows(table, data, specials) -> tuple[dict[str, list[int]], dict[str, i
     return rows, counts, row_digests
 
 
-def check_split_sizes(table, data, source: str, global_batch: int, specials) -> dict[str, Any]:
+def check_split_sizes(table, data: DataParams, source: str, global_batch: int, specials) -> dict[str, Any]:
     """The prepare stage's split checks (filters.check_split) on a raw table, plus enough training rows for
     one optimizer step (`global_batch` distinct pairs); returns prepare's data metrics."""
     from types import SimpleNamespace
@@ -50,7 +53,7 @@ def check_split_sizes(table, data, source: str, global_batch: int, specials) -> 
     return metrics
 
 
-def prepare_table(table, tokenizer, data) -> tuple[Any, Any, dict[str, Any]]:
+def prepare_table(table, tokenizer, data: DataParams) -> tuple[Any, Any, dict[str, Any]]:
     """Raw table (TEXT_COLUMNS) -> (train table, test table, counts) following `data` params; rows holding
     one of the tokenizer's special tokens (models.special_tokens) are dropped as `special_token`.
 

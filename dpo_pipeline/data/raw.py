@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import DataParams
 
 
 def require_encodable(value: str, where: str, column: str) -> None:
@@ -278,7 +281,7 @@ def read_local(path: Path, wanted: str):
     return rows_to_table(rows, where, wanted, source)
 
 
-def read_hub(data) -> tuple[Any, str, str]:
+def read_hub(data: DataParams) -> tuple[Any, str, str]:
     """(table, schema, label) from the hub dataset pinned in params; the only hub access for data."""
     label = f"{data.hub_name}@{data.hub_revision}"
     try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, SPLITS
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import DataParams
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def token_lengths(table) -> dict[str, Any]:
     }
 
 
-def length_masks(prompt, total, data) -> dict[str, Any]:
+def length_masks(prompt, total, data: DataParams) -> dict[str, Any]:
     """Boolean drop masks of the length limits from each row's prompt and prompt + longer answer token counts,
     each True where that reason applies."""
     import pyarrow.compute as pc
@@ -136,7 +139,7 @@ def length_masks(prompt, total, data) -> dict[str, Any]:
     }
 
 
-def tokenize_split(prepared, tokenizer, data, drop_ids=frozenset()) -> tuple[Any, dict[str, int]]:
+def tokenize_split(prepared, tokenizer, data: DataParams, drop_ids=frozenset()) -> tuple[Any, dict[str, int]]:
     """One prepared split -> (tokenized Table with TOKENIZED_COLUMNS in the prepared order, drops per reason);
     rows whose id is in `drop_ids` are dropped as `contaminated`."""
     import pyarrow as pa
@@ -187,7 +190,7 @@ def token_metrics(tables: dict[str, Any], counts: dict[str, dict[str, int]]) -> 
     return metrics
 
 
-def check_split(tables: dict[str, Any], metrics: dict[str, Any], source: Path, data) -> None:
+def check_split(tables: dict[str, Any], metrics: dict[str, Any], source: Path, data: DataParams) -> None:
     dropped = ", ".join(f"{r}={metrics[f'dropped_{r}']}" for r in REASONS)
     for split in SPLITS:
         if tables[split].num_rows == 0:

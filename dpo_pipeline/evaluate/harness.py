@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.evaluate.tasks import task_manager
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import EvalParams, Params
 
 # The metric each task is ranked by (lm-eval's "metric,filter" keys), as the Open LLM Leaderboard v1 read
 # them: length-normalised accuracy where answers differ in length, strict-match for gsm8k.
@@ -27,7 +30,7 @@ PRIMARY_METRICS = {
 FALLBACK_METRICS = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")
 
 
-def simple_evaluate_kwargs(e: Any, seed: int) -> dict[str, Any]:
+def simple_evaluate_kwargs(e: EvalParams, seed: int) -> dict[str, Any]:
     """Everything simple_evaluate takes from params besides the model (loaded once, see load_eval_model; its
     batch size and device are the wrapper's) and the tasks."""
     return {
@@ -94,7 +97,7 @@ def primary_keys(results: dict[str, Any], task_names: list[str]) -> dict[str, st
     return {t: flat_key(t, primary_metric(t, _task_metrics(results, t))) for t in task_names}
 
 
-def settings_meta(params: Any, lm_eval_version: str) -> dict[str, Any]:
+def settings_meta(params: Params, lm_eval_version: str) -> dict[str, Any]:
     """The scoring settings recorded with the scores (and compared between base and tuned)."""
     e = params.eval
     return {
@@ -107,7 +110,7 @@ def settings_meta(params: Any, lm_eval_version: str) -> dict[str, Any]:
     }
 
 
-def load_eval_model(model_dir: str | Path, e: Any, tokenizer=None):
+def load_eval_model(model_dir: str | Path, e: EvalParams, tokenizer=None):
     """(model, tokenizer) from a local folder, loaded once per stage for scoring and samples: straight onto
     `eval.device` in `eval.dtype`, no remote code, never the hub. `tokenizer`: one already loaded from it."""
     from dpo_pipeline.models.loading import load_model, load_tokenizer, resolve_device, torch_dtype
@@ -118,7 +121,7 @@ def load_eval_model(model_dir: str | Path, e: Any, tokenizer=None):
     return model, tokenizer
 
 
-def lm_eval_model(model, tokenizer, e: Any):
+def lm_eval_model(model, tokenizer, e: EvalParams):
     """lm-eval's HF backend around an already loaded model; `eval.batch_size` may be lm-eval's "auto"."""
     from lm_eval.models.huggingface import HFLM
 
@@ -127,7 +130,7 @@ def lm_eval_model(model, tokenizer, e: Any):
 
 def run_lm_eval(
     model_dir: Path,
-    params: Any,
+    params: Params,
     tasks_dir: Path,
     prepared_dir: Path,
     loaded: tuple | None = None,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.data.chatml import format_prompt
 from dpo_pipeline.evaluate.harness import load_eval_model
 
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import EvalParams, Params
 
-def generation_meta(params: Any) -> dict[str, Any]:
+
+def generation_meta(params: Params) -> dict[str, Any]:
     e = params.eval
     return {
         "seed": params.seed,
@@ -19,7 +22,7 @@ def generation_meta(params: Any) -> dict[str, Any]:
     }
 
 
-def generation_kwargs(e: Any, tokenizer) -> dict[str, Any]:
+def generation_kwargs(e: EvalParams, tokenizer) -> dict[str, Any]:
     """Seeded nucleus sampling, exactly as params say (top_k off, so only temperature and top_p shape it)."""
     return {
         "do_sample": True,
@@ -43,7 +46,7 @@ def decode_answer(new_tokens: list[int], tokenizer) -> tuple[str, bool]:
     return tokenizer.decode(new_tokens, skip_special_tokens=True), ended
 
 
-def generate_samples(model_dir: Path, params: Any, loaded: tuple | None = None) -> list[dict[str, Any]]:
+def generate_samples(model_dir: Path, params: Params, loaded: tuple | None = None) -> list[dict[str, Any]]:
     """One seeded sampled answer per eval.sample_prompts entry (torch.manual_seed(seed) before each), from
     `loaded` (model, tokenizer) or the folder."""
     import torch

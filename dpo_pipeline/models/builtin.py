@@ -6,13 +6,16 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.data.chatml import CHATML_TEMPLATE, conversation
 from dpo_pipeline.data.filters import first_special, special_texts
 from dpo_pipeline.data.raw import read_corpus
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, sha256_file, template_hash, write_json
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import BuiltinModelParams, Params
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
@@ -51,7 +54,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return tokenizer
 
 
-def model_config(b: Any, tokenizer) -> Any:
+def model_config(b: BuiltinModelParams, tokenizer) -> Any:
     """MistralConfig for the builtin model from `base.builtin` params."""
     from transformers import MistralConfig
 
@@ -71,7 +74,7 @@ def model_config(b: Any, tokenizer) -> Any:
     )
 
 
-def build_model(b: Any, tokenizer, seed: int):
+def build_model(b: BuiltinModelParams, tokenizer, seed: int):
     """A randomly initialised MistralForCausalLM, deterministic for the seed."""
     import torch
     from transformers import MistralForCausalLM
@@ -139,7 +142,7 @@ def eval_loss(model, blocks, batch_size: int) -> float:
     return total / count
 
 
-def pretrain(model, train_blocks, b: Any, seed: int, log=None) -> list[float]:
+def pretrain(model, train_blocks, b: BuiltinModelParams, seed: int, log=None) -> list[float]:
     """Causal-LM pre-training for b.pretrain_steps steps; returns the per-step training losses.
 
     Batches are drawn from `train_blocks` in a seeded permutation, epoch after epoch.
@@ -184,7 +187,7 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_builtin(params: Any, out_dir: Path) -> dict[str, Any]:
+def build_builtin(params: Params, out_dir: Path) -> dict[str, Any]:
     import torch
 
     from dpo_pipeline import tracking

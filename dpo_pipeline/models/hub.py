@@ -7,12 +7,15 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.data.chatml import CHATML_TEMPLATE
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, template_hash, write_json
 from dpo_pipeline.models.loading import require_safetensors
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 HUB_ALLOW_PATTERNS = [
     "*.safetensors",
@@ -132,7 +135,7 @@ def download_snapshot(name: str, revision: str, trust_remote_code: bool) -> Path
         ) from err
 
 
-def build_from_hub(params: Any, out_dir: Path) -> dict[str, Any]:
+def build_from_hub(params: Params, out_dir: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoTokenizer
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import LoraParams, TrainParams
 
 
 def require_safetensors(model_dir: str | Path) -> None:
@@ -165,7 +168,7 @@ def model_dtype(precision: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
-def bnb_config(t: Any):
+def bnb_config(t: TrainParams):
     """BitsAndBytesConfig for the frozen base (None when `train.load_in_4bit` is false)."""
     if not t.load_in_4bit:
         return None
@@ -179,7 +182,7 @@ def bnb_config(t: Any):
     )
 
 
-def lora_config(lora: Any):
+def lora_config(lora: LoraParams):
     """peft LoraConfig from `train.lora`."""
     from peft import LoraConfig
 
@@ -193,7 +196,7 @@ def lora_config(lora: Any):
     )
 
 
-def precision_kwargs(t: Any) -> dict[str, Any]:
+def precision_kwargs(t: TrainParams) -> dict[str, Any]:
     """Trainer precision and device flags shared by the train and reference stages."""
     return {
         "bf16": t.precision == "bf16",
@@ -202,7 +205,7 @@ def precision_kwargs(t: Any) -> dict[str, Any]:
     }
 
 
-def load_base(base_dir: str | Path, t: Any):
+def load_base(base_dir: str | Path, t: TrainParams):
     """The base as `train.*` loads it: dtype, 4-bit through bitsandbytes when `train.load_in_4bit`, device.
 
     No k-bit training preparation (see load_policy); bench's article-style ref_model is this alone.
@@ -230,7 +233,7 @@ def load_base(base_dir: str | Path, t: Any):
     return model
 
 
-def load_policy(base_dir: str | Path, t: Any):
+def load_policy(base_dir: str | Path, t: TrainParams):
     """The frozen base for QLoRA: load_base, then k-bit preparation when it is 4-bit.
 
     The reference stage loads the base through this same function, so cached and on-the-fly reference

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import flatten, read_json
 from dpo_pipeline.layout import DATA_META_PREFIX
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import MergeParams
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -34,7 +37,7 @@ def fidelity_stats(reference: list, candidate: list) -> dict[str, float]:
     return {"max_abs": float(diffs.max()), "mean_abs": float(diffs.mean()), "tokens": int(diffs.numel())}
 
 
-def fidelity_violations(stats: dict[str, float], m: Any) -> list[str]:
+def fidelity_violations(stats: dict[str, float], m: MergeParams) -> list[str]:
     """Human-readable reasons the gate fails (empty: it passes)."""
     problems = []
     if not stats["max_abs"] <= m.fidelity_max_abs:

@@ -8,10 +8,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.models.merge import markdown_table
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import DataParams
 
 KINDS = {"merged": Path("models/merged"), "adapter": Path("models/adapter")}
 # Files of a model folder that are the pipeline's own bookkeeping, not the model: left out of the upload.
@@ -44,7 +47,7 @@ def hub_license(name: str, revision: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def dataset_ids(data: Any, raw_dvc: Path | None) -> list[str]:
+def dataset_ids(data: DataParams, raw_dvc: Path | None) -> list[str]:
     """The hub datasets the training data came from: `data.hub_name` when read from the hub, or the dataset a
     `dvc import-url` of a huggingface.co/datasets/... file records."""
     if data.source == "hub":

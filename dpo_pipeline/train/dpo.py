@@ -7,17 +7,19 @@ import io
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import lineage
+from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     sha256_bytes,
 )
-from dpo_pipeline.layout import TOKENIZED_COLUMNS
 from dpo_pipeline.models.loading import precision_kwargs
 from dpo_pipeline.train.trl_glue import checkpointing_kwargs
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
 COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the preference was learnt too easily
 
 
-def dpo_config(p: Any, out_dir: str | Path):
+def dpo_config(p: Params, out_dir: str | Path):
     """trl DPOConfig with every knob from params; `out_dir` receives the checkpoints."""
     from trl import DPOConfig
 
@@ -114,7 +116,7 @@ def dpo_config(p: Any, out_dir: str | Path):
     )
 
 
-def checkpoint_key(params: Any, input_hashes: dict[str, str]) -> str:
+def checkpoint_key(params: Params, input_hashes: dict[str, str]) -> str:
     """Fingerprint of everything a checkpoint depends on: the declared params and the input hashes.
 
     A resume only ever picks up a checkpoint written with the same key, i.e. a compatible run.
@@ -167,22 +169,13 @@ def is_collapse(logs: dict[str, Any], step: int, max_steps: int) -> bool:
     return early and loss is not None and accuracy is not None and loss < COLLAPSE_LOSS and accuracy >= 1.0
 
 
-def train_summary(params: Any, metrics: dict[str, float]) -> dict[str, Any]:
+def train_summary(params: Params, metrics: dict[str, float]) -> dict[str, Any]:
     """models/adapter/train_summary.json: the declared params and the deterministic metrics only."""
 
     return {
         "params": lineage.params_for(params, SECTIONS),
         "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS},
     }
-
-
-def to_dataset(table, keep: Sequence[str] = ()):
-    """Tokenized rows -> a datasets.Dataset with what trl reads (the ids), the id, the length used by
-    length-grouped batching and any `keep` columns (cached reference log-probs)."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    return Dataset(pa.table({name: table.column(name) for name in (*TOKENIZED_COLUMNS, *keep)}))
 
 
 def collapse_callback(max_steps: int):
@@ -287,3 +280,49 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
     readme = folder / "README.md"
     if readme.exists():
         readme.unlink()  # peft's generated model card has no content of ours and embeds versions
+
+
+def training_datasets(
+    params: Params, tokenized_dir: Path, pairs_dir: Path, reference_dir: Path, hashes: dict[str, str]
+) -> dict[str, Any]:
+    """{split: datasets.Dataset} of the pairs the pairs stage selected, in its order, with the cached reference
+    log-probs attached when `train.precompute_ref` (checked against the inputs they were computed from)."""
+    from dpo_pipeline.data.tables import read_tokenized
+    from dpo_pipeline.layout import REF_COLUMNS, SPLITS
+    from dpo_pipeline.train import reference
+    from dpo_pipeline.train.pairs import rows_in_order, to_dataset, training_ids
+
+    tokenized = {split: read_tokenized(tokenized_dir, split) for split in SPLITS}
+    wanted = training_ids(pairs_dir)
+    datasets = {}
+    for split in SPLITS:
+        table = rows_in_order(tokenized[split], wanted[split], tokenized_dir / f"{split}.parquet")
+        keep: tuple[str, ...] = ()
+        if params.train.precompute_ref:
+            expected = {
+                "base_hash": hashes["base"],
+                "tokenized_hash": hashes["tokenized"],
+                "selected_hash": hashes["selected"],
+                "params": lineage.params_for(params, reference.SECTIONS),
+            }
+            cached = reference.read_reference(reference_dir, split, expected)
+            table = reference.attach_reference(table, cached, reference_dir / f"{split}.parquet")
+            keep = REF_COLUMNS
+        datasets[split] = to_dataset(table, keep)
+    return datasets
+
+
+def require_finite_metrics(metrics: dict[str, float]) -> None:
+    """Refuse to publish a run whose final metrics hold a NaN or inf."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise StageError(f"metric {bad[0]} is not finite ({metrics[bad[0]]}); nothing was published")
+
+
+def require_finite_adapter(model) -> None:
+    """Refuse to publish an adapter holding a NaN or inf weight."""
+    import torch
+
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise StageError(f"adapter weight {bad[0]} is not finite after training; nothing was published")

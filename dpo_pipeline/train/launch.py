@@ -1,4 +1,26 @@
-"""Several processes / GPUs: torchrun on CPU (gloo), accelerate on GPUs."""
+"""Several processes / GPUs: torchrun on CPU (gloo), accelerate on GPUs.
+
+Several processes (`train.num_processes` > 1): `python -m stages.train` re-launches itself as that many
+workers and exits with their exit code (see `launch_command`). On the CPU (`train.device: cpu`) the launcher
+is torchrun (`python -m torch.distributed.run`, gloo backend; `accelerate launch --cpu` started only one
+process here); on CUDA it is `accelerate launch --multi_gpu` (DDP, one GPU per process, `--mixed_precision`
+from `train.precision`). Each worker takes its own micro-batches of per_device_train_batch_size pairs, so
+the global batch is per_device_train_batch_size * num_processes * gradient_accumulation_steps. Only rank 0 opens the MLflow run
+and writes models/adapter, the metrics and the history; throughput counts are summed over the processes.
+DDP takes the 4-bit base and the LoRA layers as they are (checked with gloo on the CPU, with and without
+gradient checkpointing): only the LoRA weights require gradients and get synchronized, and the ranks end with
+identical adapters. `ddp_find_unused_parameters` is False because every LoRA weight is used in every step;
+the Trainer's default for a PEFT model (True) works too but searches the graph for unused weights each step.
+
+FSDP or DeepSpeed on several GPUs: write an accelerate config file (`accelerate config`, or a YAML with
+`distributed_type: FSDP` / `DEEPSPEED` and its `fsdp_config` / `deepspeed_config`) and point
+ACCELERATE_CONFIG_FILE at it; the stage then runs `accelerate launch --config_file $ACCELERATE_CONFIG_FILE`
+without `--multi_gpu`, so the file picks the distributed type, while `--num_processes` and
+`--mixed_precision` still come from params. The file changes how the work is spread, not what is computed,
+so it is not a DVC param. Only DDP is tested (on the CPU with gloo): a 4-bit 7B fits on one GPU, which DDP
+needs; sharding the 4-bit weights with FSDP / ZeRO-3 additionally needs bitsandbytes' `bnb_4bit_quant_storage`
+set to the compute dtype and a sharded save of the adapter, which this stage does not do.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +30,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dpo_pipeline.models.loading import (
     resolve_device,
 )
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's flag
 
@@ -23,7 +48,7 @@ def is_distributed_worker(env: Mapping[str, str]) -> bool:
 
 
 def launch_command(
-    params: Any, port: int, config_file: str | None = None, python: str = sys.executable
+    params: Params, port: int, config_file: str | None = None, python: str = sys.executable
 ) -> list[str]:
     """argv that runs this stage as `train.num_processes` workers on one machine.
 
@@ -59,7 +84,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(params: Any) -> int:
+def launch(params: Params) -> int:
     """Run the workers and wait for them; returns their launcher's exit code (128 + N when killed by signal N).
 
     SIGTERM (e.g. from a CI timeout) is passed on to the launcher, which stops the workers; Ctrl-C reaches

@@ -5,20 +5,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     atomic_dir,
 )
-from dpo_pipeline.layout import ORDER_FILE, SELECTED_FILE
+from dpo_pipeline.layout import ORDER_FILE, SELECTED_FILE, TOKENIZED_COLUMNS
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params, TrainParams
 
 
-def global_batch(t: Any) -> int:
+def global_batch(t: TrainParams) -> int:
     return t.per_device_train_batch_size * t.num_processes * t.gradient_accumulation_steps
 
 
-def pairs_needed(t: Any) -> int:
+def pairs_needed(t: TrainParams) -> int:
     """Pairs one run consumes: every optimizer step takes one global batch."""
     return t.max_steps * global_batch(t)
 
@@ -61,7 +64,7 @@ def training_order(
     return order[:needed]
 
 
-def build(params: Any, tokenized_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+def build(params: Params, tokenized_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """(selected table, order table, metrics) from the tokenized splits and the declared params."""
     import pyarrow as pa
 
@@ -158,3 +161,12 @@ def rows_in_order(table, ids: Sequence[str], path: str | Path):
             "data/pairs is stale (run: dvc repro pairs)"
         )
     return table.take(index)
+
+
+def to_dataset(table, keep: Sequence[str] = ()):
+    """Tokenized rows -> a datasets.Dataset with what trl reads (the ids), the id, the length used by
+    length-grouped batching and any `keep` columns (cached reference log-probs)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    return Dataset(pa.table({name: table.column(name) for name in (*TOKENIZED_COLUMNS, *keep)}))

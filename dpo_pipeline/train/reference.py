@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import layout
 from dpo_pipeline.errors import StageError
@@ -15,8 +15,11 @@ from dpo_pipeline.models.loading import (
     load_tokenizer,
     require_safetensors,
 )
-from dpo_pipeline.train import dpo, pairs, trl_glue
+from dpo_pipeline.train import pairs, trl_glue
 from dpo_pipeline.train.pairs import index_by_id
+
+if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
+    from dpo_pipeline.config import Params
 
 # Exactly the params the reference stage declares in dvc.yaml (train checks meta.json against them).
 SECTIONS = [
@@ -32,7 +35,7 @@ SECTIONS = [
 ]
 
 
-def reference_config(p: Any, out_dir: str | Path):
+def reference_config(p: Params, out_dir: str | Path):
     """DPOConfig for the reference forward: only declared params; trl's defaults for the rest (batch size).
 
     max_length=None: the tokenize stage already applied data.max_length, so trl must not cut anything."""
@@ -77,7 +80,7 @@ def longest_first(dataset):
 
 
 def compute(
-    params: Any, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
+    params: Params, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
 ) -> dict[str, Any]:
     """{split: pyarrow Table(id, ref_chosen_logps, ref_rejected_logps)} for the selected train and test pairs."""
     import pyarrow as pa
@@ -96,7 +99,7 @@ def compute(
         )
         for split in layout.SPLITS
     }
-    datasets = {split: dpo.to_dataset(table) for split, table in tokenized.items()}
+    datasets = {split: pairs.to_dataset(table) for split, table in tokenized.items()}
     trl_glue.log_versions()
     model = loading.load_policy(base_dir, params.train)
     with tempfile.TemporaryDirectory() as out_dir:

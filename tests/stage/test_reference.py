@@ -12,7 +12,6 @@ import yaml
 from dpo_pipeline import layout
 from dpo_pipeline.data import tables, tokens
 from dpo_pipeline.models import loading
-from dpo_pipeline.train import dpo
 from dpo_pipeline.train import pairs as pairs_lib
 from dpo_pipeline.train import reference as reference_lib
 from tests.conftest import REPO, replace_params
@@ -170,7 +169,7 @@ def test_longest_first_matches_the_prepared_order_row_by_row(
     import pyarrow.parquet as pq
     import torch
 
-    prepared = dpo.to_dataset(tables.read_tokenized(tokenized_dir, "train"))
+    prepared = pairs_lib.to_dataset(tables.read_tokenized(tokenized_dir, "train"))
     reordered = reference_lib.longest_first(prepared)
     lengths = reordered[tokens.LENGTH_COLUMN]
     assert lengths == sorted(lengths, reverse=True)

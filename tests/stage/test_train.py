@@ -275,7 +275,7 @@ def test_cached_reference_matches_on_the_fly(
     # pair, while the reference stage ran one row per pair, train.share_prompt), on the selected training pairs ...
     tokenizer = loading.load_tokenizer(tiny_base_dir)
     selected = sorted(pairs_lib.read_selected(pairs_of(tokenized_dir))["train"])
-    dataset = dpo.to_dataset(
+    dataset = pairs_lib.to_dataset(
         pairs_lib.rows_in_order(tables.read_tokenized(tokenized_dir, "train"), selected, tokenized_dir)
     )
     params = replace_params(train_params, train={"precompute_ref": True})
@@ -469,7 +469,7 @@ def test_a_lora_target_the_base_lacks_fails_before_any_weights_load(
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the LoRA targets were checked")
 
-    monkeypatch.setattr(train_stage, "load_policy", no_weights)
+    monkeypatch.setattr(train_stage.loading, "load_policy", no_weights)
     other = replace_params(train_params, train={"lora": {"target_modules": ["q_proj", "k_prj"]}})
     with pytest.raises(
         StageError, match=r"base/config\.json: train\.lora\.target_modules: 'k_prj' names no module"

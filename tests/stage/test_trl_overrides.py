@@ -64,14 +64,12 @@ def test_every_override_is_called_by_trl_and_prompts_are_shared(
     tokenized_dir,
     reference_dir,
 ):
-    from stages import train
 
     params = replace_params(train_params, train={"save_steps": 1, "max_steps": 2})
     assert params.train.share_prompt
     calls: Counter = Counter()
     trainers: list = []
     monkeypatch.setattr(trl_glue, "trainer_class", counting(calls, trainers))
-    monkeypatch.setattr(train, "trainer_class", trl_glue.trainer_class)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     reference_lib.compute(params, tiny_base_dir, tokenized_dir, pairs_of(tokenized_dir))

@@ -42,8 +42,14 @@ def test_the_import_walk_sees_function_level_imports(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from dpo_pipeline import b\n    return b\n")
-    (pkg / "b.py").write_text("import json\nfrom dpo_pipeline.c import X\n")
+    (pkg / "b.py").write_text(
+        "import json\nimport typing\nfrom typing import TYPE_CHECKING\nfrom dpo_pipeline.c import X\n"
+        "if TYPE_CHECKING:\n    from dpo_pipeline.d import Y\n"
+        "if typing.TYPE_CHECKING:\n    import dpo_pipeline.d\n"
+    )
     (pkg / "c.py").write_text("X = 1\n")
+    (pkg / "d.py").write_text("Y = 1\n")
+    # d is imported for annotations only (never at run time): no code dep
     assert dag.code_deps("dpo_pipeline.a", tmp_path) == [
         "dpo_pipeline/a.py",
         "dpo_pipeline/b.py",

@@ -9,10 +9,9 @@ import pytest
 
 from dpo_pipeline.data import chatml
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.evaluate import compare, harness, samples
+from dpo_pipeline.evaluate import compare, harness, parts, samples
 from dpo_pipeline.evaluate import tasks as tasks_lib
 from dpo_pipeline.models import builtin
-from stages import evaluate
 from tests.conftest import REPO
 
 TASKS_DIR = REPO / "tasks"
@@ -122,7 +121,7 @@ def test_each_evaluate_stage_scores_its_own_tasks():
     whose documents are data/prepared; the merged model is scored on all of them, in params order."""
     names = ["arc_challenge", "dpo_heldout_pref", "hellaswag", "chatml_format"]
     assert tasks_lib.heldout_task_names(TASKS_DIR) == {"dpo_heldout_pref", "chatml_format"}
-    picked = {stage: evaluate.part_tasks(part, names, TASKS_DIR) for stage, part in evaluate.PARTS.items()}
+    picked = {stage: parts.part_tasks(part, names, TASKS_DIR) for stage, part in parts.PARTS.items()}
     assert picked == {
         "evaluate_base": ["arc_challenge", "hellaswag"],
         "evaluate_base_heldout": ["dpo_heldout_pref", "chatml_format"],

@@ -10,7 +10,7 @@ import pytest
 from dpo_pipeline import layout, lineage
 from dpo_pipeline.data import tables, tokens
 from dpo_pipeline.models import loading
-from dpo_pipeline.train import dpo, launch
+from dpo_pipeline.train import dpo, launch, pairs
 from dpo_pipeline.train import reference as reference_lib
 from tests.conftest import replace_params
 
@@ -235,7 +235,7 @@ def test_to_dataset():
     table = tokenized_table(["a", "b"]).append_column(
         "ref_chosen_logps", pa.array([-1.0, -2.0], pa.float32())
     )
-    dataset = dpo.to_dataset(table, ("ref_chosen_logps",))
+    dataset = pairs.to_dataset(table, ("ref_chosen_logps",))
     assert dataset.column_names == [
         "id",
         "prompt_ids",
@@ -246,7 +246,7 @@ def test_to_dataset():
     ]
     assert dataset[1]["prompt_ids"] == [1] * 11 and dataset[0]["rejected_ids"] == [5, 6, 7, 8, 9]
     assert list(dataset[tokens.LENGTH_COLUMN]) == [15, 16]
-    assert dpo.to_dataset(table).column_names == list(layout.TOKENIZED_COLUMNS)
+    assert pairs.to_dataset(table).column_names == list(layout.TOKENIZED_COLUMNS)
 
 
 def test_read_tokenized_errors(tmp_path):
