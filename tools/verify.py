@@ -21,8 +21,9 @@ Checks (both by default; `--workspace` or `--cache` picks one):
 - cache: each object dvc.lock refers to (directory manifests and the files they list) still hashes to
   its own name. `--all-cache` re-hashes every object in the cache, also those of other branches and
   experiments.
-An output absent from the workspace or cache (a fresh clone before `dvc pull`) is reported but is not an
-error. Exit status: 0 when nothing is corrupted, 1 otherwise (every problem is printed first).
+An output absent from both the workspace and the cache (a fresh clone before `dvc pull`) is reported but is
+not an error; a cache object that is gone while the workspace still holds the output is one (LOST: the
+workspace copy is the only one left, `dvc push` cannot send it and `dvc checkout` cannot restore it). Exit status: 0 when nothing is corrupted, 1 otherwise (every problem is printed first).
 """
 
 from __future__ import annotations
@@ -188,14 +189,25 @@ def check_object(path: Path, oid: str, hash_name: str, what: str) -> Report:
     return report
 
 
-def check_cache_output(out: Output, object_path: Callable[[Output, str], Path]) -> Report:
+def check_cache_output(out: Output, object_path: Callable[[Output, str], Path], root: Path) -> Report:
     """Re-hash the cache objects of one output (its manifest and every file it lists)."""
     report = Report()
     if not out.use_cache:
         return report
+    in_workspace = (root / out.path).exists()
+
+    def absent(what: str, object_file: Path) -> None:
+        if in_workspace:
+            report.problems.append(
+                f"LOST       cache object of {what}: {object_file} is gone while {out.path} is in the workspace "
+                f"(its only copy: `dvc commit -f {out.stage}` puts it back in the cache, or `dvc pull`)"
+            )
+        else:
+            report.notes.append(f"absent     cache object of {what}: {object_file}")
+
     path = object_path(out, out.oid)
     if not path.exists():
-        report.notes.append(f"absent     cache object of {out.path} (stage {out.stage}): {path}")
+        absent(f"{out.path} (stage {out.stage})", path)
         return report
     report.extend(check_object(path, out.oid, out.hash_name, f"{out.path}, stage {out.stage}"))
     if not out.oid.endswith(DIR_SUFFIX) or report.problems:
@@ -204,7 +216,7 @@ def check_cache_output(out: Output, object_path: Callable[[Output, str], Path]) 
         entry_path = object_path(out, entry["md5"])
         what = f"{out.path}/{entry['relpath']}, stage {out.stage}"
         if not entry_path.exists():
-            report.notes.append(f"absent     cache object of {what}: {entry_path}")
+            absent(what, entry_path)
             continue
         report.extend(check_object(entry_path, entry["md5"], out.hash_name, what))
     return report
@@ -271,7 +283,7 @@ def verify(
             if workspace:
                 report.extend(check_workspace_output(out, root, object_path, ignored))
             if cache and not all_cache:
-                report.extend(check_cache_output(out, object_path))
+                report.extend(check_cache_output(out, object_path, root))
         if cache and all_cache:
             report.extend(check_all_objects(odbs["md5"], "md5"))
         return report
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary
                 + ". Fix: a bad workspace file -> `dvc checkout --force <path>` (restores it from the "
                 "cache); a bad cache object -> delete it, then `dvc commit -f <stage>` if the workspace copy is "
-                "good, or `dvc pull` / `dvc repro -f <stage>`.",
+                "good, or `dvc pull` / `dvc repro -f <stage>`; a lost one -> `dvc commit -f <stage>` or `dvc pull`.",
                 file=sys.stderr,
             )
             sys.exit(1)

@@ -118,6 +118,15 @@ def test_verify_names_corrupted_workspace_and_cache_files(clone):
     assert "CORRUPT" not in project.python("-m", "tools.verify", "--workspace", check=False).stdout
     assert "MISMATCH" not in project.python("-m", "tools.verify", "--cache", check=False).stdout
 
+    # 3. a lost cache object (issue 24): `dvc status` says "not in cache"; verify counts it, with the repair
+    obj = cache_object(project, project.root / "data/prepared/test.parquet")
+    obj.unlink()
+    assert "not in cache" in project.dvc("status").stdout
+    lost = project.python("-m", "tools.verify", "--cache", check=False)
+    assert lost.returncode == 1
+    line = next(x for x in lost.stdout.splitlines() if x.startswith("LOST"))
+    assert "data/prepared/test.parquet, stage prepare" in line and "dvc commit -f prepare" in line
+
 
 # ---------------------------------------------------------------------------------------------------------
 # kill -9 anywhere

@@ -78,7 +78,7 @@ def test_intact_outputs_pass(project):
     f = project.add_file("metrics/train.json", b'{"loss": 1}', use_cache=False)
     ws = verify.check_workspace_output(d, project.root, project.object_path)
     ws.extend(verify.check_workspace_output(f, project.root, project.object_path))
-    cache = verify.check_cache_output(d, project.object_path)
+    cache = verify.check_cache_output(d, project.object_path, project.root)
     assert ws.problems == [] and cache.problems == []
     assert ws.files_checked == 3
     assert cache.objects_checked == 3  # the manifest and its two files
@@ -138,7 +138,7 @@ def test_corrupted_cache_object_is_named_with_its_output_file(project):
     d = project.add_dir("models/adapter", {"a.safetensors": b"weights", "b.json": b"{}"})
     bad = project.object_path(d, md5(b"weights"))
     bad.write_bytes(b"weightz")
-    (problem,) = verify.check_cache_output(d, project.object_path).problems
+    (problem,) = verify.check_cache_output(d, project.object_path, project.root).problems
     assert problem.startswith(f"CORRUPT    cache object {bad} (models/adapter/a.safetensors, stage train)")
     # the workspace copy is still good: the workspace check stays clean
     assert verify.check_workspace_output(d, project.root, project.object_path).problems == []
@@ -148,16 +148,16 @@ def test_corrupted_manifest_is_named(project):
     d = project.add_dir("models/adapter", {"a.safetensors": b"weights"})
     manifest = project.object_path(d, d.oid)
     manifest.write_bytes(manifest.read_bytes().replace(b"a.safetensors", b"b.safetensors"))
-    (problem,) = verify.check_cache_output(d, project.object_path).problems
+    (problem,) = verify.check_cache_output(d, project.object_path, project.root).problems
     assert f"cache object {manifest}" in problem and "name says" in problem
     manifest.write_bytes(b"not json")
-    (problem,) = verify.check_cache_output(d, project.object_path).problems
+    (problem,) = verify.check_cache_output(d, project.object_path, project.root).problems
     assert "unreadable manifest" in problem
 
 
 def test_uncached_output_has_no_cache_check(project):
     f = project.add_file("metrics/eval.json", b"{}", use_cache=False)
-    assert verify.check_cache_output(f, project.object_path).objects_checked == 0
+    assert verify.check_cache_output(f, project.object_path, project.root).objects_checked == 0
 
 
 def test_check_all_objects_finds_unreferenced_corruption(project):
@@ -168,3 +168,22 @@ def test_check_all_objects_finds_unreferenced_corruption(project):
     assert report.objects_checked == 3
     (problem,) = report.problems
     assert orphan[2:] in problem
+
+
+def test_a_lost_cache_object_is_a_problem_while_the_workspace_holds_the_output(project):
+    """Issue 24: with its cache object deleted, the workspace copy is the only one left (`dvc push` of it is
+    impossible): a problem naming the repair, not a note. Absent from both (a fresh clone): a note."""
+    d = project.add_dir("models/adapter", {"a.safetensors": b"weights", "b.json": b"{}"})
+    lost = project.object_path(d, md5(b"weights"))
+    lost.unlink()
+    (problem,) = verify.check_cache_output(d, project.object_path, project.root).problems
+    assert problem.startswith(f"LOST       cache object of models/adapter/a.safetensors, stage train: {lost}")
+    assert "dvc commit -f train" in problem and "dvc pull" in problem
+    project.object_path(d, d.oid).unlink()
+    (problem,) = verify.check_cache_output(d, project.object_path, project.root).problems
+    assert problem.startswith("LOST       cache object of models/adapter (stage train)")
+    import shutil
+
+    shutil.rmtree(project.root / "models/adapter")
+    report = verify.check_cache_output(d, project.object_path, project.root)
+    assert report.problems == [] and report.notes[0].startswith("absent     cache object of models/adapter")
