@@ -44,7 +44,7 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, atomic_write_bytes, sha256_tree, template_hash, write_json
 from dpo_pipeline.models import loading
 from dpo_pipeline.train import dpo, trl_glue
-from dpo_pipeline.train.launch import is_distributed_worker, launch
+from dpo_pipeline.train.launch import die_with_parent, is_distributed_worker, launch
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
@@ -172,7 +172,9 @@ def _main() -> None:
     from dpo_pipeline import config
 
     params = config.load()
-    if params.train.num_processes > 1 and not is_distributed_worker(os.environ):
+    if is_distributed_worker(os.environ):
+        die_with_parent()  # a worker never outlives its launcher (and never publishes without it)
+    elif params.train.num_processes > 1:
         sys.exit(launch(params))
     if params.train.num_processes == 1:
         loading.pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host

@@ -77,6 +77,35 @@ def launch_command(
     ]  # fmt: skip
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """From now on this process gets `sig` when its parent dies (Linux prctl PR_SET_PDEATHSIG; a no-op
+    elsewhere), and dies at once if the parent is already gone.
+
+    torchrun's elastic agent starts every worker in a session of its own, so a `kill -9` of the process group
+    that ran `dvc repro` (a CI cancel, a closed terminal) left the workers training with nobody waiting: they
+    then wrote models/adapter and the metrics outside `dvc repro`, closed the MLflow run and deleted the
+    checkpoints. Each worker calls this first (SIGKILL: it must not publish), and the launcher starts the
+    agent with it (SIGTERM: the agent then stops its workers itself)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        print(
+            f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(err)}); workers may outlive a killed launcher",
+            file=sys.stderr,
+        )
+        return
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), sig)  # the parent died before the signal was armed
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -99,7 +128,7 @@ def launch(params: Params) -> int:
         # torchrun would pin every worker to 1 thread; share the cores instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.num_processes)))
     print(f"train: launching {params.train.num_processes} processes: {' '.join(argv)}", file=sys.stderr)
-    child = subprocess.Popen(argv, env=env)
+    child = subprocess.Popen(argv, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
     try:
         while True:

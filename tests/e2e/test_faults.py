@@ -365,3 +365,62 @@ def test_kill_anywhere_then_repro_completes(clone, tiny_project, tmp_path):
     leftovers = sorted(str(p.relative_to(project.root)) for p in project.root.glob("**/.*.tmp-*"))
     # Every killed stage ran again, and a writer removes its dead predecessors' temp siblings first.
     assert leftovers == [], f"temporary siblings left behind by killed writers: {leftovers}"
+
+
+class _NoWatch:
+    """run_until_killed's watcher for a run whose outputs have no reference listing."""
+
+    samples = 0
+
+    def check(self) -> None:
+        self.samples += 1
+
+
+def train_processes(project: Project) -> list:
+    """Every live process running this project's train stage (launcher, torchrun agent or worker)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["cwd"] != str(project.root):
+                continue
+            if "stages.train" in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killing_a_multi_process_train_leaves_no_worker_and_resumes(clone, tmp_path):
+    """Issue 24: torchrun starts each worker in a session of its own, so a kill -9 of the `dvc repro`
+    process group used to leave both workers training; they then published models/adapter and the metrics
+    outside dvc repro and deleted the checkpoints. Workers now die with their launcher."""
+    project = clone("kill-mp")
+    project.set_params({"train.num_processes": 2})
+    project.dvc("repro", "pairs")  # the global batch moved with the process count: pairs first, not killed
+    project.commit("two processes")
+    adapter = project.root / "models/adapter"
+    shutil.rmtree(adapter)
+    metrics = (project.root / "metrics/train.json").read_bytes()
+
+    def checkpoint_done(age: float) -> bool:
+        return any((project.root / ".scratch").glob("checkpoints/train/*/checkpoint-*/trainer_state.json"))
+
+    log = run_until_killed(project, _NoWatch(), tmp_path / "1.log", "train", checkpoint_done)
+    assert "launching 2 processes" in log
+    deadline = time.monotonic() + 15
+    while train_processes(project) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert train_processes(project) == [], "a train worker outlived its launcher"
+    time.sleep(2)  # nothing may publish afterwards either
+    assert not adapter.exists()
+    train_json = project.root / "metrics/train.json"  # dvc repro removed it before the stage ran
+    assert not train_json.exists() or train_json.read_bytes() == metrics
+    assert any((project.root / ".scratch").glob("checkpoints/train/*/checkpoint-*")), "checkpoints deleted"
+
+    proc = project.popen(DVC, "repro", "train", log=tmp_path / "2.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    assert "train: resuming from" in (tmp_path / "2.log").read_text()
+    assert adapter.exists() and train_processes(project) == []
+    assert [s for _run, s in running_runs(project)] == []
