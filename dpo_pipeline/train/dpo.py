@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,7 @@ def dpo_config(p: Params, out_dir: str | Path):
         save_strategy="steps",
         save_steps=t.save_steps,
         # Only the last checkpoint is needed to resume; older ones are rotated away as new ones land.
-        save_total_limit=1,
+        save_total_limit=2,  # the last two: a damaged newest one is set aside, training resumes from the other
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         # Show NaN/inf in the logs as they are; the NaN guard stops training anyway.
@@ -126,22 +127,56 @@ def checkpoint_key(params: Params, input_hashes: dict[str, str]) -> str:
     return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())[:16]
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What keeps the Trainer from resuming from checkpoint folder `path` (None: every file loads): its
+    trainer_state.json (written last: absent when the save was killed), and each JSON, safetensors and torch
+    file read whole, as a resume reads them. Only this run's own scratch folder is read."""
+    import torch
+    from safetensors import safe_open
+
+    if not (path / "trainer_state.json").is_file():
+        return "trainer_state.json missing (the save did not finish)"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as fh:
+                    for key in fh.keys():
+                        fh.get_tensor(key)
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure to read means "cannot resume from this one"
+            return f"{file.name}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder (its trainer_state.json, written last, parses)."""
+    """The newest `checkpoint-N` folder every file of which loads. A damaged one is set aside (renamed
+    `checkpoint-N.damaged`, one warning naming it and the file) and the one before it is tried: a damaged
+    checkpoint never wedges training (dpo_config keeps two), and with none left training starts from zero."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
     found = []
     for path in run_dir.glob("checkpoint-*"):
         step = path.name.split("-", 1)[1]
-        if not (path.is_dir() and step.isdigit()):
-            continue
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # killed while writing this checkpoint
-        found.append((int(step), path))
-    return max(found)[1] if found else None
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    for _step, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        aside = path.with_name(path.name + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        logger.warning(
+            "train: checkpoint %s cannot be resumed from (%s): set aside as %s; trying the one before it",
+            path,
+            problem,
+            aside.name,
+        )
+    return None
 
 
 def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -83,7 +83,7 @@ def test_dpo_config_takes_every_knob_from_params(default_params, tmp_path):
     assert config.optim == "adamw_torch"
     assert (config.bf16, config.fp16, config.use_cpu) == (False, False, True)
     assert config.seed == 7 and config.data_seed == 7 and config.max_length == 300
-    assert config.save_steps == 5 and config.logging_steps == 2 and config.save_total_limit == 1
+    assert config.save_steps == 5 and config.logging_steps == 2 and config.save_total_limit == 2
     assert config.precompute_ref_log_probs is False
     # The pairs stage decides the order (length-grouped or not); the trainer reads it front to back.
     assert config.train_sampling_strategy == "sequential"
