@@ -70,15 +70,55 @@ def _client_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def store_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the default local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
 def default_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def check_store(uri: str) -> None:
+    """Open a local store once, fast, before MLflow does (its engine retries a store it cannot create for
+    minutes): one StageError naming the URI and the cause. An in-memory SQLite store is refused, since every
+    run recorded there is lost when the stage ends. Server URIs are checked by resolve_uri."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:"):
+        return
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking store"
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:" or "mode=memory" in uri:
+        raise StageError(
+            f"{where} {uri!r} is an in-memory SQLite store: every run would be lost when the stage ends; "
+            "expected sqlite:///<path to a file> (or unset it for ./mlflow.db)"
+        )
+    file = Path(path)
+    if not file.parent.is_dir():
+        raise StageError(f"{where} {uri!r}: folder {file.parent} does not exist; nothing was run")
+    try:
+        connection = sqlite3.connect(file, timeout=5)
+        try:
+            connection.execute("PRAGMA user_version").fetchone()
+            if not file.exists() or not os.access(file, os.W_OK):
+                raise sqlite3.OperationalError("not writable")
+        finally:
+            connection.close()
+    except sqlite3.Error as err:
+        raise StageError(
+            f"{where} {uri!r}: the SQLite store {file} cannot be opened or created ({err}); nothing was run. "
+            "Point MLFLOW_TRACKING_URI at a writable file, or unset it for ./mlflow.db"
+        ) from None
+
+
 def resolve_uri(on_unreachable: str) -> str:
-    """The tracking URI to use, after checking that a server URI answers."""
+    """The tracking URI to use, after checking that a local store opens (check_store) or a server answers."""
     _client_defaults()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    uri = store_uri()
     if not uri.startswith(("http://", "https://")):
+        check_store(uri)
         return uri
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:

@@ -9,7 +9,8 @@ content filters and split will keep (an empty split, fewer training rows than on
 special tokens of the base's tokenizer (builtin: its fixed list; hub: the cached files, else ChatML's
 markers); that each LoRA target names a linear layer of the base (its family's module names from the
 config, see models.known_module_kinds; an unknown family is checked by train before it loads weights);
-and that a requested cuda device exists.
+that a requested cuda device exists and train.num_processes fits the machine (cores or GPUs); and that
+the tracking store opens (an SQLite file MLflow could not create would hang in its retries).
 Writes: data/validated.txt, a constant marker that every other stage depends on.
 
 Why a stage of its own: `dvc repro` removes a stage's outputs before it runs the stage's command, so a
@@ -58,6 +59,30 @@ def require_devices(params: Params, source: str) -> None:
         raise ConfigError(
             f"{source}: {key}: expected a device this machine has, got 'cuda' (torch {torch.__version__} sees no CUDA "
             "device; use cpu or auto here, or run on a CUDA machine: make doctor)"
+        )
+
+
+def require_processes(params: Params, source: str) -> None:
+    """train.num_processes no more than this machine can run: one worker per core on the CPU (each is a whole
+    training process), one per visible GPU on CUDA. torch is imported only when several are asked for."""
+    import os
+
+    from dpo_pipeline.config import ConfigError
+
+    n = params.train.num_processes
+    if n == 1:
+        return
+    from dpo_pipeline.models.loading import resolve_device
+
+    if resolve_device(params.train.device) == "cpu":
+        have, what = os.cpu_count() or 1, "CPU cores"
+    else:
+        import torch
+
+        have, what = torch.cuda.device_count(), "visible GPUs"
+    if n > have:
+        raise ConfigError(
+            f"{source}: train.num_processes: expected at most the {have} {what} of this machine, got {n}"
         )
 
 
@@ -116,6 +141,11 @@ def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) ->
             )
             report.update(lora_targets="checked")
     require_devices(params, str(params_path))
+    require_processes(params, str(params_path))
+    # The tracking store opens (before DVC removes any output: a store MLflow cannot create hangs in its retries).
+    from dpo_pipeline import tracking
+
+    tracking.check_store(tracking.store_uri())
     if params.base.source == "builtin" and params.base.builtin.corpus != params.data.path:
         from dpo_pipeline.data.raw import read_corpus
 

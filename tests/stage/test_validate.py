@@ -467,3 +467,32 @@ def test_a_hub_base_is_checked_from_the_cached_snapshot(workdir, good_params, tm
         set_dotted(set_dotted(data, "base.revision", "f" * 40), "train.lora.target_modules", ["qproj"])
     )
     assert "lora_targets" not in validate.run("params.yaml", MARKER)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 24: what only the machine or the environment can refuse, before DVC removes anything
+
+
+def test_more_training_processes_than_cores_is_refused(workdir, good_params):
+    import os
+
+    from dpo_pipeline.config import ConfigError
+
+    too_many = (os.cpu_count() or 1) + 1
+    write_params(set_dotted(set_dotted(good_params, "train.num_processes", too_many), "train.device", "cpu"))
+    with pytest.raises(
+        ConfigError, match=rf"train\.num_processes: expected at most the \d+ CPU cores .*got {too_many}"
+    ):
+        validate.run("params.yaml", MARKER)
+    assert not Path(MARKER).exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("sqlite:////proc/mlflow.db", "cannot be opened or created"), ("sqlite:///", "in-memory SQLite store")],
+)
+def test_a_tracking_store_that_cannot_work_is_refused(workdir, monkeypatch, uri, message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(StageError, match=message):
+        validate.run("params.yaml", MARKER)
+    assert not Path(MARKER).exists()

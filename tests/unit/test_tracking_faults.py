@@ -80,3 +80,32 @@ def test_a_zombie_stage_process_counts_as_gone():
     finally:
         child.wait()
     assert tracking._pid_alive(__import__("os").getpid())
+
+
+# Issue 24: a store that cannot be created used to hang in MLflow's engine retries (110 warnings, still running
+# after 5 minutes), and `sqlite:///` silently recorded into an in-memory database.
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?mode=memory"])
+def test_an_in_memory_store_is_refused(uri):
+    with pytest.raises(tracking.StageError, match="in-memory SQLite store: every run would be lost"):
+        tracking.check_store(uri)
+
+
+def test_a_store_that_cannot_be_created_fails_in_one_line_fast(params, monkeypatch, tmp_path):
+    import time
+
+    for uri, message in (
+        ("sqlite:////proc/mlflow.db", r"/proc/mlflow\.db cannot be opened or created"),
+        (f"sqlite:///{tmp_path}/no/such/folder/mlflow.db", r"folder .*/no/such/folder does not exist"),
+    ):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        with pytest.raises(tracking.StageError, match=message) as info:
+            with tracking.stage_run("prepare", params, sections=["seed"]):
+                raise AssertionError("the stage must not start")
+        assert time.monotonic() - started < 10 and "\n" not in str(info.value)
+        assert "MLFLOW_TRACKING_URI" in str(info.value)
+
+
+def test_a_writable_store_passes_and_is_created(tmp_path):
+    tracking.check_store(f"sqlite:///{tmp_path}/mlflow.db")
+    assert (tmp_path / "mlflow.db").is_file()
