@@ -12,6 +12,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dpo_pipeline.errors import StageError
+
+# How a library reports a failed write when it is not an OSError (safetensors' Rust I/O errors).
+_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "(os error ")
+
+
+def write_failure(path: Path, err: BaseException) -> StageError | None:
+    """One line for a write that failed for lack of space or any OS error: the output path, the cause and the
+    free space on its disk (None when `err` is no write failure: it propagates as it is)."""
+    if isinstance(err, StageError) or (
+        not isinstance(err, OSError) and not any(mark in str(err) for mark in _WRITE_FAILURES)
+    ):
+        return None
+    cause = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    return StageError(
+        f"{path}: writing it failed ({cause}; {free}); the previous output, if any, is unchanged and no "
+        "partial file was left"
+    )
+
 
 def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -28,8 +51,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_sibling(path)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         if path.exists():
             old = _temp_sibling(path)
@@ -38,6 +61,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except Exception as err:
+        failure = write_failure(path, err)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +99,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_failure(path, err) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, atomic_write_bytes, remove_stale_temps, write_json
 
 
@@ -49,7 +50,7 @@ def test_atomic_write_bytes_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(StageError, match=r"m\.json: writing it failed \(disk full"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
