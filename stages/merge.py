@@ -112,7 +112,8 @@ def run(
         ]
         # Unquantized base in merge.dtype (see the module docstring for why not the 4-bit one).
         base_model = load_model(base_dir, dtype=dtype, device_map={"": device})  # straight onto the device
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+        with loading.damage_named(adapter_dir, "adapter", required=("adapter_config.json",)):
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
         adapter_logps = [token_logprobs(model, ids) for ids in encoded]
         with model.disable_adapter():
             base_logps = [token_logprobs(model, ids) for ids in encoded]

@@ -30,11 +30,56 @@ def require_safetensors(model_dir: str | Path) -> None:
     raise StageError(f"{model_dir}: no *.safetensors weights found")
 
 
+def damaged_file(folder: Path, required: tuple[str, ...] = ()) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first file of a model, tokenizer or adapter folder that cannot be read: a
+    required file missing, JSON that does not parse, a safetensors file whose header or length is broken (a cut
+    or empty file). Reads headers, not weights: a flipped bit inside a tensor is `make verify`'s to find."""
+    import json
+
+    from safetensors import safe_open
+
+    for name in required:
+        if not (folder / name).is_file():
+            return folder / name, "missing"
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as fh:
+                    fh.keys()
+        except Exception as err:  # noqa: BLE001 - any failure to read is the damage to report
+            return file, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return None
+
+
+@contextlib.contextmanager
+def damage_named(folder: str | Path, what: str, required: tuple[str, ...] = ("config.json",)):
+    """Inside: a load that fails on a damaged file becomes one StageError naming the file and the repair
+    (any other failure propagates as it is)."""
+    folder = Path(folder)
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception:
+        found = damaged_file(folder, required) if folder.is_dir() else None
+        if found is None:
+            raise
+        file, problem = found
+        raise StageError(
+            f"{file}: cannot be read ({problem}); the {what} in {folder} is damaged. Repair: `make verify` "
+            f"names every bad file, `dvc checkout --force {folder}` restores it from the cache, `dvc pull` "
+            "from the remote"
+        ) from None
+
+
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer saved with a model folder (never the hub)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    with damage_named(model_dir, "tokenizer", required=("tokenizer_config.json",)):
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if tokenizer.chat_template is None:
         raise StageError(f"{model_dir}: tokenizer has no chat template (expected ChatML)")
     return tokenizer
@@ -116,7 +161,7 @@ def load_model(model_dir: str | Path, **kwargs: Any):
 
     require_safetensors(model_dir)
     kwargs.setdefault("trust_remote_code", False)
-    with weights_read_not_mapped():
+    with damage_named(model_dir, "model"), weights_read_not_mapped():
         return AutoModelForCausalLM.from_pretrained(
             str(model_dir), local_files_only=True, use_safetensors=True, **kwargs
         )

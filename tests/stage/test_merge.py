@@ -271,6 +271,20 @@ def test_missing_or_bad_adapter_fails_clearly(tmp_path, tiny_params, merge_input
     assert not (tmp_path / "m").exists()
 
 
+def test_a_truncated_adapter_is_one_error_naming_the_file(tmp_path, tiny_params, merge_inputs, monkeypatch):
+    """Issue 24: a cut adapter_model.safetensors ended merge in a safetensors traceback naming no file."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(merge_inputs["adapter"], adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(StageError, match=rf"^{weights}: cannot be read .*dvc checkout --force {adapter}"):
+        merge.run(tiny_params, merge_inputs["base"], adapter, merge_inputs["prepared"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # pure builders
 
