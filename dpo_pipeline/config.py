@@ -479,6 +479,17 @@ def _check_eval_and_report(p: Params, fail: Callable[[str, str, Any], ConfigErro
         raise fail("train.lora.target_modules", "a non-empty list of module names", [])
     if not p.eval.tasks:
         raise fail("eval.tasks", "a non-empty list of tasks", [])
+    for key, names in (
+        ("train.lora.target_modules", list(p.train.lora.target_modules)),
+        ("eval.tasks", [t.name for t in p.eval.tasks]),
+        ("eval.sample_prompts", [(s.system, s.question) for s in p.eval.sample_prompts]),
+    ):
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:
+            raise fail(key, f"each entry once ({', '.join(twice)} is listed twice)", names)
+    for i, task in enumerate(p.eval.tasks):
+        if task.num_fewshot < 0:
+            raise fail(f"eval.tasks[{i}].num_fewshot", "an integer >= 0", task.num_fewshot)
     r = p.report
     if not (math.isfinite(r.significance_level) and 0.0 < r.significance_level < 1.0):
         raise fail("report.significance_level", "a number strictly between 0 and 1", r.significance_level)
@@ -508,7 +519,20 @@ def _check_eval_and_report(p: Params, fail: Callable[[str, str, Any], ConfigErro
 
 
 def _check_train_options(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
-    """The trl/transformers names training passes on (the tables above)."""
+    """The schedule training can follow, and the trl/transformers names it passes on (the tables above)."""
+    if p.train.warmup_steps >= p.train.max_steps:
+        raise fail(
+            "train.warmup_steps",
+            f"fewer than train.max_steps ({p.train.max_steps}): a longer warm-up ends training before the "
+            "learning rate reaches train.learning_rate",
+            p.train.warmup_steps,
+        )
+    for key, value in (
+        ("train.learning_rate", p.train.learning_rate),
+        ("base.builtin.pretrain_learning_rate", p.base.builtin.pretrain_learning_rate),
+    ):
+        if value > 1.0:
+            raise fail(key, "a learning rate <= 1 (e.g. 5.0e-5)", value)
     if p.train.optim not in OPTIMIZERS:
         raise fail(
             "train.optim",

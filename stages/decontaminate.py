@@ -15,6 +15,7 @@ normalised text as lm-eval's decontamination, per field, boilerplate n-grams lef
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ def run(
         ids_table,
         overlaps,
         read_training_rows,
+        require_measurable,
         task_documents,
     )
 
@@ -57,6 +59,8 @@ def run(
     ):
         rows = read_training_rows(prepared_dir)
         documents = task_documents([t.name for t in params.eval.tasks], tasks_dir, prepared_dir)
+        for warning in require_measurable(documents, d.ngram):
+            print(warning, file=sys.stderr)
         report, hit_ids = overlaps(rows, documents, d.ngram, d.common_rows, d.max_examples)
         dropped = hit_ids if d.drop else set()
         metrics = flat_metrics(report, len(dropped))

@@ -142,12 +142,26 @@ def upload(folder: Path, repo_id: str, private: bool, message: str) -> dict[str,
     return {"repo": repo_id, "commit": info.oid, "url": info.commit_url, "private": str(private).lower()}
 
 
+def require_repo_id(repo_id: str) -> None:
+    """A hub repo id `org/name` as huggingface_hub itself validates it (no `..`, `--`, leading or trailing
+    `.`/`-`): the id also names the dry run's folder, so `../..` must never reach a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problem = "" if REPO_ID.match(repo_id) else "not org/name"
+    if not problem:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as err:
+            problem = str(err).split(". ")[0]
+    if problem:
+        raise StageError(f"REPO: expected a hub repo id like org/name, got {repo_id!r} ({problem})")
+
+
 def publish(repo_id: str, kind: str, dry_run: bool, private: bool, params_path: str = "params.yaml") -> Path:
     from dpo_pipeline import config, tracking
     from dpo_pipeline.io import read_json, write_json
 
-    if not REPO_ID.match(repo_id):
-        raise StageError(f"REPO: expected a hub repo id like org/name, got {repo_id!r}")
+    require_repo_id(repo_id)
     params = config.load(params_path)
     commit = require_reproducible()
     folder = SCRATCH_DIR / "publish" / f"{repo_id.replace('/', '--')}-{kind}"

@@ -74,6 +74,31 @@ def task_documents(names: Sequence[str], tasks_dir, prepared_dir) -> dict[str, l
     return out
 
 
+def longest_text(texts: list[list[str]]) -> int:
+    """The most words any one text of a task's documents has (an n-gram never spans two texts)."""
+    return max((len(words(part)) for parts in texts for part in parts), default=0)
+
+
+def require_measurable(documents: dict[str, list[list[str]]], n: int) -> list[str]:
+    """Refuse an n-gram length longer than every document of every task (overlap could never be found, and the
+    report would say "no contamination" about nothing); the one-line warnings for single tasks whose texts
+    are all shorter than `n`."""
+    from dpo_pipeline.errors import StageError
+
+    longest = {task: longest_text(texts) for task, texts in documents.items()}
+    if longest and max(longest.values()) < n:
+        raise StageError(
+            f"decontamination.ngram: expected at most {max(longest.values())} words (the longest text of any eval "
+            f"task's documents), got {n}: no overlap could ever be found"
+        )
+    return [
+        f"warning: decontamination.ngram {n} is longer than every text of task {task} (longest {m} words): its "
+        "overlap cannot be measured and is reported as 0"
+        for task, m in sorted(longest.items())
+        if m < n
+    ]
+
+
 def overlaps(
     rows: Sequence[dict[str, Any]],
     documents: dict[str, list[list[str]]],

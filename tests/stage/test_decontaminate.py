@@ -114,3 +114,19 @@ def test_an_unknown_task_and_a_missing_split_are_named(tmp_path, tiny_params, pl
     with pytest.raises(StageError, match=r"train\.parquet: prepared split not found"):
         run(tmp_path, tiny_params, tmp_path / "nowhere")
     assert not (tmp_path / "contamination").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_an_ngram_longer_than_every_document_is_refused_and_a_short_task_warned():
+    """Issue 24: decontamination.ngram 50 on short documents reported "no contamination", silently."""
+    from dpo_pipeline.data.contamination import require_measurable
+    from dpo_pipeline.errors import StageError
+
+    documents = {
+        "long_task": [["one two three four five six", "a b"]],
+        "short_task": [["alpha beta", "gamma"]],
+    }
+    with pytest.raises(StageError, match=r"decontamination\.ngram: expected at most 6 words .*got 7"):
+        require_measurable(documents, 7)
+    (warning,) = require_measurable(documents, 3)
+    assert "task short_task (longest 2 words)" in warning
+    assert require_measurable(documents, 2) == []

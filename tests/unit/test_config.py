@@ -241,6 +241,29 @@ def test_every_key_line_has_a_comment(path):
         ),
         ("decontamination.ngram", 0, r"decontamination\.ngram: expected an integer > 0"),
         ("decontamination.common_rows", 0, r"decontamination\.common_rows: expected an integer > 0"),
+        # Issue 24: more values that pass the types and cannot be meant
+        (
+            "train.warmup_steps",
+            60,
+            r"train\.warmup_steps: expected fewer than train\.max_steps \(60\): a longer warm-up ends training "
+            r"before the learning rate reaches train\.learning_rate, got 60",
+        ),
+        ("train.learning_rate", 5.0, r"train\.learning_rate: expected a learning rate <= 1"),
+        (
+            "eval.tasks",
+            [{"name": "dpo_heldout_pref", "num_fewshot": -1}, {"name": "chatml_format", "num_fewshot": 0}],
+            r"eval\.tasks\[0\]\.num_fewshot: expected an integer >= 0, got -1",
+        ),
+        (
+            "eval.tasks",
+            [{"name": "dpo_heldout_pref", "num_fewshot": 0}, {"name": "dpo_heldout_pref", "num_fewshot": 5}],
+            r"eval\.tasks: expected each entry once \(dpo_heldout_pref is listed twice\)",
+        ),
+        (
+            "train.lora.target_modules",
+            ["q_proj", "v_proj", "q_proj"],
+            r"train\.lora\.target_modules: expected each entry once \(q_proj is listed twice\)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw, dotted, value, message):

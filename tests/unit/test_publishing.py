@@ -65,3 +65,18 @@ def test_a_hub_bases_license_is_asked_of_the_hub_and_offline_is_none(monkeypatch
     monkeypatch.setattr(huggingface_hub, "model_info", model_info)
     assert publish.hub_license("teknium/OpenHermes-2.5-Mistral-7B", "a" * 40) == "apache-2.0"
     assert seen == {"name": "teknium/OpenHermes-2.5-Mistral-7B", "revision": "a" * 40}
+
+
+def test_a_repo_id_that_could_name_a_path_outside_the_scratch_folder_is_refused():
+    """Issue 24: `make publish REPO=../.. DRY_RUN=1` was accepted (the id names the dry run's folder)."""
+    import pytest
+
+    from dpo_pipeline.errors import StageError
+    from tools.publish import require_repo_id
+
+    for bad in ("../..", "org/..", "./x", "-org/name", "org/name/extra", "name"):
+        with pytest.raises(
+            StageError, match=rf"REPO: expected a hub repo id like org/name, got {re.escape(repr(bad))}"
+        ):
+            require_repo_id(bad)
+    require_repo_id("org/name-1.2_x")
