@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_pipeline.io import sha256_tree
 from tests.e2e.conftest import Project, free_port
 
 pytestmark = pytest.mark.slow
@@ -275,7 +276,7 @@ def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, m
     """Issue 17, point 4: the report stage records models/merged as an MLflow logged model (registered too):
     its metrics, its source (the merge run), the train and evaluate runs, and where DVC keeps the weights."""
     project = with_tracking(clone("model"), mlflow_server.url)
-    for stage in ("merge", "evaluate", "report"):
+    for stage in ("train", "merge", "evaluate", "report"):
         assert f"Running stage '{stage}'" in project.dvc("repro", "-f", "-s", stage).stdout
     client = client_for(mlflow_server.url)
     exp_id = experiment_id(client, project)
@@ -292,8 +293,11 @@ def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, m
     tags = model.tags
     assert tags["dvc.path"] == "models/merged" and tags["dvc.md5"] == lock_md5(project, "models/merged")
     assert tags["git.commit"] == project.head()
-    train_run = stage_runs(client, exp_id, "train", head)[0]
-    assert tags["lineage.train_run_id"] == train_run.info.run_id
+    # the train run is found by the adapter's content hash (no run id is written into any file)
+    train_run = client.get_run(tags["lineage.train_run_id"])
+    assert train_run.info.experiment_id == exp_id and train_run.info.status == "FINISHED"
+    assert train_run.data.tags["stage"] == "train"
+    assert train_run.data.tags["output.adapter.sha256"] == sha256_tree(project.root / "models/adapter")
     assert tags["lineage.evaluate_run_id"] == evaluate_run.info.run_id
     assert tags["lineage.report_run_id"] == report_run.info.run_id
     assert tags["lineage.adapter.hash"] == merge_run.data.tags["lineage.adapter.hash"]
