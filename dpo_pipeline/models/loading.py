@@ -30,10 +30,14 @@ def require_safetensors(model_dir: str | Path) -> None:
     raise StageError(f"{model_dir}: no *.safetensors weights found")
 
 
-def damaged_file(folder: Path, required: tuple[str, ...] = ()) -> tuple[Path, str] | None:
-    """(file, what is wrong) for the first file of a model, tokenizer or adapter folder that cannot be read: a
-    required file missing, JSON that does not parse, a safetensors file whose header or length is broken (a cut
-    or empty file). Reads headers, not weights: a flipped bit inside a tensor is `make verify`'s to find."""
+def damaged_file(
+    folder: Path, required: tuple[str, ...] = (), whole: bool = False
+) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first file of a model, tokenizer, adapter or checkpoint folder that cannot be
+    read: a required file missing, JSON that does not parse, a safetensors file whose header or length is broken
+    (a cut or empty file). By default headers only (a flipped bit inside a tensor is `make verify`'s to find);
+    `whole` also reads every tensor and every torch file (.pt, .pth, .bin), as a resume from a checkpoint does
+    (trusted: only the run's own scratch folder is read that way)."""
     import json
 
     from safetensors import safe_open
@@ -47,9 +51,14 @@ def damaged_file(folder: Path, required: tuple[str, ...] = ()) -> tuple[Path, st
                 json.loads(file.read_text(encoding="utf-8"))
             elif file.suffix == ".safetensors":
                 with safe_open(str(file), "pt") as fh:
-                    fh.keys()
+                    for key in fh.keys() if whole else ():
+                        fh.get_tensor(key)
+            elif whole and file.suffix in (".pt", ".pth", ".bin"):
+                import torch
+
+                torch.load(file, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - any failure to read is the damage to report
-            return file, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+            return file, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
     return None
 
 

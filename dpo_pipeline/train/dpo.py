@@ -16,7 +16,7 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import (
     sha256_bytes,
 )
-from dpo_pipeline.models.loading import precision_kwargs
+from dpo_pipeline.models.loading import damaged_file, precision_kwargs
 from dpo_pipeline.train.trl_glue import checkpointing_kwargs
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
@@ -129,26 +129,10 @@ def checkpoint_key(params: Params, input_hashes: dict[str, str]) -> str:
 
 def checkpoint_problem(path: Path) -> str | None:
     """What keeps the Trainer from resuming from checkpoint folder `path` (None: every file loads): its
-    trainer_state.json (written last: absent when the save was killed), and each JSON, safetensors and torch
-    file read whole, as a resume reads them. Only this run's own scratch folder is read."""
-    import torch
-    from safetensors import safe_open
-
-    if not (path / "trainer_state.json").is_file():
-        return "trainer_state.json missing (the save did not finish)"
-    for file in sorted(path.iterdir()):
-        try:
-            if file.suffix == ".json":
-                json.loads(file.read_text(encoding="utf-8"))
-            elif file.suffix == ".safetensors":
-                with safe_open(str(file), "pt") as fh:
-                    for key in fh.keys():
-                        fh.get_tensor(key)
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                torch.load(file, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any failure to read means "cannot resume from this one"
-            return f"{file.name}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-    return None
+    trainer_state.json (written last: missing when the save was killed), and each JSON, safetensors and torch
+    file read whole, as a resume reads them (loading.damaged_file)."""
+    found = damaged_file(path, required=("trainer_state.json",), whole=True)
+    return f"{found[0].name}: {found[1]}" if found else None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
