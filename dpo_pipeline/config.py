@@ -95,9 +95,20 @@ class TrainParams:
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"]
     bnb_4bit_use_double_quant: bool
     lora: LoraParams
+    method: Literal["dpo", "simpo", "cpo", "orpo", "kto"]
     beta: float
-    loss_type: str
+    loss_type: str | list[str]
+    loss_weights: list[float]
     label_smoothing: float
+    ld_alpha: float | None
+    use_weighting: bool
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+    f_alpha_divergence_coef: float
+    discopop_tau: float
+    simpo_gamma: float
+    cpo_alpha: float
+    desirable_weight: float
+    undesirable_weight: float
     learning_rate: float
     lr_scheduler_type: str
     warmup_steps: int
@@ -195,6 +206,11 @@ class Params:
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for MLflow params and model cards)."""
         return dataclasses.asdict(getattr(self, name))
+
+
+def loss_types(t: TrainParams) -> list[str]:
+    """`train.loss_type` as trl's list (a single name is a list of one)."""
+    return [t.loss_type] if isinstance(t.loss_type, str) else list(t.loss_type)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,6 +326,83 @@ LABEL_SMOOTHING_RULES = {
     "robust": (lambda eps: 0.0 <= eps < 0.5, "a number in [0, 0.5) with train.loss_type robust"),
 }
 
+# train.method -> the trl trainer that runs it (trl 1.16) and whether it needs a reference model. simpo is
+# CPOTrainer with loss_type "simpo" and cpo_alpha 0 (the SimPO paper: no NLL term); cpo is CPOTrainer's
+# default sigmoid loss with its NLL (behaviour-cloning) term weighted by train.cpo_alpha.
+METHODS = {
+    "dpo": {"trainer": "trl.DPOTrainer", "reference": True},
+    "simpo": {"trainer": "trl.experimental.cpo.CPOTrainer", "reference": False},
+    "cpo": {"trainer": "trl.experimental.cpo.CPOTrainer", "reference": False},
+    "orpo": {"trainer": "trl.experimental.orpo.ORPOTrainer", "reference": False},
+    "kto": {"trainer": "trl.KTOTrainer", "reference": True},
+}
+SIMPO_CPO_ALPHA = 0.0  # what method simpo passes as CPOConfig.cpo_alpha (pure SimPO)
+
+# DPO losses that read `label_smoothing` in trl 1.16's DPOTrainer._compute_loss; the others ignore it (cDPO,
+# label smoothing of the sigmoid loss, was removed in trl's DPO refactor).
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+# DPO losses that accept a non-default f_divergence_type (DPOTrainer.__init__ refuses the rest).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# DPO losses that use_weighting (WPO) cannot weight in trl 1.16, and why: aot and aot_unpaired sort the batch
+# (DPOTrainer.__init__ raises NotImplementedError); sft's per-pair loss is one expanded scalar, which the
+# weighting multiplies in place (a RuntimeError at the first step: found by tests/stage/test_methods.py).
+NO_WEIGHTING_LOSSES = {
+    "aot": "it sorts the batch",
+    "aot_unpaired": "it sorts the batch",
+    "sft": "its per-pair loss is one expanded scalar that trl's weighting multiplies in place",
+}
+
+# Every method- or loss-specific train.* key: the value at which it does nothing (trl 1.16's own default, so a
+# params file that leaves it there changes nothing), and who reads it: the methods, and for method dpo the loss
+# types (None: any DPO loss). A value other than the inert one is refused unless the run's method/loss reads it.
+# tests/unit/test_trl_glue.py checks the inert values against the trl config classes and, by computing trl's
+# loss with and without each key, that exactly these losses read label_smoothing and discopop_tau.
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "loss_type": {"inert": "sigmoid", "methods": ("dpo",), "losses": None},
+    "loss_weights": {"inert": [], "methods": ("dpo",), "losses": None},
+    "label_smoothing": {"inert": 0.0, "methods": ("dpo", "cpo", "simpo"), "losses": LABEL_SMOOTHING_LOSSES},
+    "ld_alpha": {"inert": None, "methods": ("dpo",), "losses": None},
+    "use_weighting": {"inert": False, "methods": ("dpo",), "losses": None},
+    "f_divergence_type": {"inert": "reverse_kl", "methods": ("dpo",), "losses": None},
+    "f_alpha_divergence_coef": {"inert": 0.5, "methods": ("dpo",), "losses": None},
+    "discopop_tau": {"inert": 0.05, "methods": ("dpo",), "losses": ("discopop",)},
+    "simpo_gamma": {"inert": 0.5, "methods": ("simpo",), "losses": None},
+    "cpo_alpha": {"inert": 1.0, "methods": ("cpo",), "losses": None},
+    "desirable_weight": {"inert": 1.0, "methods": ("kto",), "losses": None},
+    "undesirable_weight": {"inert": 1.0, "methods": ("kto",), "losses": None},
+}
+
+
+def unused_setting(t: TrainParams) -> str | None:
+    """One line naming the first train.* key set away from its inert value that the run's method/loss does not
+    read (METHOD_PARAMS), and who does read it; None when every set key takes effect."""
+    losses = loss_types(t)
+    for key, rule in METHOD_PARAMS.items():
+        value = getattr(t, key)
+        if value == rule["inert"] and type(value) is type(rule["inert"]):
+            continue
+        shown = f"train.{key}: {value!r}"
+        if t.method not in rule["methods"]:
+            users = ", ".join(rule["methods"])
+            return f"{shown} has no effect with train.method {t.method} in trl 1.16; it is used by method {users}"
+        if t.method == "dpo" and rule["losses"] is not None and not set(losses) & set(rule["losses"]):
+            users = ", ".join(rule["losses"])
+            others = [m for m in rule["methods"] if m != "dpo"]
+            also = f" (and by method {', '.join(others)})" if others else ""
+            return (
+                f"{shown} has no effect with loss_type {', '.join(losses)} in trl 1.16; it is used by "
+                f"{users}{also}"
+            )
+    if t.f_alpha_divergence_coef != METHOD_PARAMS["f_alpha_divergence_coef"]["inert"] and (
+        t.f_divergence_type != "alpha_divergence"
+    ):
+        return (
+            f"train.f_alpha_divergence_coef: {t.f_alpha_divergence_coef!r} has no effect with f_divergence_type "
+            f"{t.f_divergence_type} in trl 1.16; it is used by f_divergence_type alpha_divergence"
+        )
+    return None
+
+
 # transformers' OptimizerNames that build and step here with the pinned packages (torch, bitsandbytes: its
 # optimizers step on CPU too). Left out: those needing a package constraints.txt does not pin (torch_xla,
 # torch_npu, torchdistx, torchao, galore_torch, lomo_optim, grokadamw, schedulefree, apollo_torch, torch-optimi).
@@ -364,6 +457,7 @@ def _check(p: Params, source: str) -> None:
 
     for check in (_check_ranges, _check_sources, _check_eval_and_report, _check_train_options):
         check(p, fail)
+    _check_method(p.train, fail, source)
 
 
 def _check_ranges(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
@@ -546,13 +640,68 @@ def _check_train_options(p: Params, fail: Callable[[str, str, Any], ConfigError]
             p.train.lr_scheduler_type,
         )
 
-    if p.train.loss_type not in DPO_LOSS_TYPES:
-        raise fail("train.loss_type", f"a trl DPO loss type ({', '.join(DPO_LOSS_TYPES)})", p.train.loss_type)
-    if not 0.0 <= p.train.label_smoothing <= 0.5:
-        raise fail("train.label_smoothing", "a number in [0, 0.5]", p.train.label_smoothing)
-    rule = LABEL_SMOOTHING_RULES.get(p.train.loss_type)
-    if rule and not rule[0](p.train.label_smoothing):
-        raise fail("train.label_smoothing", rule[1], p.train.label_smoothing)
+
+def _check_method(t: TrainParams, fail: Callable[[str, str, Any], ConfigError], source: str) -> None:
+    """The method, its losses and their own settings: each a value trl takes, none without effect."""
+    losses = loss_types(t)
+    for loss in losses:
+        if loss not in DPO_LOSS_TYPES:
+            raise fail("train.loss_type", f"a trl DPO loss type ({', '.join(DPO_LOSS_TYPES)})", t.loss_type)
+    if not losses or len(set(losses)) != len(losses):
+        raise fail("train.loss_type", "a DPO loss type or a list of distinct ones", t.loss_type)
+    if t.loss_weights and len(t.loss_weights) != len(losses):
+        raise fail(
+            "train.loss_weights",
+            f"one weight per train.loss_type entry ({len(losses)}), or [] for 1.0 each",
+            t.loss_weights,
+        )
+    for i, weight in enumerate(t.loss_weights):
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise fail(f"train.loss_weights[{i}]", "a finite number >= 0", weight)
+    if t.loss_weights and not any(t.loss_weights):
+        raise fail("train.loss_weights", "at least one weight > 0 (all zero trains nothing)", t.loss_weights)
+    if not 0.0 <= t.label_smoothing <= 0.5:
+        raise fail("train.label_smoothing", "a number in [0, 0.5]", t.label_smoothing)
+    if t.ld_alpha is not None and not 0.0 <= t.ld_alpha <= 1.0:
+        raise fail("train.ld_alpha", "null (off) or a number in [0, 1]", t.ld_alpha)
+    for key in ("discopop_tau", "desirable_weight", "undesirable_weight"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value > 0.0):
+            raise fail(f"train.{key}", "a finite number > 0", value)
+    for key in ("simpo_gamma", "cpo_alpha", "f_alpha_divergence_coef"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value >= 0.0):
+            raise fail(f"train.{key}", "a finite number >= 0", value)
+    problem = unused_setting(t)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    if t.method == "dpo":
+        for loss in losses:
+            rule = LABEL_SMOOTHING_RULES.get(loss)
+            if rule and not rule[0](t.label_smoothing):
+                raise fail("train.label_smoothing", rule[1], t.label_smoothing)
+        outside = [loss for loss in losses if loss not in F_DIVERGENCE_LOSSES]
+        if t.f_divergence_type != "reverse_kl" and outside:
+            raise fail(
+                "train.f_divergence_type",
+                f"reverse_kl with loss_type {', '.join(outside)} (trl 1.16 takes another f-divergence only with "
+                f"{', '.join(F_DIVERGENCE_LOSSES)})",
+                t.f_divergence_type,
+            )
+        unweighted = [loss for loss in losses if loss in NO_WEIGHTING_LOSSES]
+        if t.use_weighting and unweighted:
+            why = "; ".join(f"{loss}: {NO_WEIGHTING_LOSSES[loss]}" for loss in unweighted)
+            raise fail(
+                "train.use_weighting",
+                f"false with loss_type {', '.join(unweighted)} (trl 1.16 fails: {why})",
+                True,
+            )
+    if t.method == "kto" and t.per_device_train_batch_size < 2:
+        raise fail(
+            "train.per_device_train_batch_size",
+            "at least 2 with method kto (its KL term pairs each prompt with another row's completion in the batch)",
+            t.per_device_train_batch_size,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
