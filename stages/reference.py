@@ -12,8 +12,9 @@ takes more) and `train.eval_pairs` held-out ones, not every tokenized row. DPO's
 base, so its log-probs depend only on the base and the ids, never on beta, learning rate, LoRA, the order or
 the seed: a sweep over those re-runs train only and skips this forward pass. The numbers come from trl's own machinery (DPOTrainer collator and
 `precompute_ref_log_probs`) with the base loaded by `stages.train.load_policy`, i.e. exactly what train
-would compute on the fly. With `train.precompute_ref: false` only meta.json is written (a marker that keeps
-the DAG stable) and train computes the reference log-probs itself.
+would compute on the fly. Only method dpo with `train.precompute_ref` reads them; otherwise (`precompute_ref:
+false`, the reference-free simpo, cpo and orpo, and kto, whose trainer computes its own) no model is loaded and
+only meta.json is written (`computed: false`: a marker that keeps the DAG stable).
 
 The rows go through trl longest first and are put back into the tokenized order by id afterwards: trl's collator
 pads each batch to its longest row, so batches of similar lengths waste almost nothing on padding (about a third
@@ -23,13 +24,14 @@ of the tokens on the small profile in prepared order). Each row's log-probs do n
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
 from dpo_pipeline.models.loading import pin_single_device
-from dpo_pipeline.train.reference import SECTIONS, compute
+from dpo_pipeline.train.reference import SECTIONS, compute, computes
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
@@ -59,7 +61,14 @@ def run(
             "selected_hash": hashes["selected"],
             "params": lineage.params_for(params, SECTIONS),
         }
-        tables = compute(params, base_dir, tokenized_dir, pairs_dir) if params.train.precompute_ref else {}
+        meta["computed"] = computes(params)
+        if not meta["computed"]:
+            print(
+                f"reference: nothing to compute (train.method {params.train.method}, train.precompute_ref "
+                f"{str(params.train.precompute_ref).lower()}): no model loaded, only meta.json written",
+                file=sys.stderr,
+            )
+        tables = compute(params, base_dir, tokenized_dir, pairs_dir) if meta["computed"] else {}
         meta["rows"] = {split: table.num_rows for split, table in tables.items()}
         with atomic_dir(reference_dir) as tmp:
             for split, table in tables.items():

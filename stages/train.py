@@ -1,4 +1,7 @@
-"""train stage: QLoRA DPO of the base model on the tokenized preference pairs.
+"""train stage: QLoRA preference tuning of the base model (train.method: dpo, simpo, cpo, orpo, kto).
+
+Method dpo is described below; the others run trl's own trainers on the text of the same selected pairs
+(data/prepared/, in the pairs stage's order) and read no cached reference: dpo_pipeline/train/methods.py.
 
 Reads: params `seed`, `data.max_length`, `train`; models/base/ (model + ChatML tokenizer);
 data/tokenized/{train,test}.parquet (the token ids of the prepared pairs, written by stages/tokenize.py and
@@ -40,10 +43,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline import layout
+from dpo_pipeline.config import METHODS
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, atomic_write_bytes, sha256_tree, template_hash, write_json
 from dpo_pipeline.models import loading
-from dpo_pipeline.train import dpo, trl_glue
+from dpo_pipeline.train import dpo, methods, trl_glue
 from dpo_pipeline.train.launch import die_with_parent, is_distributed_worker, launch
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
@@ -64,6 +68,7 @@ def run(
     checkpoint_dir: str | Path = layout.SCRATCH_DIR / "checkpoints" / "train",
     extra_callbacks: Sequence[Any] = (),
     pairs_dir: str | Path = layout.PAIRS_DIR,
+    prepared_dir: str | Path = layout.PREPARED_DIR,
 ) -> dict[str, float]:
     """Train the adapter; returns the metrics written to `metrics_path`.
 
@@ -89,6 +94,8 @@ def run(
         "order": pairs_dir / layout.ORDER_FILE,
         "reference": reference_dir,
     }
+    if t.method != "dpo":  # the other methods' trainers read the text (dpo_pipeline/train/methods.py)
+        inputs["prepared"] = Path(prepared_dir)
     with tracking.stage_run("train", params, sections=dpo.SECTIONS, inputs=inputs) as mlflow_run:
         trl_glue.log_versions()
 
@@ -106,7 +113,17 @@ def run(
         )
         hashes = lineage.input_hashes(mlflow_run, inputs)
 
-        datasets = dpo.training_datasets(params, tokenized_dir, pairs_dir, reference_dir, hashes)
+        if t.method == "dpo":
+            datasets = dpo.training_datasets(params, tokenized_dir, pairs_dir, reference_dir, hashes)
+            trainer_class = trl_glue.trainer_class(t.share_prompt)
+        else:
+            datasets = methods.text_datasets(
+                params, Path(prepared_dir), tokenized_dir, pairs_dir, tokenizer.eos_token
+            )
+            trainer_class = trl_glue.method_trainer_class(t.method)
+        logger.info("train.method %s: %s", t.method, METHODS[t.method]["trainer"])
+        for line in methods.inert_options(params):
+            logger.warning(line)
 
         run_dir = Path(checkpoint_dir) / dpo.checkpoint_key(params, hashes)
         resume = dpo.latest_checkpoint(run_dir)
@@ -117,9 +134,9 @@ def run(
         device = loading.resolve_device(t.device)
         model = loading.load_policy(base_dir, t)
         collapse = dpo.collapse_callback(t.max_steps)
-        trainer = trl_glue.trainer_class(t.share_prompt)(
+        trainer = trainer_class(
             model=model,
-            args=dpo.dpo_config(params, run_dir),
+            args=methods.trainer_config(params, run_dir),
             train_dataset=datasets["train"],
             eval_dataset=datasets["test"],
             processing_class=tokenizer,
@@ -140,7 +157,8 @@ def run(
         runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
         dpo.require_finite_adapter(trainer.model)
 
-        tracking.log_metrics(trl_glue.log_sharing(trainer, "training"))
+        if t.method == "dpo":
+            tracking.log_metrics(trl_glue.log_sharing(trainer, "training"))
         evaluation = trainer.evaluate()
         history = trainer.state.log_history
         counts, peak_mb = dpo.across_processes(

@@ -58,3 +58,26 @@ def read_tokenized(tokenized_dir: str | Path, split: str, columns: tuple[str, ..
     if len(set(ids)) != len(ids):
         raise StageError(f"{path}: column id has duplicate values (expected one row per id)")
     return table
+
+
+def strip_turn_newline(text: str, eos: str) -> str:
+    """Answers end with eos + "\\n" (the ChatML turn separator); trl appends eos to any answer that does not
+    end with eos, so the separator is dropped rather than getting a second eos after it."""
+    return text[:-1] if text.endswith(eos + "\n") else text
+
+
+def trl_texts(table, eos: str):
+    """Prepared rows -> pyarrow Table(id, prompt, chosen, rejected): the strings handed to trl."""
+    import pyarrow as pa
+
+    def strip(name: str):
+        return pa.array([strip_turn_newline(s, eos) for s in table.column(name).to_pylist()], pa.string())
+
+    return pa.table(
+        {
+            "id": table.column("id"),
+            "prompt": table.column("prompt"),
+            "chosen": strip("chosen"),
+            "rejected": strip("rejected"),
+        }
+    )

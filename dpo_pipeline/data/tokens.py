@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_pipeline.data.tables import strip_turn_newline, trl_texts  # noqa: F401 - re-exported
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import IDS_COLUMNS, LENGTH_COLUMN, SPLITS
 
@@ -26,29 +27,6 @@ PERCENTILES = (50, 90, 99)
 
 
 CHUNK_ROWS = 1024  # rows per batched tokenizer call: bounds the Python lists of ids held at once
-
-
-def strip_turn_newline(text: str, eos: str) -> str:
-    """Answers end with eos + "\\n" (the ChatML turn separator); trl appends eos to any answer that does not
-    end with eos, so the separator is dropped rather than getting a second eos after it."""
-    return text[:-1] if text.endswith(eos + "\n") else text
-
-
-def trl_texts(table, eos: str):
-    """Prepared rows -> pyarrow Table(id, prompt, chosen, rejected): the strings handed to trl."""
-    import pyarrow as pa
-
-    def strip(name: str):
-        return pa.array([strip_turn_newline(s, eos) for s in table.column(name).to_pylist()], pa.string())
-
-    return pa.table(
-        {
-            "id": table.column("id"),
-            "prompt": table.column("prompt"),
-            "chosen": strip("chosen"),
-            "rejected": strip("rejected"),
-        }
-    )
 
 
 def tokenize_pairs(

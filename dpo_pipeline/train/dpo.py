@@ -52,8 +52,17 @@ METRIC_KEYS = (
     "eval_loss",
     "eval_rewards_accuracies",
     "eval_rewards_margins",
+    "eval_log_odds_chosen",
     "train_steps",
     *RUN_DEPENDENT_KEYS,
+)
+# Logged by some methods only: KTO has no reward accuracy (its rows are unpaired), only ORPO logs the log-odds
+# of the chosen answer. metrics/train.json leaves out what the run's trainer did not log.
+OPTIONAL_METRIC_KEYS = (
+    "rewards_accuracies",
+    "eval_rewards_accuracies",
+    "eval_rewards_margins",
+    "eval_log_odds_chosen",
 )
 
 
@@ -67,16 +76,12 @@ COLLAPSE_LOSS = 0.01  # loss below this with reward accuracy pinned at 1.0 ...
 COLLAPSE_EARLY_FRACTION = 0.1  # ... within this share of max_steps: the preference was learnt too easily
 
 
-def dpo_config(p: Params, out_dir: str | Path):
-    """trl DPOConfig with every knob from params; `out_dir` receives the checkpoints."""
-    from trl import DPOConfig
-
+def common_kwargs(p: Params, out_dir: str | Path) -> dict[str, Any]:
+    """The TrainingArguments every method's trl config takes from params (`out_dir` receives the checkpoints)."""
     t = p.train
-    return DPOConfig(
+    return dict(
         output_dir=str(out_dir),
         beta=t.beta,
-        loss_type=[t.loss_type],
-        label_smoothing=t.label_smoothing,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
@@ -90,7 +95,6 @@ def dpo_config(p: Params, out_dir: str | Path):
         seed=p.seed,
         data_seed=p.seed,
         max_length=p.data.max_length,
-        precompute_ref_log_probs=t.precompute_ref,
         # The pairs stage decided the order (seeded epochs, length-grouped when train.group_by_length) and the
         # training dataset is already in it: the trainer reads it front to back.
         train_sampling_strategy="sequential",
@@ -114,6 +118,27 @@ def dpo_config(p: Params, out_dir: str | Path):
         # Only used with several processes (DDP): every LoRA weight takes part in every step, so DDP need not
         # search the graph for unused ones each step (the Trainer's default for a PEFT model would).
         ddp_find_unused_parameters=False,
+    )
+
+
+def dpo_config(p: Params, out_dir: str | Path):
+    """trl DPOConfig with every knob from params (train.method dpo); `out_dir` receives the checkpoints."""
+    from trl import DPOConfig
+
+    from dpo_pipeline.config import loss_types
+
+    t = p.train
+    return DPOConfig(
+        **common_kwargs(p, out_dir),
+        loss_type=loss_types(t),
+        loss_weights=list(t.loss_weights) or None,
+        label_smoothing=t.label_smoothing,
+        ld_alpha=t.ld_alpha,
+        use_weighting=t.use_weighting,
+        f_divergence_type=t.f_divergence_type,
+        f_alpha_divergence_coef=t.f_alpha_divergence_coef,
+        discopop_tau=t.discopop_tau,
+        precompute_ref_log_probs=t.precompute_ref,
     )
 
 
@@ -193,7 +218,7 @@ def train_summary(params: Params, metrics: dict[str, float]) -> dict[str, Any]:
 
     return {
         "params": lineage.params_for(params, SECTIONS),
-        "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS},
+        "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS if key in metrics},
     }
 
 
@@ -260,16 +285,22 @@ def final_metrics(
     counts: dict[str, int],
     peak_mb: float,
 ) -> dict[str, float]:
-    """metrics/train.json (see the train stage's docstring for what each figure means)."""
-    return {
+    """metrics/train.json (see the train stage's docstring for what each figure means). A figure in
+    OPTIONAL_METRIC_KEYS that the method's trainer did not log is left out."""
+    logged = {
         "train_loss": last_logged(history, "loss"),
         "rewards_chosen": last_logged(history, "rewards/chosen"),
         "rewards_rejected": last_logged(history, "rewards/rejected"),
         "rewards_margins": last_logged(history, "rewards/margins"),
         "rewards_accuracies": last_logged(history, "rewards/accuracies"),
-        "eval_loss": float(evaluation["eval_loss"]),
-        "eval_rewards_accuracies": float(evaluation["eval_rewards/accuracies"]),
-        "eval_rewards_margins": float(evaluation["eval_rewards/margins"]),
+        "eval_loss": float(evaluation.get("eval_loss", "nan")),
+        "eval_rewards_accuracies": float(evaluation.get("eval_rewards/accuracies", "nan")),
+        "eval_rewards_margins": float(evaluation.get("eval_rewards/margins", "nan")),
+        "eval_log_odds_chosen": float(evaluation.get("eval_log_odds_chosen", "nan")),
+    }
+    absent = {key for key in OPTIONAL_METRIC_KEYS if math.isnan(logged[key])}
+    return {
+        **{key: value for key, value in logged.items() if key not in absent},
         "train_runtime_s": runtime,
         "train_steps": float(steps),
         "pairs_per_s": counts["pairs"] / runtime,

@@ -32,7 +32,16 @@ SECTIONS = [
     "train.precompute_ref",
     "train.reference_batch_size",
     "train.share_prompt",
+    "train.method",
+    "train.ld_alpha",
 ]
+
+
+def computes(p: Params) -> bool:
+    """Whether the reference stage runs the model: only method dpo reads its log-probs, and only with
+    train.precompute_ref. simpo, cpo and orpo have no reference model; kto's KL term needs log-probs of
+    mismatched completions, which trl computes inside train (dpo_pipeline/train/methods.py)."""
+    return p.train.method == "dpo" and p.train.precompute_ref
 
 
 def reference_config(p: Params, out_dir: str | Path):
@@ -49,6 +58,8 @@ def reference_config(p: Params, out_dir: str | Path):
         **precision_kwargs(p.train),
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=p.train.reference_batch_size,
+        # LD-DPO weights the answer tokens past the shorter answer's length in the reference log-probs too.
+        ld_alpha=p.train.ld_alpha,
         **trl_glue.checkpointing_kwargs(False),
         report_to="none",
         dataloader_num_workers=0,
@@ -153,10 +164,11 @@ def read_reference(reference_dir: str | Path, split: str, expected: dict[str, An
     if not meta_path.is_file():
         raise StageError(f"{meta_path}: not found (train.precompute_ref is true: run dvc repro reference)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if not meta.get("precompute_ref"):
+    if not meta.get("computed"):
         raise StageError(
-            f"{meta_path}: the reference stage ran with train.precompute_ref false and cached nothing "
-            "(run: dvc repro reference)"
+            f"{meta_path}: the reference stage cached nothing (it ran with train.method "
+            f"{meta.get('params', {}).get('train', {}).get('method')!r}, train.precompute_ref "
+            f"{meta.get('precompute_ref')!r}; run: dvc repro reference)"
         )
     for key, value in expected.items():
         if meta.get(key) != value:

@@ -153,7 +153,6 @@ def _forward(trainer, model):
 def trainer_class(share_prompt: bool):
     """DPOTrainer plus: cached reference columns, length-grouped batching, the NaN guard, throughput counters,
     and with `share_prompt` one row per pair (dpo_pipeline.train.shared_prompt) for the policy and reference forwards."""
-    import torch
     import trl
     from trl import DPOTrainer
 
@@ -204,14 +203,7 @@ def trainer_class(share_prompt: bool):
                 self._signature_columns = [*self._signature_columns, LENGTH_COLUMN]
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # peft's load_adapter upcasts the adapter to fp32 (autocast_adapter_dtype), while trl trains the
-            # adapter of a 4-bit model in bf16: without this a resumed run would continue in another dtype and
-            # end with a different adapter than an uninterrupted one. (Runs before the optimizer is built.)
-            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            for name, param in self.model.named_parameters():
-                if name in dtypes and param.dtype != dtypes[name]:
-                    param.data = param.data.to(dtypes[name])
+            keep_adapter_dtype(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._forward_positions.clear()
@@ -223,16 +215,85 @@ def trainer_class(share_prompt: bool):
                     self.share_outcomes.get("reason", ""),
                 )
             count_batch(self.pipeline_counts, inputs, self._forward_positions)
-            # Checked on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
-            # logging would only average NaNs away (logging_nan_inf_filter).
-            if not torch.isfinite(loss).all():
-                raise StageError(
-                    f"training loss is {loss.detach().float().cpu().item()} at step {self.state.global_step + 1}: "
-                    "training diverged, nothing was published (lower train.learning_rate, check the data)"
-                )
+            require_finite_loss(loss, self.state.global_step + 1)
             return loss
 
     return PipelineDPOTrainer
+
+
+def keep_adapter_dtype(trainer, load, resume_from_checkpoint, model) -> None:
+    """Resume through `load` (the Trainer's _load_from_checkpoint) keeping each trainable weight's dtype: peft's
+    load_adapter upcasts the adapter to fp32 (autocast_adapter_dtype), while trl trains the adapter of a 4-bit
+    model in bf16: without this a resumed run would continue in another dtype and end with a different adapter
+    than an uninterrupted one. (Runs before the optimizer is built.)"""
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    load(resume_from_checkpoint, model)
+    for name, param in trainer.model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
+def require_finite_loss(loss, step: int) -> None:
+    """The NaN guard, on every micro-batch, before the optimizer can apply a NaN update; the Trainer's own
+    logging would only average NaNs away (logging_nan_inf_filter)."""
+    import torch
+
+    if not torch.isfinite(loss).all():
+        raise StageError(
+            f"training loss is {loss.detach().float().cpu().item()} at step {step}: "
+            "training diverged, nothing was published (lower train.learning_rate, check the data)"
+        )
+
+
+def count_rows(counts: dict[str, int], inputs) -> None:
+    """Add one micro-batch of CPOTrainer/ORPOTrainer (chosen_* and rejected_* tensors, run as one concatenated
+    batch padded to the longer side) or KTOTrainer (completion rows, plus the KL rows it also runs) to `counts`.
+    For KTO `pairs` counts completions (half a pair each)."""
+    if "chosen_attention_mask" in inputs:
+        chosen, rejected = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]
+        real = int(chosen.sum()) + int(rejected.sum())
+        counts["pairs"] += chosen.shape[0]
+        counts["tokens"] += real
+        counts["positions"] += 2 * chosen.shape[0] * max(chosen.shape[1], rejected.shape[1])
+        counts["real_positions"] += real
+        return
+    masks = [inputs["attention_mask"]] + (
+        [inputs["KL_attention_mask"]] if "KL_attention_mask" in inputs else []
+    )
+    counts["pairs"] += inputs["attention_mask"].shape[0]
+    counts["tokens"] += int(inputs["attention_mask"].sum())
+    counts["positions"] += sum(m.numel() for m in masks)
+    counts["real_positions"] += sum(int(m.sum()) for m in masks)
+
+
+def method_trainer_class(method: str):
+    """trl's trainer for a method other than dpo (config.METHODS), plus the NaN guard, throughput counters and
+    a resume that keeps the adapter's dtype."""
+    if method in ("simpo", "cpo"):
+        from trl.experimental.cpo import CPOTrainer as base
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as base
+    elif method == "kto":
+        from trl import KTOTrainer as base
+    else:
+        raise ValueError(f"no trainer for method {method!r}")
+
+    class PipelineTrainer(base):
+        def __init__(self, *args, **kwargs):
+            self.pipeline_counts = new_counts()
+            super().__init__(*args, **kwargs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            keep_adapter_dtype(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            count_rows(self.pipeline_counts, inputs)
+            require_finite_loss(loss, self.state.global_step + 1)
+            return loss
+
+    PipelineTrainer.__name__ = PipelineTrainer.__qualname__ = f"Pipeline{base.__name__}"
+    return PipelineTrainer
 
 
 def mlflow_callback():

@@ -272,7 +272,9 @@ def test_read_reference_checks_meta(tmp_path):
 
     with pytest.raises(StageError, match="meta.json: not found"):
         reference_lib.read_reference(tmp_path, "train", {})
-    (tmp_path / "meta.json").write_text(json.dumps({"precompute_ref": True, "base_hash": "old"}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"computed": True, "precompute_ref": True, "base_hash": "old"})
+    )
     with pytest.raises(StageError, match="meta.json: base_hash is 'old', this run expects 'new'"):
         reference_lib.read_reference(tmp_path, "train", {"base_hash": "new"})
 
