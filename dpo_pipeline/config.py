@@ -345,7 +345,7 @@ LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # DPO losses that use_weighting (WPO) cannot weight in trl 1.16, and why: aot and aot_unpaired sort the batch
 # (DPOTrainer.__init__ raises NotImplementedError); sft's per-pair loss is one expanded scalar, which the
-# weighting multiplies in place (a RuntimeError at the first step: found by tests/stage/test_methods.py).
+# weighting multiplies in place (a RuntimeError at the first training step, seen on the small profile).
 NO_WEIGHTING_LOSSES = {
     "aot": "it sorts the batch",
     "aot_unpaired": "it sorts the batch",
@@ -355,8 +355,9 @@ NO_WEIGHTING_LOSSES = {
 # Every method- or loss-specific train.* key: the value at which it does nothing (trl 1.16's own default, so a
 # params file that leaves it there changes nothing), and who reads it: the methods, and for method dpo the loss
 # types (None: any DPO loss). A value other than the inert one is refused unless the run's method/loss reads it.
-# tests/unit/test_trl_glue.py checks the inert values against the trl config classes and, by computing trl's
-# loss with and without each key, that exactly these losses read label_smoothing and discopop_tau.
+# tests/unit/test_methods_config.py checks the inert values against the trl config classes and, from trl's
+# _compute_loss source, which losses read label_smoothing and discopop_tau; tests/stage/test_loss_formulas.py
+# checks by computing trl's loss with and without label_smoothing that exactly LABEL_SMOOTHING_LOSSES move.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "loss_type": {"inert": "sigmoid", "methods": ("dpo",), "losses": None},
     "loss_weights": {"inert": [], "methods": ("dpo",), "losses": None},

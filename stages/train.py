@@ -117,9 +117,7 @@ def run(
             datasets = dpo.training_datasets(params, tokenized_dir, pairs_dir, reference_dir, hashes)
             trainer_class = trl_glue.trainer_class(t.share_prompt)
         else:
-            datasets = methods.text_datasets(
-                params, Path(prepared_dir), tokenized_dir, pairs_dir, tokenizer.eos_token
-            )
+            datasets = methods.text_datasets(params, Path(prepared_dir), pairs_dir, tokenizer.eos_token)
             trainer_class = trl_glue.method_trainer_class(t.method)
         logger.info("train.method %s: %s", t.method, METHODS[t.method]["trainer"])
         for line in methods.inert_options(params):

@@ -17,7 +17,6 @@ to its tokenizer (data.tables.trl_texts), and tokenize it themselves:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +24,6 @@ from dpo_pipeline.train import dpo
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
-
-logger = logging.getLogger(__name__)
-
-
-def uses_reference_stage(p: Params) -> bool:
-    """Whether the reference stage computes log-probs for this run (dpo with train.precompute_ref)."""
-    return p.train.method == "dpo" and p.train.precompute_ref
 
 
 def trainer_config(p: Params, out_dir: str | Path):
@@ -69,6 +61,8 @@ def trainer_config(p: Params, out_dir: str | Path):
 
 def inert_options(p: Params) -> list[str]:
     """The pipeline's own optimisations that cannot engage with train.method, each as one line (logged)."""
+    from dpo_pipeline.config import METHODS
+
     t = p.train
     if t.method == "dpo":
         return []
@@ -78,7 +72,7 @@ def inert_options(p: Params) -> list[str]:
             f"train.share_prompt: true cannot engage with method {t.method} (trl's trainer runs its own "
             "forward): chosen and rejected run as two rows"
         )
-    if t.method in ("simpo", "cpo", "orpo"):
+    if not METHODS[t.method]["reference"]:
         if t.precompute_ref:
             out.append(
                 f"train.precompute_ref: method {t.method} has no reference model: nothing to precompute"
@@ -91,25 +85,21 @@ def inert_options(p: Params) -> list[str]:
     return out
 
 
-def text_datasets(
-    p: Params, prepared_dir: Path, tokenized_dir: Path, pairs_dir: Path, eos: str
-) -> dict[str, Any]:
+def text_datasets(p: Params, prepared_dir: Path, pairs_dir: Path, eos: str) -> dict[str, Any]:
     """{split: datasets.Dataset} of the selected pairs' text for simpo/cpo/orpo (prompt, chosen, rejected) or
     kto (prompt, completion, label), in the pairs stage's order."""
-    import pyarrow.parquet as pq
     from datasets import Dataset
 
-    from dpo_pipeline.data.tables import trl_texts
+    from dpo_pipeline.data.tables import read_prepared, trl_texts
     from dpo_pipeline.layout import SPLITS
     from dpo_pipeline.train import pairs
-    from dpo_pipeline.train.pairs import rows_in_order, training_ids
 
-    wanted = training_ids(pairs_dir)
+    wanted = pairs.training_ids(pairs_dir)
     datasets = {}
     for split in SPLITS:
+        texts = trl_texts(read_prepared(prepared_dir, split), eos)
         path = Path(prepared_dir) / f"{split}.parquet"
-        texts = trl_texts(pq.read_table(path, columns=["id", "prompt", "chosen", "rejected"]), eos)
-        table = rows_in_order(texts, wanted[split], path).select(["prompt", "chosen", "rejected"])
+        table = pairs.rows_in_order(texts, wanted[split], path).select(["prompt", "chosen", "rejected"])
         dataset = Dataset(table)
         if p.train.method == "kto":
             dataset = unpaired(dataset, p.seed)
