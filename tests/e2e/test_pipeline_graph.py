@@ -85,15 +85,16 @@ def test_data_param_invalidates_prepare_and_downstream_only(clone):
     changed = stages_in_status(project.dvc("status").stdout)
     # validate re-checks params.yaml; prepare's own params changed. Nothing else is listed.
     assert changed == {"validate", "prepare"}, "dvc status lists the stages whose own deps/params changed"
-    # Re-running prepare changes data/prepared: the stages that read it are now stale (tokenize, and merge and
-    # the held-out evaluations, which read the prepared strings), while base (upstream) and the base's
-    # benchmark scores stay up to date. reference and train read data/tokenized, stale once tokenize re-runs.
+    # Re-running prepare changes data/prepared: the stages that read it are now stale (tokenize; train, whose
+    # simpo/cpo/orpo/kto trainers tokenize the prepared text themselves; and merge and the held-out evaluations,
+    # which read the prepared strings), while base (upstream) and the base's benchmark scores stay up to date.
+    # reference reads data/tokenized, stale once tokenize re-runs.
     out = project.dvc("repro", "prepare").stdout
     assert "Running stage 'validate'" in out
     assert "Stage 'base' didn't change, skipping" in out
     assert "Running stage 'prepare'" in out
     changed = stages_in_status(project.dvc("status").stdout)
-    assert changed == {"decontaminate", "tokenize", "merge", "evaluate_base_heldout", "evaluate"}
+    assert changed == {"decontaminate", "tokenize", "train", "merge", "evaluate_base_heldout", "evaluate"}
     out = project.dvc("repro", "tokenize").stdout
     assert "Running stage 'decontaminate'" in out and "Running stage 'tokenize'" in out
     changed = stages_in_status(project.dvc("status").stdout)
