@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare mlflow-server clean-venv \
+.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare compare-methods mlflow-server clean-venv \
 	lock-check doctor recipe gpu-check gpu-bundle chat publish
 
 # Install the locked environment. constraints.txt pins public versions only: torch==2.13.0 is the CUDA build
@@ -51,6 +51,11 @@ test-e2e: setup system-deps
 # Metric differences between the latest MLflow runs of two commits/branches: make compare A=main B=beta-0.3
 compare: setup
 	$(PY) -m tools.compare $(A) $(B)
+
+# Each preference method (tools/compare_methods.yaml) as a DVC experiment on the current profile, one table.
+# ONLY="simpo orpo": those entries only; TABLE_ONLY=1: tabulate the experiments already run on this commit.
+compare-methods: setup
+	$(PY) -m tools.compare_methods $(if $(ONLY),--only $(ONLY)) $(if $(TABLE_ONLY),--table-only)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -71,6 +71,40 @@ def markdown_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How the model cards name each `train.method` (config.METHODS; tests/unit/test_publishing.py checks the keys).
+METHOD_NAMES = {
+    "dpo": ("DPO", "Direct Preference Optimization"),
+    "simpo": ("SimPO", "Simple Preference Optimization, reference-free"),
+    "cpo": ("CPO", "Contrastive Preference Optimization, reference-free"),
+    "orpo": ("ORPO", "Odds Ratio Preference Optimization, reference-free"),
+    "kto": ("KTO", "Kahneman-Tversky Optimization on the pairs read unpaired"),
+}
+METHOD_REFERENCE = {
+    "dpo": "the reference being the base with the adapter disabled",
+    "simpo": "no reference model",
+    "cpo": "no reference model",
+    "orpo": "no reference model",
+    "kto": "the reference being the base with the adapter disabled",
+}
+
+
+def method_name(train: dict[str, Any]) -> tuple[str, str]:
+    """(short, long) name of the run's method from its `train` params, DPO's loss named when not sigmoid.
+
+    `train` is the params.yaml train section as recorded (train_summary.json); a summary written before
+    train.method existed is DPO."""
+    method = str(train.get("method", "dpo"))
+    short, long = METHOD_NAMES.get(method, (method, method))
+    loss = train.get("loss_type", "sigmoid")
+    if method == "dpo" and loss != "sigmoid":
+        weights = train.get("loss_weights")
+        loss_text = "+".join(loss) if isinstance(loss, list) else str(loss)
+        if weights:
+            loss_text += " weights " + "/".join(f"{w:g}" for w in weights)
+        short, long = f"{short} ({loss_text})", f"{long}, loss {loss_text}"
+    return short, long
+
+
 def base_precision(train_params: dict[str, Any]) -> str:
     """How the frozen base was held during training, from the train run's params (train_summary.json)."""
     t = train_params.get("train") or {}
@@ -94,14 +128,16 @@ def model_card(info: dict[str, Any]) -> str:
     revision = base.get("revision", "")
     train_params = info.get("train_params") or {}
     train_metrics = info.get("train_metrics") or {}
+    method = str((train_params.get("train") or {}).get("method", "dpo"))
+    short, long = method_name(train_params.get("train") or {})
     return (
         "---\n"
         f"base_model: {json.dumps(base_name)}\n"
         "library_name: transformers\n"
-        "tags: [dpo, lora, merged, chatml]\n"
+        f"tags: [{method}, lora, merged, chatml]\n"
         "---\n\n"
-        f"# {base_name} + DPO (merged)\n\n"
-        f"A LoRA adapter trained with DPO ({base_precision(train_params)}) on preference pairs, folded into the "
+        f"# {base_name} + {short} (merged)\n\n"
+        f"A LoRA adapter trained with {long} ({base_precision(train_params)}) on preference pairs, folded into the "
         f"unquantized base weights in {info['merge']['merge.dtype']}. Prompts use ChatML "
         "(`<|im_start|>role\\n...<|im_end|>`); generation ends at `<|im_end|>` (eos).\n\n"
         "## Base model\n\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
-from dpo_pipeline.models.merge import markdown_table
+from dpo_pipeline.models.merge import METHOD_REFERENCE, markdown_table, method_name
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import DataParams
@@ -76,6 +76,9 @@ def yaml_header(fields: dict[str, Any]) -> str:
 def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
     """The model card: the hub's YAML header, how the model was trained, its evaluation, how to load it."""
     base_name = info["base_name"]
+    params = info.get("train_params", {})
+    method = str(params.get("method", "dpo"))
+    short, long = method_name(params)
     header = yaml_header(
         {
             "base_model": base_name,
@@ -84,13 +87,13 @@ def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
             "library_name": "peft" if kind == "adapter" else "transformers",
             "license": info.get("license"),
             "pipeline_tag": "text-generation",
-            "tags": ["dpo", "trl", "qlora", "lora", "chatml", "dvc", "dpo-pipeline"],
+            "tags": [method, "trl", "qlora", "lora", "chatml", "dvc", "dpo-pipeline"],
         }
     )
     what = (
-        f"The LoRA adapter of a DPO run on {base_name} (load it on the base with peft)"
+        f"The LoRA adapter of a {short} run on {base_name} (load it on the base with peft)"
         if kind == "adapter"
-        else f"{base_name} with a DPO-trained LoRA adapter folded into its weights ({info.get('dtype', '')})"
+        else f"{base_name} with a {short}-trained LoRA adapter folded into its weights ({info.get('dtype', '')})"
     )
     lineage = {
         "git commit": info["git_commit"],
@@ -103,7 +106,6 @@ def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
         if info.get("adapter_sha256")
         else "",
     }
-    params = info.get("train_params", {})
     load = (
         "```python\n"
         "from peft import AutoPeftModelForCausalLM\n"
@@ -129,8 +131,8 @@ def card(kind: str, repo_id: str, info: dict[str, Any]) -> str:
         header
         + f"\n# {repo_id}\n\n{what}. Made by a reproducible DVC pipeline: every figure below can be traced to "
         "the data, parameters and code in the git commit it names.\n\n"
-        "## Training\n\nDirect Preference Optimization (trl) of a QLoRA adapter (peft + bitsandbytes 4-bit), the "
-        "reference being the base with the adapter disabled.\n\n"
+        f"## Training\n\n{long} (trl, `train.method: {method}`) of a QLoRA adapter (peft + bitsandbytes 4-bit), "
+        f"{METHOD_REFERENCE.get(method, 'see train.method')}.\n\n"
         + markdown_table(lineage)
         + "\nTraining parameters (params.yaml `train`):\n\n"
         + markdown_table(params)

@@ -80,3 +80,27 @@ def test_a_repo_id_that_could_name_a_path_outside_the_scratch_folder_is_refused(
         ):
             require_repo_id(bad)
     require_repo_id("org/name-1.2_x")
+
+
+def test_both_cards_name_the_runs_method_and_its_reference():
+    """Issue 25: merge, publish and report work for every method, and the model card names the method."""
+    from dpo_pipeline import config
+    from dpo_pipeline.models import merge
+
+    assert set(merge.METHOD_NAMES) == set(merge.METHOD_REFERENCE) == set(config.METHODS)
+    info = {"base_name": "b", "datasets": [], "git_commit": "c", "artifact_path": "a", "artifact_md5": "m"}
+    simpo = publish.card("merged", "me/x", {**info, "train_params": {"method": "simpo", "beta": 2.0}})
+    assert '- "simpo"' in simpo and '"dpo"\n' not in simpo.split("---")[1]
+    assert "b with a SimPO-trained LoRA adapter" in simpo and "no reference model" in simpo
+    rpo = {"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    assert "DPO (sigmoid+sft weights 1/0.5) run" in publish.card(
+        "adapter", "me/x", {**info, "train_params": rpo}
+    )
+
+    kto = merge.model_card(
+        {"merge": {"merge.dtype": "float16"}, "train_params": {"train": {"method": "kto"}}}
+    )
+    assert "+ KTO (merged)" in kto and "tags: [kto, lora, merged, chatml]" in kto
+    # A train_summary.json from before train.method existed is DPO, and plain sigmoid DPO is just "DPO".
+    old = merge.model_card({"merge": {"merge.dtype": "float16"}, "train_params": {"train": {"beta": 0.1}}})
+    assert "+ DPO (merged)" in old and "trained with Direct Preference Optimization (" in old
