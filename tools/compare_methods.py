@@ -12,7 +12,7 @@ workspace's store (MLFLOW_TRACKING_URI, else this repo's mlflow.db: the temporar
 
 Writes: DVC experiments (git refs under refs/exps, shown by `dvc exp show`); prints a Markdown table:
 held-out preference accuracy of the merged model with its paired standard error against the base and the delta,
-the eval reward margin (or ORPO's log-odds of the chosen answer), the mean generated answer length in tokens,
+the eval reward margin in each method's own units (ORPO's log odds ratio next to it), the mean generated answer length in tokens,
 train seconds and peak memory. The figures come from each experiment's committed metrics/eval.json and
 metrics/train.json. Exit status: 0 with a table; 1 when a run fails (its dvc output is shown) or an experiment
 is missing.
@@ -107,10 +107,9 @@ def table_row(
     acc = evaluation.get("dpo_heldout_pref/acc")
     err = evaluation.get("dpo_heldout_pref/acc_delta_stderr")
     delta = evaluation.get("dpo_heldout_pref/acc_delta")
-    margin = train.get("eval_rewards_margins")
-    margin_text = (
-        _num(margin, 3) if margin is not None else f"log-odds {_num(train.get('eval_log_odds_chosen'), 3)}"
-    )
+    margin_text = _num(train.get("eval_rewards_margins"), 3)
+    if "eval_log_odds_chosen" in train:  # ORPO: the log odds ratio of chosen over rejected, its own margin
+        margin_text += f" (log-odds {_num(train['eval_log_odds_chosen'], 3)})"
     settings = ", ".join(f"{k.removeprefix('train.')}={flow(v)}" for k, v in overrides.items())
     cells = [
         f"`{name}`",

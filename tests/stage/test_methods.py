@@ -1,6 +1,8 @@
 # ruff: noqa: F811 - the fixtures imported from test_train are parameters here
-"""Every train.method on the tiny 4-bit model: it trains and changes the adapter; the reference-free methods'
-reference stage loads no model; a DPO loss list (RPO) trains."""
+"""Every train.method on the tiny 4-bit model: it trains, changes the adapter and moves the held-out preference
+margin toward the chosen answers; the reference-free methods' reference stage loads no model; the documented DPO
+loss lists (RPO, MPO) train. (Held-out accuracy over the 9 test pairs is too coarse to move in 20 steps: the
+margin is its continuous form; the small-profile table in docs/methods.md has the accuracies.)"""
 
 from __future__ import annotations
 
@@ -19,6 +21,39 @@ from tests.stage.test_train import (  # noqa: F401 - the fixtures
     tokenized_dir,
     train_params,
 )
+
+
+def heldout_preference(base_dir, adapter_dir, tokenized_dir) -> dict[str, tuple[float, float]]:
+    """On the held-out split (data/tokenized/test.parquet): the mean of log p(chosen) - log p(rejected) given
+    the prompt (summed over answer tokens) and the share of pairs where it is > 0, for the base (adapter
+    disabled) and the trained adapter: {"margin": (base, tuned), "accuracy": (base, tuned)}."""
+    import pyarrow.parquet as pq
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_pipeline.models.merge import token_logprobs
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    rows = pq.read_table(tokenized_dir / "test.parquet").to_pylist()
+
+    def margins() -> list[float]:
+        out = []
+        for row in rows:
+            prompt = row["prompt_ids"]
+            total = []
+            for answer in (row["chosen_ids"], row["rejected_ids"]):
+                logps = token_logprobs(model, torch.tensor(prompt + answer))
+                total.append(float(logps[len(prompt) - 1 :].sum()))
+            out.append(total[0] - total[1])
+        return out
+
+    tuned = margins()
+    with model.disable_adapter():
+        base = margins()
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    share = lambda xs: sum(x > 0 for x in xs) / len(xs)  # noqa: E731
+    return {"margin": (mean(base), mean(tuned)), "accuracy": (share(base), share(tuned)), "n": len(rows)}
 
 
 @pytest.mark.parametrize("method", ["simpo", "cpo", "orpo"])
@@ -48,7 +83,9 @@ def test_a_reference_free_method_s_reference_stage_loads_no_model(
     [
         {"method": "simpo"},
         {"method": "cpo"},
-        {"method": "orpo"},
+        # ORPO's beta (lambda) at 0.1 makes 20 steps of the tiny model almost pure SFT on the chosen answers,
+        # which lifts the rejected (same style) about as much; at 1.0 its odds-ratio term counts.
+        {"method": "orpo", "beta": 1.0},
         {"method": "kto"},
         {
             "method": "dpo",
@@ -56,8 +93,9 @@ def test_a_reference_free_method_s_reference_stage_loads_no_model(
             "loss_weights": [1.0, 1.0],
             "precompute_ref": False,
         },
+        {"method": "dpo", "loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
     ],
-    ids=["simpo", "cpo", "orpo", "kto", "rpo"],
+    ids=["simpo", "cpo", "orpo", "kto", "rpo", "mpo"],
 )
 def test_every_method_trains_and_changes_the_adapter(
     train, tmp_path, train_params, tiny_base_dir, tokenized_dir, reference_dir
@@ -66,7 +104,7 @@ def test_every_method_trains_and_changes_the_adapter(
     import torch
 
     params = replace_params(
-        train_params, train={"max_steps": 3, "warmup_steps": 0, "save_steps": 100, **train}
+        train_params, train={"max_steps": 20, "warmup_steps": 0, "save_steps": 100, **train}
     )
     missing_reference = tmp_path / "no-reference"
     ref = missing_reference if train["method"] != "dpo" else reference_dir
@@ -78,7 +116,7 @@ def test_every_method_trains_and_changes_the_adapter(
         tmp_path,
         prepared_dir=tokenized_dir.parent / "prepared",
     )
-    assert metrics["train_steps"] == 3.0
+    assert metrics["train_steps"] == 20.0
     assert all(value == value for value in metrics.values())  # no NaN
     weights = load_adapter(tmp_path / "adapter")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
@@ -91,3 +129,6 @@ def test_every_method_trains_and_changes_the_adapter(
         assert 0.0 <= metrics["eval_rewards_accuracies"] <= 1.0
     if train["method"] == "orpo":
         assert "eval_log_odds_chosen" in metrics
+    # Held out: the adapter moves the preference for the chosen answer (log p(chosen) - log p(rejected)).
+    held_out = heldout_preference(tiny_base_dir, tmp_path / "adapter", tokenized_dir)
+    assert held_out["margin"][1] > held_out["margin"][0], held_out
