@@ -99,7 +99,7 @@ def tokenized_recipe_rows(params, n_rows: int, work: Path):
     raw_file = work / "raw.jsonl"
     raw_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_rows)), encoding="utf-8")
     data = dataclasses.replace(params.data, path=str(raw_file))
-    table, _schema = raw.read_local(raw_file, data.columns)
+    table, _schema = raw.read_local(raw_file, data.format)
     train, test, _counts = prepare.prepare_table(table, tokenizer, data)
     tokenized = {}
     for split, prepared in (("train", train), ("test", test)):

@@ -29,8 +29,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dpo_pipeline.data import filters, raw, tokens  # noqa: E402
 from dpo_pipeline.data import prepare as prepare_lib  # noqa: E402
+from dpo_pipeline.data import raw, tokens  # noqa: E402
 from dpo_pipeline.models import loading  # noqa: E402
 from dpo_pipeline.train import dpo  # noqa: E402
 
@@ -55,13 +55,13 @@ def _ours(args, params) -> dict:
     tokenizer = load_tokenizer(args.base)
     out["tokenizer_load_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    table, _schema = raw.read_local(args.raw, params.data.columns)
+    table, _schema = raw.read_local(args.raw, params.data.format)
     out["read_validate_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     train, test, counts = prepare_lib.prepare_table(table, tokenizer, params.data)
     out["prepare_table_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    metrics = filters.data_metrics(train, test, counts)
+    metrics = prepare_lib.data_metrics(train, test, counts)
     out["metrics_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     target = args.work / "prepared"
@@ -144,7 +144,7 @@ def _tokenize(args, params) -> dict:
     params = dataclasses.replace(params, data=data)
     tokenizer = loading.load_tokenizer(args.base)
     eos = tokenizer.eos_token
-    table, _schema = raw.read_local(args.raw, data.columns)
+    table, _schema = raw.read_local(args.raw, data.format)
     splits = prepare_lib.prepare_table(table, tokenizer, data)[:2]
     out["rows_in"] = sum(split.num_rows for split in splits)
 

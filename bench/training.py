@@ -67,7 +67,7 @@ def prepared_rows(params: Any, base_dir: Path, out_dir: Path, n_train: int, n_te
     from dpo_pipeline.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)
-    table, _schema = raw.read_local(Path(params.data.path), params.data.columns)
+    table, _schema = raw.read_local(Path(params.data.path), params.data.format)
     train, _test, _counts = prepare_lib.prepare_table(table, tokenizer, params.data)
     tokenized, _dropped = tokens.tokenize_split(train, tokenizer, params.data)
     if tokenized.num_rows < n_train + n_test:

@@ -66,14 +66,53 @@ class BaseParams:
     builtin: BuiltinModelParams
 
 
+# data.format's choices: auto, or one of dpo_pipeline/data/formats.py FORMATS (tests/unit/test_formats.py checks
+# that the two lists agree).
+DataFormat = Literal[
+    "auto", "orca", "orca_original", "argilla_orca", "standard", "conversational", "ultrafeedback", "hh_rlhf"
+]
+
+
 @dataclass(frozen=True)
-class DataParams:
-    source: Literal["local", "hub"]
+class DataFilters:
+    drop_ties: bool
+    min_chosen_score: float | None
+    min_score_margin: float | None
+    drop_flagged: list[str]
+    swap_disagreeing: bool
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
     path: str
     hub_name: str
     hub_revision: str
     hub_split: str
-    columns: Literal["auto", "current", "original"]
+    format: DataFormat
+    filters: DataFilters
+    fraction: float
+    max_rows: int
+
+
+# The keys a data.sources entry may leave out: it then takes the data section's own value (SOURCE_DEFAULTS: ""
+# for path / hub_name / hub_revision, which say where the rows come from and must be set for one of the two).
+SOURCE_INHERITS = ("hub_split", "format", "filters", "fraction", "max_rows")
+SOURCE_DEFAULTS = {"path": "", "hub_name": "", "hub_revision": ""}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["local", "hub", "mix"]
+    path: str
+    hub_name: str
+    hub_revision: str
+    hub_split: str
+    format: DataFormat
+    filters: DataFilters
+    fraction: float
+    max_rows: int
+    sources: list[DataSource]
     test_fraction: float
     max_prompt_length: int
     max_length: int
@@ -566,6 +605,71 @@ def _check_sources(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> N
         )
     if p.data.source == "hub" and not _SHA.match(p.data.hub_revision):
         raise fail("data.hub_revision", "a 40-hex commit sha when data.source is hub", p.data.hub_revision)
+    _check_data_sources(p.data, fail)
+
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_filters(filters: DataFilters, key: str, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    for name in ("min_chosen_score", "min_score_margin"):
+        value = getattr(filters, name)
+        if value is not None and not math.isfinite(value):
+            raise fail(f"{key}.{name}", "a finite number, or null for no limit", value)
+    for index, column in enumerate(filters.drop_flagged):
+        if not column.strip():
+            raise fail(f"{key}.drop_flagged[{index}]", "the name of a boolean column", column)
+
+
+def _check_share(
+    fraction: float, max_rows: int, key: str, fail: Callable[[str, str, Any], ConfigError]
+) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise fail(
+            f"{key}.fraction", "a number in (0, 1]: the share of the rows kept after the filters", fraction
+        )
+    if max_rows < 0:
+        raise fail(f"{key}.max_rows", "an integer >= 0 (0 = every row)", max_rows)
+
+
+def _check_data_sources(d: DataParams, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """data.sources: used with data.source mix only, each entry named once and reading from one place."""
+    _check_filters(d.filters, "data.filters", fail)
+    _check_share(d.fraction, d.max_rows, "data", fail)
+    if d.source != "mix":
+        if d.sources:
+            raise fail(
+                "data.sources",
+                f"[] when data.source is {d.source} (a mixture is data.source: mix)",
+                [s.name for s in d.sources],
+            )
+        return
+    if not d.sources:
+        raise fail("data.sources", "at least one source when data.source is mix", [])
+    if not d.path.strip():
+        raise fail(
+            "data.path", "the folder holding the mixture's local files when data.source is mix", d.path
+        )
+    folder = Path(d.path)
+    seen: set[str] = set()
+    for index, s in enumerate(d.sources):
+        key = f"data.sources[{index}]"
+        if not _SOURCE_NAME.match(s.name) or s.name in seen:
+            raise fail(f"{key}.name", "a unique name of letters, digits, '_', '.' or '-'", s.name)
+        seen.add(s.name)
+        if bool(s.path.strip()) == bool(s.hub_name.strip()):
+            raise fail(key, "exactly one of path (a local file) or hub_name (a hub dataset)", s.name)
+        if s.path and folder not in Path(s.path).parents:
+            raise fail(
+                f"{key}.path",
+                f"a file inside data.path ({d.path}): that folder is the prepare stage's DVC dep, so a file "
+                "outside it could change without DVC noticing",
+                s.path,
+            )
+        if s.hub_name and not _SHA.match(s.hub_revision):
+            raise fail(f"{key}.hub_revision", "a 40-hex commit sha for a hub source", s.hub_revision)
+        _check_filters(s.filters, f"{key}.filters", fail)
+        _check_share(s.fraction, s.max_rows, key, fail)
 
 
 def _check_eval_and_report(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> None:
@@ -712,9 +816,48 @@ def parse(data: Any, source: str = PARAMS_FILE) -> Params:
     """Validate already-loaded YAML data. Raises ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    params = _build(Params, data, "", source)
+    params = _build(Params, _inherit_sources(data, source), "", source)
     _check(params, source)
     return params
+
+
+def _inherit_sources(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """data.sources entries with the keys they leave out filled in (SOURCE_INHERITS from the data section,
+    SOURCE_DEFAULTS for where the rows come from). The input is not changed."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not isinstance(section.get("sources"), list):
+        return data
+    entries = []
+    for index, entry in enumerate(section["sources"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{source}: data.sources[{index}]: expected a mapping (name, path or hub_name, ...), "
+                f"got {entry!r} ({type(entry).__name__})"
+            )
+        inherited = {k: section[k] for k in SOURCE_INHERITS if k in section and k not in entry}
+        entries.append({**SOURCE_DEFAULTS, **inherited, **entry})
+    return {**data, "data": {**section, "sources": entries}}
+
+
+def sources(data: DataParams) -> list[DataSource]:
+    """The sources a run reads: data.sources with data.source mix, else the one the data section names (its name
+    the file's stem, or the hub dataset's name)."""
+    if data.source == "mix":
+        return list(data.sources)
+    local = data.source == "local"
+    return [
+        DataSource(
+            name=Path(data.path).stem if local else data.hub_name.rsplit("/", 1)[-1],
+            path=data.path if local else "",
+            hub_name="" if local else data.hub_name,
+            hub_revision="" if local else data.hub_revision,
+            hub_split=data.hub_split,
+            format=data.format,
+            filters=data.filters,
+            fraction=data.fraction,
+            max_rows=data.max_rows,
+        )
+    ]
 
 
 def _traced(params: Params, folder: str) -> Any:

@@ -34,6 +34,10 @@ MERGE_INFO = "pipeline_merge.json"  # in models/merged: the lineage back to the 
 DATA_META_PREFIX = "dpo."  # prefix of the prepare stage's Parquet schema metadata keys
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # data/reference columns (trl's names)
 TEXT_COLUMNS = ("system", "question", "chosen", "rejected")  # a raw row, whatever its schema called them
+# The internal raw table every format is read into (data/formats.py): the text columns, `history` (the prompt's
+# turns between the system turn and the last user turn, JSON [[role, content], ...]; "[]" for one turn) and the
+# data.sources name the row came from.
+RAW_COLUMNS = (*TEXT_COLUMNS, "history", "source")
 
 # data/tokenized columns (trl's names for the ids).
 IDS_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")

@@ -4,7 +4,9 @@ Reads: params `decontamination`, `eval.tasks`; data/prepared/train.parquet (and 
 tasks' documents); each eval task's documents through lm-eval (tasks/ offline; lm-eval's registry and the
 hub's datasets for the recipe's Open LLM suite).
 Writes: metrics/contamination.json (per task: documents, overlapping training rows, a few examples with the
-n-gram they share; in all; how many are dropped) and data/contamination/drop.parquet (the ids of the training
+n-gram they share; in all; how many are dropped; and, under report.prepare_filters, what the prepare stage's
+format conversion and quality filters dropped, per reason and per source, read from the prepared split's
+metadata) and data/contamination/drop.parquet (the ids of the training
 rows tokenize drops and counts as `contaminated`: the overlapping ones with `decontamination.drop: true`,
 none otherwise).
 
@@ -41,6 +43,7 @@ def run(
 
     from dpo_pipeline import tracking
     from dpo_pipeline.data.contamination import (
+        filter_counts,
         flat_metrics,
         ids_table,
         overlaps,
@@ -62,6 +65,7 @@ def run(
         for warning in require_measurable(documents, d.ngram):
             print(warning, file=sys.stderr)
         report, hit_ids = overlaps(rows, documents, d.ngram, d.common_rows, d.max_examples)
+        report["prepare_filters"] = filter_counts(prepared_dir)
         dropped = hit_ids if d.drop else set()
         metrics = flat_metrics(report, len(dropped))
         with atomic_dir(out_dir) as tmp:

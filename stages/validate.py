@@ -1,11 +1,12 @@
 """validate stage: check params.yaml and the raw data before any stage touches an output.
 
-Reads: params.yaml (the whole file), the raw data file `data.path` (when `data.source: local`), the
+Reads: params.yaml (the whole file), the raw data (`data.path` with `data.source: local`; every local file of
+`data.sources` with `data.source: mix`), the
 builtin base's corpus `base.builtin.corpus` (when `base.source: builtin`) and, for a hub base, its
 config.json and tokenizer files when the pinned revision is in the Hugging Face cache (never the network).
 
-What it checks beyond the params' own types and ranges: every raw row's structure and UTF-8; what prepare's
-content filters and split will keep (an empty split, fewer training rows than one global batch), with the
+What it checks beyond the params' own types and ranges: every raw row's structure and UTF-8 in its format;
+that each quality filter can engage on its source; what prepare's content filters and split will keep (an empty split, fewer training rows than one global batch), with the
 special tokens of the base's tokenizer (builtin: its fixed list; hub: the cached files, else ChatML's
 markers); that each LoRA target names a linear layer of the base (its family's module names from the
 config, see models.known_module_kinds; an unknown family is checked by train before it loads weights);
@@ -114,23 +115,31 @@ def base_facts(params: Params) -> tuple[list[str], dict[str, Any] | None, str]:
 def run(params_path: str | Path = "params.yaml", marker: str | Path = MARKER) -> dict[str, Any]:
     """Validate params and raw inputs; raise ConfigError/StageError on the first problem."""
     from dpo_pipeline import config
-    from dpo_pipeline.data.raw import read_local
 
     params = config.load(params_path)
     report: dict[str, Any] = {"params": str(params_path)}
     specials, base_config, base_source = base_facts(params)
-    if params.data.source == "local":
+    if params.data.source != "hub":
         from dpo_pipeline.data.filters import special_texts
-        from dpo_pipeline.data.prepare import check_split_sizes
+        from dpo_pipeline.data.prepare import check_split_sizes, combine, read_all
         from dpo_pipeline.train.pairs import global_batch
 
-        table, schema = read_local(Path(params.data.path), params.data.columns)
-        report.update(raw=params.data.path, rows=table.num_rows, schema=schema)
-        # What prepare's content filters and split will leave (cheap, no tokenizer): an empty split fails here.
-        kept = check_split_sizes(
-            table, params.data, params.data.path, global_batch(params.train), special_texts(specials)
-        )
-        report.update(rows_train=kept["rows_train"], rows_test=kept["rows_test"])
+        # Every local source read whole (formats, filters, shares); hub sources are read by prepare (no network
+        # here), so a mixture with one is checked for its local part only.
+        reads = read_all(params.data, local_only=True)
+        table, summary = combine(reads, params.data)
+        report.update(raw=params.data.path, rows=summary["rows_in"], format=summary["format"])
+        if len(reads) == len(config.sources(params.data)):
+            # What prepare's filters and split will leave (cheap, no tokenizer): an empty split fails here.
+            kept = check_split_sizes(
+                table,
+                params.data,
+                params.data.path,
+                global_batch(params.train),
+                special_texts(specials),
+                summary,
+            )
+            report.update(rows_train=kept["rows_train"], rows_test=kept["rows_test"])
     if base_config is not None:
         from dpo_pipeline.models.loading import check_target_modules, known_module_kinds
 

@@ -37,7 +37,15 @@ def ngram_hashes(tokens: Sequence[str], n: int) -> set[int]:
     return {hash(gram) for gram in ngrams(tokens, n)}
 
 
-TRAINING_FIELDS = ("question", "chosen", "rejected")
+TRAINING_FIELDS = ("history", "question", "chosen", "rejected")  # history: the earlier user/assistant turns
+
+
+def row_texts(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, text) of a training row: each earlier turn on its own (no n-gram runs from one turn into the
+    next), the question, both answers."""
+    return [("history", t) for t in row.get("history", [])] + [
+        (k, str(row[k])) for k in TRAINING_FIELDS if k != "history"
+    ]
 
 
 def text_ngrams(texts: Iterable[str], n: int) -> set[int]:
@@ -110,7 +118,7 @@ def overlaps(
     rejected) against each task's document texts."""
     from collections import Counter
 
-    row_grams = [text_ngrams((str(r[k]) for k in TRAINING_FIELDS), n) for r in rows]
+    row_grams = [text_ngrams((text for _field, text in row_texts(r)), n) for r in rows]
     frequency = Counter(g for grams in row_grams for g in grams)
     common = {g for g, count in frequency.items() if count > common_rows}
     report: dict[str, Any] = {
@@ -137,8 +145,8 @@ def overlaps(
 
 
 def _example(row: dict[str, Any], doc_grams: set[int], n: int) -> dict[str, str]:
-    for field in TRAINING_FIELDS:
-        for gram in ngrams(words(str(row[field])), n):
+    for field, text in row_texts(row):
+        for gram in ngrams(words(text), n):
             if hash(gram) in doc_grams:
                 return {"id": str(row["id"]), "field": field, "ngram": gram}
     return {"id": str(row["id"]), "field": "", "ngram": ""}
@@ -159,7 +167,8 @@ def flat_metrics(report: dict[str, Any], dropped: int) -> dict[str, float]:
 
 
 def read_training_rows(prepared_dir) -> list[dict[str, Any]]:
-    """id and TRAINING_FIELDS of every row of data/prepared/train.parquet."""
+    """id, question, chosen, rejected and `history` (the text of each earlier non-system turn of `messages`)
+    of every row of data/prepared/train.parquet."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -169,11 +178,36 @@ def read_training_rows(prepared_dir) -> list[dict[str, Any]]:
     path = Path(prepared_dir) / "train.parquet"
     if not path.is_file():
         raise StageError(f"{path}: prepared split not found (run the prepare stage first: dvc repro prepare)")
-    columns = ["id", *TRAINING_FIELDS]
-    missing = [c for c in columns if c not in pq.read_schema(path).names]
+    columns = ["id", "question", "chosen", "rejected"]
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
     if missing:
         raise StageError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
-    return pq.read_table(path, columns=columns).to_pylist()
+    with_turns = "messages" in names  # prepared splits from before multi-turn rows have no messages column
+    rows = pq.read_table(path, columns=[*columns, "messages"] if with_turns else columns).to_pylist()
+    for row in rows:
+        turns = [m["content"] for m in row.pop("messages", []) if m["role"] != "system"]
+        row["history"] = turns[:-1]  # the last turn is the question
+    return rows
+
+
+def filter_counts(prepared_dir) -> dict[str, Any]:
+    """What the prepare stage's filters dropped ({dropped_<reason>: rows}, and per source), from the prepared
+    split's metadata: the decontaminate report shows them beside the overlap it measures."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from dpo_pipeline.layout import DATA_META_PREFIX
+
+    meta = pq.read_schema(Path(prepared_dir) / "train.parquet").metadata or {}
+    out: dict[str, Any] = {}
+    for key in ("dropped", "sources"):
+        raw = meta.get(f"{DATA_META_PREFIX}{key}".encode())
+        if raw is not None:
+            out[key] = json.loads(raw)
+    return out
 
 
 def ids_table(ids: Iterable[str]):

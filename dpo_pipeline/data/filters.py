@@ -15,22 +15,28 @@ if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code de
 
 # Why rows are dropped, in the order they are tested (a row counts under its first reason).
 REASONS = (
-    "blank_question",  # question is empty or whitespace only
+    "blank_question",  # a prompt turn (the question or an earlier one) is empty or whitespace only
     "blank_answer",  # chosen or rejected is empty or whitespace only
     "identical_answers",  # chosen == rejected: no preference to learn
-    # A text holds a special token of the base's tokenizer or a ChatML turn marker (<|im_end|>, </s>, ...): the
-    # tokenizer would make it the real control token, so one raw row could forge extra turns or end the text.
+    # A text holds a special token of the base's tokenizer or one of its chat template's control strings
+    # (<|im_end|>, </s>, [INST], ...): the tokenizer would make it the real control token, or the rendered text
+    # would read as a new turn, so one raw row could forge extra turns or end the text.
     "special_token",
-    "duplicate",  # same system/question/chosen/rejected as an earlier row (the first is kept)
+    "duplicate",  # same turns, chosen and rejected as an earlier row, from any source (the first is kept)
 )
 
 
-def row_digest(system: str, question: str, chosen: str, rejected: str) -> bytes:
-    """sha256 of a row's content (after mapping to current column names): its identity everywhere.
+def row_digest(system: str, question: str, chosen: str, rejected: str, history: str = "[]") -> bytes:
+    """sha256 of a row's content (after mapping to the internal columns): its identity everywhere.
 
-    JSON-encoding the four strings keeps the encoding unambiguous whatever characters they hold.
+    JSON-encoding the strings keeps the encoding unambiguous whatever characters they hold. A one-turn row (no
+    `history`) hashes the four strings alone, so orca rows keep the ids they had before multi-turn rows existed;
+    a multi-turn row hashes its earlier turns too (a five-element array: it cannot equal a four-element one).
     """
-    payload = json.dumps([system, question, chosen, rejected], ensure_ascii=False)
+    if history == "[]":
+        payload = json.dumps([system, question, chosen, rejected], ensure_ascii=False)
+    else:
+        payload = json.dumps([system, json.loads(history), question, chosen, rejected], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).digest()
 
 
@@ -44,9 +50,32 @@ def is_test(digest: bytes, test_fraction: float) -> bool:
 
 
 def digests(table) -> list[bytes]:
-    """`row_digest` of every row of a table with TEXT_COLUMNS."""
+    """`row_digest` of every row of a table with TEXT_COLUMNS (and `history`, when it has one)."""
     columns = [table[name].to_pylist() for name in TEXT_COLUMNS]
+    if "history" in table.column_names:
+        columns.append(table["history"].to_pylist())
     return [row_digest(*row) for row in zip(*columns, strict=True)]
+
+
+def share(digest: bytes) -> float:
+    """A second uniform [0, 1) number of a row's content (digest bytes 8-16, independent of the split's 0-8):
+    which rows a source's fraction / max_rows keeps."""
+    return int.from_bytes(digest[8:16], "big") / 2**64
+
+
+def take_share(table, fraction: float, max_rows: int):
+    """(the rows of a source its share keeps, rows left out): those whose `share` is below `fraction`, then at
+    most `max_rows` (0 = no limit) of the lowest. By content, so adding rows to a source never swaps out the rows
+    it already gave; input order kept."""
+    import pyarrow as pa
+
+    if fraction >= 1.0 and max_rows == 0:
+        return table, 0
+    shares = [share(d) for d in digests(table)]
+    chosen = [i for i, u in enumerate(shares) if u < fraction]
+    if max_rows and len(chosen) > max_rows:
+        chosen = sorted(sorted(chosen, key=lambda i: shares[i])[:max_rows])
+    return table.take(pa.array(chosen, pa.int64())), table.num_rows - len(chosen)
 
 
 def content_masks(table, row_digests: list[bytes], specials: Sequence[str]) -> dict[str, Any]:
@@ -67,8 +96,15 @@ def content_masks(table, row_digests: list[bytes], specials: Sequence[str]) -> d
     for name in TEXT_COLUMNS:
         for text in specials:
             special = pc.or_(special, pc.match_substring(table[name], text))
+    blank_question = blank("question")
+    if "history" in table.column_names:  # earlier turns: as blank or as forged as the last one
+        earlier = [[c for _role, c in json.loads(h)] for h in table["history"].to_pylist()]
+        blank_turn = [any(not c.strip() for c in turns) for turns in earlier]
+        forged = [any(s in c for c in turns for s in specials) for turns in earlier]
+        blank_question = pc.or_(blank_question, pa.array(blank_turn, pa.bool_()))
+        special = pc.or_(special, pa.array(forged, pa.bool_()))
     return {
-        "blank_question": blank("question"),
+        "blank_question": blank_question,
         "blank_answer": pc.or_(blank("chosen"), blank("rejected")),
         "identical_answers": pc.equal(table["chosen"], table["rejected"]),
         "special_token": special,
@@ -76,12 +112,13 @@ def content_masks(table, row_digests: list[bytes], specials: Sequence[str]) -> d
     }
 
 
-def special_texts(specials: Sequence[str]) -> tuple[str, ...]:
-    """What no raw text may contain: the given special tokens of a tokenizer plus ChatML's turn markers (the
-    prompt format's own, whether or not the tokenizer has them as special tokens)."""
+def special_texts(specials: Sequence[str], controls: Sequence[str] | None = None) -> tuple[str, ...]:
+    """What no raw text may contain: the given special tokens of a tokenizer plus the chat template's control
+    strings (chatml.template_controls); without a template at hand (the validate stage), ChatML's turn markers."""
     from dpo_pipeline.data.chatml import TURN_MARKERS
 
-    return tuple(sorted({s for s in (*specials, *TURN_MARKERS) if s}))
+    controls = TURN_MARKERS if controls is None else controls
+    return tuple(sorted({s for s in (*specials, *controls) if s}))
 
 
 def first_special(values: Sequence[str], specials: Sequence[str]) -> str | None:
@@ -103,19 +140,6 @@ def first_reason(masks: dict[str, Any], n: int, reasons: Sequence[str]):
         counts[reason] = pc.sum(hit).as_py() or 0
         remaining = pc.and_(remaining, pc.invert(masks[reason]))
     return remaining, counts
-
-
-def data_metrics(train, test, counts: dict[str, Any]) -> dict[str, Any]:
-    """Flat metrics for metrics/data.json (readable in `dvc metrics diff`)."""
-    metrics: dict[str, Any] = {
-        "rows_in": counts["rows_in"],
-        "rows_out": train.num_rows + test.num_rows,
-        "rows_train": train.num_rows,
-        "rows_test": test.num_rows,
-    }
-    for reason in REASONS:
-        metrics[f"dropped_{reason}"] = counts["dropped"].get(reason, 0)
-    return metrics
 
 
 def check_split(train, test, metrics: dict[str, Any], source: str, data: DataParams) -> None:

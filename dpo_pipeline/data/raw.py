@@ -1,9 +1,9 @@
-"""Raw rows: readers (jsonl / json / parquet / hub) and schema detection (current and original columns)."""
+"""Raw rows: readers (jsonl / json / parquet / hub) into the internal table (layout.RAW_COLUMNS), every format
+(formats.py) and every source of a mixture (data.sources), with the quality filters and each source's share."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,7 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.layout import TEXT_COLUMNS
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
-    from dpo_pipeline.config import DataParams
+    from dpo_pipeline.config import DataSource
 
 
 def require_encodable(value: str, where: str, column: str) -> None:
@@ -27,12 +27,13 @@ def require_encodable(value: str, where: str, column: str) -> None:
 
 
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
-    """The builtin base's corpus rows as {system, question, chosen, rejected}: read by `read_local`, the raw
-    data's own reader, so a file is accepted or refused (and the line named) the same way in both roles."""
+    """The builtin base's corpus rows as {system, question, chosen, rejected, history, source}: read by
+    `read_local`, the raw data's own reader (any format), so a file is accepted or refused (and the line named)
+    the same way in both roles."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: corpus file not found (base.builtin.corpus)")
-    table, _schema = read_local(path, "auto")
+    table, _format = read_local(path, "auto")
     return table.to_pylist()
 
 
@@ -51,30 +52,6 @@ def _type_name(value: Any) -> str:
     if value is None:
         return "null"
     return "dict" if isinstance(value, dict) else type(value).__name__  # _Object is a dict to the user
-
-
-def detect_schema(columns: Sequence[str], wanted: str, source: str) -> str:
-    """'current' or 'original' for these column names; `wanted` is data.columns (auto|current|original)."""
-    found = set(columns)
-    listing = ", ".join(sorted(found)) or "none"
-    if wanted != "auto":
-        missing = [c for c in SCHEMAS[wanted] if c not in found]
-        if missing:
-            raise StageError(
-                f"{source}: data.columns is {wanted!r} but column(s) {', '.join(missing)} are missing; "
-                f"found columns: {listing}; expected: {', '.join(SCHEMAS[wanted])}"
-            )
-        return wanted
-    matches = [name for name, cols in SCHEMAS.items() if found.issuperset(cols)]
-    if len(matches) == 1:
-        return matches[0]
-    expected = " or ".join(f"({', '.join(cols)}) [{name}]" for name, cols in SCHEMAS.items())
-    if not matches:
-        raise StageError(f"{source}: unknown raw schema: found columns: {listing}; expected {expected}")
-    raise StageError(
-        f"{source}: columns of both raw schemas are present ({listing}); set data.columns to "
-        "'current' or 'original' in params.yaml to say which pair of answers to use"
-    )
 
 
 class _Object(dict):
@@ -157,16 +134,10 @@ def read_json_rows(path: Path) -> tuple[list[dict], list[str]]:
     return _parse_json_lines(text, source)
 
 
-def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
-    """Validate JSON rows and return (table with TEXT_COLUMNS, detected schema)."""
+def rows_to_table(rows: list[dict], where: list[str], schema: str, source: str):
+    """Validate orca JSON rows (`schema`: a SCHEMAS name) and return the table with TEXT_COLUMNS."""
     import pyarrow as pa
 
-    if not rows:
-        raise StageError(f"{source}: no rows (empty input); expected {' / '.join(SCHEMAS['current'])} rows")
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
-    schema = detect_schema(list(columns), wanted, source)
     source_columns = SCHEMAS[schema]
     values: list[list[str]] = [[] for _ in source_columns]
     for row, place in zip(rows, where, strict=True):
@@ -186,10 +157,9 @@ def rows_to_table(rows: list[dict], where: list[str], wanted: str, source: str):
                 )
             require_encodable(value, f"{source}: {place}", column)
             values[j].append(value)
-    table = pa.table(
+    return pa.table(
         {name: pa.array(col, pa.string()) for name, col in zip(TEXT_COLUMNS, values, strict=True)}
     )
-    return table, schema
 
 
 def _is_text(arrow_type) -> bool:
@@ -202,14 +172,12 @@ def _is_text(arrow_type) -> bool:
     )
 
 
-def validate_arrow(table, wanted: str, source: str):
-    """Validate an Arrow table (Parquet or hub rows) and return (table with TEXT_COLUMNS, schema)."""
+def validate_arrow(table, schema: str, source: str):
+    """Validate orca rows of an Arrow table (Parquet or hub rows; `schema`: a SCHEMAS name) and return the table
+    with TEXT_COLUMNS."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if table.num_rows == 0:
-        raise StageError(f"{source}: no rows (empty input)")
-    schema = detect_schema(table.column_names, wanted, source)
     out = {}
     for name, column in zip(TEXT_COLUMNS, SCHEMAS[schema], strict=True):
         array = table[column]
@@ -230,7 +198,7 @@ def validate_arrow(table, wanted: str, source: str):
             )
         out[name] = array.cast(pa.string()).combine_chunks()
         require_utf8(out[name], column, source)
-    return pa.table(out), schema
+    return pa.table(out)
 
 
 def require_utf8(array, column: str, source: str) -> None:
@@ -254,8 +222,8 @@ def require_utf8(array, column: str, source: str) -> None:
     raise StageError(f"{source}: column {column!r}: not a valid Arrow string column")
 
 
-def read_local(path: Path, wanted: str):
-    """(table with TEXT_COLUMNS, detected schema) from a local raw file."""
+def _load_local(path: Path):
+    """('arrow', table) for Parquet, ('json', rows, where) for JSON Lines / JSON; StageError naming the file."""
     import pyarrow.parquet as pq
 
     source = str(path)
@@ -270,31 +238,139 @@ def read_local(path: Path, wanted: str):
         raise StageError(f"{source}: raw data file not found (set data.path, or `dvc pull` / `dvc add` it)")
     if path.suffix == ".parquet":
         try:
-            table = pq.read_table(path)
+            return ("arrow", pq.read_table(path))
         except Exception as err:  # noqa: BLE001 - any reader error means the file is not usable Parquet
             detail = " ".join(str(err).split())  # pyarrow's thrift errors span lines: one line here
             raise StageError(
                 f"{source}: not a readable Parquet file ({type(err).__name__}: {detail})"
             ) from None
-        return validate_arrow(table, wanted, source)
     rows, where = read_json_rows(path)
-    return rows_to_table(rows, where, wanted, source)
+    return ("json", rows, where)
 
 
-def read_hub(data: DataParams) -> tuple[Any, str, str]:
-    """(table, schema, label) from the hub dataset pinned in params; the only hub access for data."""
-    label = f"{data.hub_name}@{data.hub_revision}"
+def _load_hub(spec: DataSource):
+    """The pinned hub dataset as an Arrow table: the only hub access for data."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(data.hub_name, revision=data.hub_revision, split=data.hub_split)
+        dataset = datasets.load_dataset(spec.hub_name, revision=spec.hub_revision, split=spec.hub_split)
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, bad revision: all mean "no data"
         raise StageError(
-            f"dataset {data.hub_name} at revision {data.hub_revision} (split {data.hub_split}) could not be "
+            f"dataset {spec.hub_name} at revision {spec.hub_revision} (split {spec.hub_split}) could not be "
             f"loaded from the hub ({type(err).__name__}: {err}). Check the name and revision and the network "
             "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE must be unset), or download it once and use data.source: "
             "local with data.path"
         ) from None
-    table = dataset.with_format("arrow")[:]
-    validated, schema = validate_arrow(table, data.columns, f"{label} (split {data.hub_split})")
-    return validated, schema, label
+    return dataset.with_format("arrow")[:]
+
+
+def _arrow_rows(table, fmt: str, filters, source: str) -> tuple[list[dict], list[str]]:
+    """The rows of the columns a non-orca format reads, as Python values, after Arrow's UTF-8 check (pyarrow
+    takes any bytes into a string column; to_pylist would fail on them without naming the row)."""
+    import pyarrow as pa
+
+    from dpo_pipeline.data.formats import OPTIONAL, REQUIRED
+
+    wanted = [*REQUIRED[fmt], *OPTIONAL.get(fmt, ()), *filters.drop_flagged]
+    table = table.select([c for c in dict.fromkeys(wanted) if c in table.column_names])
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid:
+        for name in table.column_names:
+            column = table[name].combine_chunks()
+            if _is_text(column.type):
+                require_utf8(column, name, source)
+        raise StageError(f"{source}: a nested column holds text that is not valid UTF-8") from None
+    return table.to_pylist(), [f"row index {i}" for i in range(table.num_rows)]
+
+
+class SourceRead:
+    """One source read into the internal table: `table` (layout.RAW_COLUMNS), the format it was read as, where it
+    came from (`label`, `raw_hash`: the file's sha256 or the hub name@revision) and its counts."""
+
+    def __init__(self, name: str, label: str, raw_hash: str, fmt: str, table, counts: dict[str, int]):
+        self.name, self.label, self.raw_hash, self.format = name, label, raw_hash, fmt
+        self.table, self.counts = table, counts
+
+
+def to_internal(loaded, wanted: str, filters, source: str, name: str):
+    """A loaded file or hub table -> (internal table, format, counts): the format detected (or checked), the
+    filters checked against what the source can give them, the rows converted and filtered."""
+    import pyarrow as pa
+
+    from dpo_pipeline.data.formats import (
+        CONVERSION_REASONS,
+        ORCA_FORMATS,
+        QUALITY_REASONS,
+        arrow_kind,
+        convert_rows,
+        detect_format,
+        filter_problem,
+        rows_table,
+        value_kind,
+    )
+
+    if loaded[0] == "arrow":
+        table = loaded[1]
+        if table.num_rows == 0:
+            raise StageError(f"{source}: no rows (empty input)")
+        columns = table.column_names
+        kinds = {c: arrow_kind(table.schema.field(c).type) for c in ("prompt", "chosen") if c in columns}
+    else:
+        rows, where = loaded[1], loaded[2]
+        if not rows:
+            raise StageError(
+                f"{source}: no rows (empty input); expected {' / '.join(SCHEMAS['current'])} rows"
+            )
+        seen: dict[str, None] = {}
+        for row in rows:
+            seen.update(dict.fromkeys(row))
+        columns = list(seen)
+        kinds = {c: value_kind(rows[0].get(c)) for c in ("prompt", "chosen")}
+    rows_in = table.num_rows if loaded[0] == "arrow" else len(rows)
+    fmt = detect_format(columns, kinds, wanted, source)
+    problem = filter_problem(filters, fmt, columns)
+    if problem:
+        raise StageError(f"{source}: {problem}")
+    counts = {"rows_in": rows_in, **dict.fromkeys((*CONVERSION_REASONS, *QUALITY_REASONS, "swapped"), 0)}
+    if fmt in ORCA_FORMATS:
+        schema = ORCA_FORMATS[fmt]
+        if loaded[0] == "arrow":
+            text = validate_arrow(table, schema, source)
+        else:
+            text = rows_to_table(rows, where, schema, source)
+        n = text.num_rows
+        internal = text.append_column("history", pa.array(["[]"] * n, pa.string())).append_column(
+            "source", pa.array([name] * n, pa.string())
+        )
+        return internal, fmt, counts
+    if loaded[0] == "arrow":
+        rows, where = _arrow_rows(table, fmt, filters, source)
+    kept, counted = convert_rows(rows, where, fmt, source, filters)
+    return rows_table(kept, name), fmt, {**counts, **counted}
+
+
+def read_local(path: Path, wanted: str):
+    """(internal table, format) of a local raw file read whole, no filters (the builtin corpus, benchmarks)."""
+    from dpo_pipeline.data.formats import NO_FILTERS
+
+    path = Path(path)
+    table, fmt, _counts = to_internal(_load_local(path), wanted, NO_FILTERS, str(path), path.stem)
+    return table, fmt
+
+
+def read_source(spec: DataSource) -> SourceRead:
+    """One source of data.sources (or the single source the data section names), converted and filtered (its
+    fraction / max_rows share is taken later, by content hash: filters.take_share)."""
+    from dpo_pipeline.io import sha256_file
+
+    if spec.path:
+        path = Path(spec.path)
+        loaded = _load_local(path)
+        label, raw_hash = str(path), sha256_file(path)
+    else:
+        loaded = ("arrow", _load_hub(spec))
+        label = f"{spec.hub_name}@{spec.hub_revision} (split {spec.hub_split})"
+        raw_hash = f"{spec.hub_name}@{spec.hub_revision}:{spec.hub_split}"
+    table, fmt, counts = to_internal(loaded, spec.format, spec.filters, label, spec.name)
+    return SourceRead(spec.name, label, raw_hash, fmt, table, counts)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_pipeline.data.chatml import CHATML_TEMPLATE, conversation
+from dpo_pipeline.data.chatml import CHATML_TEMPLATE, prompt_messages
 from dpo_pipeline.data.filters import first_special, special_texts
+from dpo_pipeline.data.formats import history_messages
 from dpo_pipeline.data.raw import read_corpus
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, sha256_file, template_hash, write_json
@@ -86,20 +87,30 @@ def build_model(b: BuiltinModelParams, tokenizer, seed: int):
     return model
 
 
+def _turns(row: dict[str, str]) -> list[dict[str, str]]:
+    """A corpus row's prompt turns (the internal row: system, earlier turns, question; formats.py)."""
+    history = history_messages(row["history"]) if row.get("history", "[]") != "[]" else []
+    return prompt_messages(row["system"], history, row["question"])
+
+
 def tokenizer_texts(rows: list[dict[str, str]]) -> list[str]:
-    """The text the tokenizer is trained on: every field of every row."""
-    return [f"{r['system']}\n{r['question']}\n{r['chosen']}\n{r['rejected']}" for r in rows]
+    """The text the tokenizer is trained on: every turn and both answers of every row."""
+
+    def earlier(row: dict[str, str]) -> list[str]:
+        return [m["content"] for m in history_messages(row.get("history", "[]"))]
+
+    return ["\n".join([r["system"], *earlier(r), r["question"], r["chosen"], r["rejected"]]) for r in rows]
 
 
 def pretrain_documents(rows: list[dict[str, str]], tokenizer) -> list[str]:
-    """ChatML text of each prompt with each of its answers (both, so the model learns no preference)."""
+    """Chat-template text of each prompt with each of its answers (both, so the model learns no preference)."""
     docs = []
     for row in rows:
         for answer in (row["chosen"], row["rejected"]):
             if answer.strip():
                 docs.append(
                     tokenizer.apply_chat_template(
-                        conversation(row["system"], row["question"], answer), tokenize=False
+                        [*_turns(row), {"role": "assistant", "content": answer}], tokenize=False
                     )
                 )
     return docs
