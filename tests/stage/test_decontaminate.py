@@ -130,3 +130,17 @@ def test_an_ngram_longer_than_every_document_is_refused_and_a_short_task_warned(
     (warning,) = require_measurable(documents, 3)
     assert "task short_task (longest 2 words)" in warning
     assert require_measurable(documents, 2) == []
+
+
+def test_an_earlier_turn_of_a_multi_turn_prompt_is_checked_too():
+    """A leaked document in the second-to-last user turn (not the question) is found, and named as history."""
+    from dpo_pipeline.data.contamination import overlaps
+
+    leaked = "the quick brown fox jumps over the lazy dog near the quiet river bank today"
+    rows = [
+        {"id": "a", "history": [leaked, "ok"], "question": "and now?", "chosen": "yes", "rejected": "no"},
+        {"id": "b", "history": [], "question": "unrelated words only here", "chosen": "x", "rejected": "y"},
+    ]
+    report, ids = overlaps(rows, {"task": [[leaked]]}, 13, 10, 3)
+    assert ids == {"a"}
+    assert report["tasks"]["task"]["examples"][0]["field"] == "history"

@@ -22,8 +22,10 @@ from tests.conftest import replace_params
 EXPECTED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("source", pa.string()),
         ("system", pa.string()),
         ("question", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("prompt", pa.string()),
         ("chosen", pa.string()),
         ("rejected", pa.string()),
@@ -135,7 +137,11 @@ def test_parquet_metadata_records_raw_hash_template_and_counts(prepared, tiny_ba
         meta = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"dpo.")}
         assert meta["dpo.raw_data_hash"] == sha256_file(raw)
         assert meta["dpo.chat_template_hash"] == template_hash(load_tokenizer(tiny_base_dir).chat_template)
-        assert meta["dpo.raw_schema"] == "current"
+        assert meta["dpo.raw_format"] == "orca"
+        assert json.loads(meta["dpo.sources"])["raw"]["rows_out"] == metrics["rows_out"]
+        assert json.loads(meta["dpo.dropped"]) == {
+            k: v for k, v in metrics.items() if k.startswith("dropped_")
+        }
         assert meta["dpo.split"] == name
         for key in ("rows_in", "rows_out", "rows_train", "rows_test"):
             assert int(meta[f"dpo.{key}"]) == metrics[key]
@@ -158,13 +164,20 @@ def test_original_schema_twin_gives_the_same_output(prepared, tiny_params, raw_r
         }
         for r in raw_rows
     ]
-    raw = write_rows(tmp_path / "original.jsonl", twin)
-    assert run_into(tmp_path, tiny_params, raw, tiny_base_dir) == metrics
+    raw = write_rows(tmp_path / "raw.jsonl", twin)  # the same name: the rows' `source` is the file's stem
+    twin_metrics = run_into(tmp_path, tiny_params, raw, tiny_base_dir)
+    assert (
+        twin_metrics.pop("format") == "orca_original"
+        and twin_metrics["sources"]["raw"].pop("format") == "orca_original"
+    )
+    expected = json.loads(json.dumps(metrics))
+    del expected["format"], expected["sources"]["raw"]["format"]
+    assert twin_metrics == expected
     for name in ("train", "test"):
         ours = pq.read_table(tmp_path / "data" / "prepared" / f"{name}.parquet")
         theirs = pq.read_table(tmp / "data" / "prepared" / f"{name}.parquet")
         assert ours.equals(theirs)  # data only; the metadata names the schema and the file
-        assert ours.schema.metadata[b"dpo.raw_schema"] == b"original"
+        assert ours.schema.metadata[b"dpo.raw_format"] == b"orca_original"
 
 
 def bad_files(tmp: Path, raw_rows: list[dict]) -> dict[str, tuple[Path, str]]:

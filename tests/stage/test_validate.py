@@ -79,7 +79,7 @@ def test_good_input_writes_the_constant_marker(workdir):
     report = validate.run("params.yaml", MARKER)
     assert (workdir / MARKER).read_bytes() == validate.MARKER_TEXT
     assert report["params"] == "params.yaml"
-    assert report["raw"] == RAW and report["rows"] == len(ROWS) and report["schema"] == "current"
+    assert report["raw"] == RAW and report["rows"] == len(ROWS) and report["format"] == "orca"
     assert "corpus" not in report  # the corpus is the raw file: one reader, one read
     assert report["lora_targets"] == "checked"
     assert [p.name for p in (workdir / "data").iterdir()] == ["validated.txt"]  # no temp sibling left
@@ -209,7 +209,7 @@ def test_a_raw_file_in_any_format_is_also_a_corpus(workdir, good_params, suffix)
     write_params(set_dotted(data, "base.builtin.corpus", f"raw/pairs{suffix}"))
     report = validate.run("params.yaml", MARKER)
     assert report["rows"] == len(ROWS) and "corpus" not in report
-    assert raw.read_corpus(path) == ROWS
+    assert [{k: r[k] for k in raw.TEXT_COLUMNS} for r in raw.read_corpus(path)] == ROWS
     write_params(set_dotted(good_params, "base.builtin.corpus", f"raw/pairs{suffix}"))
     assert validate.run("params.yaml", MARKER)["corpus_rows"] == len(ROWS)
 
@@ -262,8 +262,11 @@ BAD_PARAMS = {
         ],
     ),
     "bad-literal": (
-        {"data.columns": "newest"},
-        ["params.yaml: data.columns: expected one of 'auto' | 'current' | 'original', got 'newest'"],
+        {"data.format": "newest"},
+        [
+            "params.yaml: data.format: expected one of 'auto' | 'orca' | 'orca_original' | 'argilla_orca'",
+            "got 'newest'",
+        ],
     ),
 }
 
@@ -329,7 +332,7 @@ def test_cli_ok_writes_marker_and_reports(workdir):
     result = run_cli(workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(
-        "validate: ok params=params.yaml raw=raw/pairs.jsonl rows=40 schema=current rows_train="
+        "validate: ok params=params.yaml raw=raw/pairs.jsonl rows=40 format=orca rows_train="
     )
     assert (workdir / MARKER).read_bytes() == validate.MARKER_TEXT
 

@@ -103,7 +103,9 @@ def test_read_corpus_is_the_raw_readers_verdict_and_names_bad_lines(tmp_path):
     good.write_text(
         json.dumps({"system": "s", "question": "q2", "chatgpt": "c", "llama2-13b-chat": "d"}) + "\n"
     )
-    assert raw.read_corpus(good) == [{"system": "s", "question": "q2", "chosen": "c", "rejected": "d"}]
+    assert raw.read_corpus(good) == [
+        {"system": "s", "question": "q2", "chosen": "c", "rejected": "d", "history": "[]", "source": "good"}
+    ]
 
     bad = tmp_path / "bad.jsonl"
     # rows of both schemas in one file: refused as the raw reader refuses it (which answers would be meant?)
@@ -113,7 +115,7 @@ def test_read_corpus_is_the_raw_readers_verdict_and_names_bad_lines(tmp_path):
         + json.dumps({"system": "s", "question": "q2", "chatgpt": "c", "llama2-13b-chat": "d"})
         + "\n"
     )
-    with pytest.raises(StageError, match=r"bad\.jsonl: columns of both raw schemas are present"):
+    with pytest.raises(StageError, match=r"bad\.jsonl: columns of both orca schemas are present"):
         raw.read_corpus(bad)
     bad.write_text(json.dumps({"system": "", "question": "q", "chosen": "a", "rejected": "b"}) + "\n{oops\n")
     with pytest.raises(StageError, match=r"bad\.jsonl: line 2: not valid JSON"):

@@ -13,7 +13,10 @@ from dpo_pipeline import config
 from dpo_pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]
+# The distilabel recipe ships without a dataset revision on purpose (none could be verified offline): it must fail
+# until the user pins one (test_the_distilabel_recipe_waits_for_a_pinned_revision).
+UNPINNED = REPO / "recipes" / "neuralhermes-2.5-distilabel.yaml"
+PARAM_FILES = [REPO / "params.yaml", *sorted(p for p in (REPO / "recipes").glob("*.yaml") if p != UNPINNED)]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,25 @@ def _set(data: dict, dotted: str, value) -> dict:
 
 
 _DELETE = object()
+
+
+def test_the_distilabel_recipe_waits_for_a_pinned_revision():
+    with pytest.raises(
+        ConfigError, match=r"data\.hub_revision: expected a 40-hex commit sha when data\.source is hub"
+    ):
+        config.load(UNPINNED)
+    data = yaml.safe_load(UNPINNED.read_text())
+    data["data"]["hub_revision"] = "0" * 40
+    recipe = config.parse(data, str(UNPINNED))
+    f = recipe.data.filters
+    assert (recipe.data.format, f.drop_ties, f.min_chosen_score, f.drop_flagged) == (
+        "argilla_orca",
+        True,
+        8.0,
+        ["in_gsm8k_train"],
+    )
+    main = config.load(REPO / "recipes" / "neuralhermes-2.5.yaml")
+    assert recipe.train == main.train and recipe.base == main.base and recipe.eval == main.eval
 
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)

@@ -105,11 +105,17 @@ def test_only_the_training_stages_depend_on_the_training_glue():
 def test_the_library_is_grouped_by_job():
     """dpo_pipeline/ is a small core plus data/, models/, train/, evaluate/; no package imports a stage's
     sibling package beyond the few named here (data: the eval tasks' documents for decontaminate, the base
-    tokenizer's special tokens for prepare; models: the raw reader and filters for the builtin's corpus;
+    tokenizer's special tokens for prepare; models: the raw reader, filters and row
+    shape (formats) for the builtin's corpus;
     evaluate and train: model loading and the data contract). A new cross-package import is a decision."""
     allowed = {
         "data": {"dpo_pipeline.evaluate.tasks", "dpo_pipeline.models.loading"},
-        "models": {"dpo_pipeline.data.raw", "dpo_pipeline.data.chatml", "dpo_pipeline.data.filters"},
+        "models": {
+            "dpo_pipeline.data.raw",
+            "dpo_pipeline.data.chatml",
+            "dpo_pipeline.data.filters",
+            "dpo_pipeline.data.formats",
+        },
         "evaluate": {"dpo_pipeline.data.chatml", "dpo_pipeline.models.loading"},
         "train": {"dpo_pipeline.models.loading", "dpo_pipeline.data.tables"},
     }

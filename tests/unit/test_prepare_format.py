@@ -136,16 +136,20 @@ def test_prepared_rows_equal_the_articles_format_row_on_random_rows(tokenizer):
         assert {k: got[k] for k in ("prompt", "chosen", "rejected")} == chatml.format_row(row, tokenizer)
 
 
-def test_template_without_im_end_is_refused(tokenizer):
+def test_a_template_whose_answer_does_not_follow_its_prompt_is_refused(tokenizer):
+    """The answer is what the whole conversation adds after the prompt: a template that renders the generation
+    prompt differently from an assistant turn's opening cannot be split, and says so."""
     import copy
 
     other = copy.deepcopy(tokenizer)
     other.chat_template = (
         "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}"
+        "{% if add_generation_prompt %}[bot] {% endif %}"
     )
-    with pytest.raises(StageError, match="<\\|im_end\\|>.*expected a ChatML template"):
-        chatml.require_chatml(other)
+    with pytest.raises(
+        StageError, match="does not begin with the prompt rendered with add_generation_prompt"
+    ):
+        chatml.require_template(other)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +243,16 @@ def test_content_filters_drop_and_count_each_reason(tokenizer):
     assert tuple(counts["dropped"]) == filters.REASONS
     assert train.num_rows + test.num_rows == len(good) + len(long_rows)
     kept = pa.concat_tables([train, test])
-    assert kept.column_names == ["id", "system", "question", "prompt", "chosen", "rejected"]
+    assert kept.column_names == [
+        "id",
+        "source",
+        "system",
+        "question",
+        "messages",
+        "prompt",
+        "chosen",
+        "rejected",
+    ]
     # The first copy of a duplicate is kept: every id is unique.
     assert len(set(kept["id"].to_pylist())) == kept.num_rows
 
@@ -254,16 +267,20 @@ def test_a_row_is_counted_once_under_its_first_reason(tokenizer):
     assert sum(counts["dropped"].values()) == 1
 
 
-def test_metrics_are_flat_and_complete(tokenizer):
+def test_metrics_account_for_every_row(tokenizer):
     rows = random_rows(60, seed=11)
     train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params(test_fraction=0.3))
-    metrics = filters.data_metrics(train, test, counts)
-    assert all(isinstance(v, (int, float)) for v in metrics.values())
-    for reason in filters.REASONS:
-        assert metrics[f"dropped_{reason}"] == 0
-    assert set(metrics) == {"rows_in", "rows_out", "rows_train", "rows_test"} | {
-        f"dropped_{reason}" for reason in filters.REASONS
+    metrics = prepare.data_metrics(train, test, counts)
+    numbers = {k: v for k, v in metrics.items() if k not in ("format", "sources")}
+    assert all(isinstance(v, (int, float)) for v in numbers.values())
+    assert metrics["format"] == "orca" and metrics["sources"] == {}
+    from dpo_pipeline.data.formats import CONVERSION_REASONS, QUALITY_REASONS
+
+    reasons = (*filters.REASONS, *CONVERSION_REASONS, *QUALITY_REASONS, "not_sampled")
+    assert set(numbers) == {"rows_in", "rows_out", "rows_train", "rows_test", "swapped"} | {
+        f"dropped_{reason}" for reason in reasons
     }
+    assert all(metrics[f"dropped_{reason}"] == 0 for reason in reasons)
     assert metrics["rows_out"] == metrics["rows_train"] + metrics["rows_test"] == 60
 
 
@@ -273,20 +290,20 @@ def test_template_that_fails_to_render_is_a_stage_error(tokenizer):
     failing = copy.deepcopy(tokenizer)
     failing.chat_template = "{{ raise_exception('conversations must start with a user turn') }}"
     with pytest.raises(StageError, match="rendering a prompt failed.*must start with a user turn"):
-        chatml.require_chatml(failing)
+        chatml.require_template(failing)
 
 
 def test_no_rows_left_or_an_empty_split_stops_the_stage(tokenizer):
     rows = [dict(r, chosen=" ") for r in random_rows(5, seed=12)]
     train, test, counts = prepare.prepare_table(table_of(rows), tokenizer, data_params())
-    metrics = filters.data_metrics(train, test, counts)
+    metrics = prepare.data_metrics(train, test, counts)
     with pytest.raises(
         StageError, match=r"raw.jsonl: no rows left after the content filters \(.*blank_answer=5"
     ):
         filters.check_split(train, test, metrics, "raw.jsonl", data_params())
     one = random_rows(1, seed=13)
     train, test, counts = prepare.prepare_table(table_of(one), tokenizer, data_params(test_fraction=1e-9))
-    metrics = filters.data_metrics(train, test, counts)
+    metrics = prepare.data_metrics(train, test, counts)
     with pytest.raises(StageError, match="the test split is empty"):
         filters.check_split(train, test, metrics, "raw.jsonl", data_params(test_fraction=1e-9))
 

@@ -40,44 +40,57 @@ def error_of(path: Path, columns: str = "auto") -> str:
 # schema detection
 
 
+def detect(columns, wanted="auto", source="f", kinds=None):
+    from dpo_pipeline.data.formats import detect_format
+
+    return detect_format(columns, kinds or {"chosen": "str"}, wanted, source)
+
+
+def texts(table) -> list[dict]:
+    """The four text columns of an internal table (layout.RAW_COLUMNS also has history and source)."""
+    return table.select(list(raw.TEXT_COLUMNS)).to_pylist()
+
+
 def test_detect_current_and_original_schema_ignoring_extra_columns():
-    assert raw.detect_schema(["system", "question", "chosen", "rejected", "extra"], "auto", "f") == "current"
-    assert raw.detect_schema(["llama2-13b-chat", "chatgpt", "question", "system"], "auto", "f") == "original"
+    assert detect(["system", "question", "chosen", "rejected", "extra"]) == "orca"
+    assert detect(["llama2-13b-chat", "chatgpt", "question", "system"]) == "orca_original"
 
 
 def test_unknown_schema_names_file_columns_found_and_expected():
     with pytest.raises(StageError) as info:
-        raw.detect_schema(["prompt", "chosen", "rejected"], "auto", "raw/x.jsonl")
+        detect(["query", "good", "bad"], source="raw/x.jsonl")
     message = str(info.value)
     assert message.startswith("raw/x.jsonl: unknown raw schema")
-    assert "found columns: chosen, prompt, rejected" in message
+    assert "found columns: bad, good, query" in message
     assert "system, question, chosen, rejected" in message and "chatgpt, llama2-13b-chat" in message
+    assert "hh_rlhf: chosen, rejected" in message and "or set data.format" in message
 
 
-def test_both_schemas_present_asks_for_data_columns():
+def test_both_schemas_present_asks_for_data_format():
     columns = ["system", "question", "chosen", "rejected", "chatgpt", "llama2-13b-chat"]
-    with pytest.raises(StageError, match="set data.columns"):
-        raw.detect_schema(columns, "auto", "f")
-    assert raw.detect_schema(columns, "original", "f") == "original"
+    with pytest.raises(StageError, match="set data.format to 'orca' or 'orca_original'"):
+        detect(columns)
+    assert detect(columns, "orca_original") == "orca_original"
 
 
 def test_forced_schema_reports_missing_columns():
     with pytest.raises(
-        StageError, match=r"f: data.columns is 'original' but column\(s\) chatgpt, llama2-13b-chat"
+        StageError, match=r"f: data.format is 'orca_original' but column\(s\) chatgpt, llama2-13b-chat"
     ):
-        raw.detect_schema(list(ROW), "original", "f")
+        detect(list(ROW), "orca_original")
 
 
 def test_original_schema_maps_chatgpt_to_chosen(tmp_path):
     table, schema = raw.read_local(write_jsonl(tmp_path / "o.jsonl", [ORIGINAL_ROW]), "auto")
-    assert schema == "original"
-    assert table.column_names == list(raw.TEXT_COLUMNS)
-    assert table.to_pylist() == [ROW]
+    assert schema == "orca_original"
+    assert table.column_names == [*raw.TEXT_COLUMNS, "history", "source"]
+    assert texts(table) == [ROW]
+    assert table["history"].to_pylist() == ["[]"] and table["source"].to_pylist() == ["o"]
 
 
 def test_extra_columns_are_ignored(tmp_path):
     table, schema = raw.read_local(write_jsonl(tmp_path / "x.jsonl", [dict(ROW, id=3, score=None)]), "auto")
-    assert schema == "current" and table.to_pylist() == [ROW]
+    assert schema == "orca" and texts(table) == [ROW]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,12 +153,9 @@ def test_empty_jsonl_is_an_error(tmp_path, content):
 
 
 def test_unknown_schema_in_a_file_names_the_file(tmp_path):
-    path = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    path = write_jsonl(tmp_path / "raw.jsonl", [{"query": "p", "good": "c", "bad": "r"}])
     message = error_of(path)
-    assert (
-        message.startswith(f"{path}: unknown raw schema")
-        and "found columns: chosen, prompt, rejected" in message
-    )
+    assert message.startswith(f"{path}: unknown raw schema") and "found columns: bad, good, query" in message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,7 +166,7 @@ def test_json_array_is_read(tmp_path):
     path = tmp_path / "raw.json"
     path.write_text(json.dumps(rows(3), indent=2), encoding="utf-8")
     table, schema = raw.read_local(path, "auto")
-    assert table.num_rows == 3 and schema == "current"
+    assert table.num_rows == 3 and schema == "orca"
 
 
 def test_json_array_error_names_row_index_and_column(tmp_path):
@@ -194,7 +204,7 @@ def test_parquet_is_read_with_either_schema(tmp_path):
     path = tmp_path / "raw.parquet"
     pq.write_table(pa.Table.from_pylist([ORIGINAL_ROW, ORIGINAL_ROW]), path)
     table, schema = raw.read_local(path, "auto")
-    assert schema == "original" and table.to_pylist() == [ROW, ROW]
+    assert schema == "orca_original" and texts(table) == [ROW, ROW]
 
 
 def test_parquet_null_names_row_index_and_column(tmp_path):
@@ -214,8 +224,8 @@ def test_parquet_non_string_column(tmp_path):
 def test_parquet_missing_column(tmp_path):
     path = tmp_path / "raw.parquet"
     pq.write_table(pa.table({"system": [""], "question": ["q"], "chosen": ["c"]}), path)
-    message = error_of(path, columns="current")
-    assert message.startswith(f"{path}: data.columns is 'current' but column(s) rejected are missing")
+    message = error_of(path, columns="orca")
+    assert message.startswith(f"{path}: data.format is 'orca' but column(s) rejected are missing")
 
 
 def test_empty_parquet_is_an_error(tmp_path):
@@ -256,9 +266,25 @@ def test_non_utf8_file_is_an_error(tmp_path):
 # hub
 
 
-def test_hub_rows_go_through_datasets_with_the_pinned_revision(monkeypatch):
+def hub_source(name: str, revision: str):
     from types import SimpleNamespace
 
+    from dpo_pipeline.data.formats import NO_FILTERS
+
+    return SimpleNamespace(
+        name=name.rsplit("/", 1)[-1],
+        path="",
+        hub_name=name,
+        hub_revision=revision,
+        hub_split="train",
+        format="auto",
+        filters=NO_FILTERS,
+        fraction=1.0,
+        max_rows=0,
+    )
+
+
+def test_hub_rows_go_through_datasets_with_the_pinned_revision(monkeypatch):
     import datasets
 
     calls = []
@@ -269,25 +295,20 @@ def test_hub_rows_go_through_datasets_with_the_pinned_revision(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     revision = "a" * 40
-    data = SimpleNamespace(
-        hub_name="Intel/orca_dpo_pairs", hub_revision=revision, hub_split="train", columns="auto"
-    )
-    table, schema, label = raw.read_hub(data)
+    read = raw.read_source(hub_source("Intel/orca_dpo_pairs", revision))
     assert calls == [("Intel/orca_dpo_pairs", revision, "train")]
-    assert schema == "original" and label == f"Intel/orca_dpo_pairs@{revision}"
-    assert table.to_pylist() == [ROW, ROW]
+    assert read.format == "orca_original" and read.label == f"Intel/orca_dpo_pairs@{revision} (split train)"
+    assert read.raw_hash == f"Intel/orca_dpo_pairs@{revision}:train"
+    assert texts(read.table) == [ROW, ROW] and read.table["source"].to_pylist() == ["orca_dpo_pairs"] * 2
 
 
 def test_hub_rows_are_validated_with_the_dataset_named(monkeypatch):
-    from types import SimpleNamespace
-
     import datasets
 
     broken = [ROW, dict(ROW, chosen=None)]
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(broken))
-    data = SimpleNamespace(hub_name="org/set", hub_revision="b" * 40, hub_split="train", columns="auto")
     with pytest.raises(StageError) as info:
-        raw.read_hub(data)
+        raw.read_source(hub_source("org/set", "b" * 40))
     assert (
         str(info.value)
         == f"org/set@{'b' * 40} (split train): row index 1: column 'chosen' is null where text is required"
@@ -321,14 +342,14 @@ def test_tricky_text_reads_back_exactly(tmp_path, ensure_ascii):
     path = tmp_path / "tricky.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), encoding="utf-8")
     table, schema = raw.read_local(path, "auto")
-    assert schema == "current"
+    assert schema == "orca"
     for name in raw.TEXT_COLUMNS:
         assert table.column(name).to_pylist() == [r[name] for r in rows], name
 
 
 def test_the_shipped_sample_reads_whole():
     table, schema = raw.read_local(Path("data/raw/orca_dpo_sample.jsonl"), "auto")
-    assert table.num_rows == 3000 and schema == "current"
+    assert table.num_rows == 3000 and schema == "orca"
 
 
 @pytest.mark.parametrize(

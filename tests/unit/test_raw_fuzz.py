@@ -25,6 +25,17 @@ import pytest
 from dpo_pipeline.data import filters, prepare, raw
 from dpo_pipeline.errors import StageError
 
+
+def read_by_line(path):
+    """The JSON rows read by read_json_rows, then converted as read_local converts them: (table, format)."""
+    from dpo_pipeline.data.formats import NO_FILTERS
+
+    table, fmt, _counts = raw.to_internal(
+        ("json", *raw.read_json_rows(path)), "auto", NO_FILTERS, str(path), path.stem
+    )
+    return table, fmt
+
+
 CASES = 300
 PIECES = [
     "word",
@@ -52,7 +63,7 @@ PIECES = [
 ]
 CURRENT, ORIGINAL = raw.SCHEMAS["current"], raw.SCHEMAS["original"]
 WHOLE_FILE = re.compile(
-    r"no rows \(empty input\)|unknown raw schema|columns of both raw schemas|data\.columns is|not a readable Parquet file"
+    r"no rows \(empty input\)|unknown raw schema|columns of both orca schemas|data\.format is|not a readable Parquet file"
 )
 PLACE = re.compile(r": (line \d+|row index \d+)\b|\(.*; line \d+, column \d+\)")
 
@@ -222,16 +233,16 @@ def test_every_reader_gives_the_same_verdict_on_generated_files(tmp_path):
         path = tmp_path / f"case{seed}.jsonl"
         path.write_bytes(generate(seed))
         local = outcome(raw.read_local, path, "auto")
-        line_by_line = outcome(lambda p: raw.rows_to_table(*raw.read_json_rows(p), "auto", str(p)), path)
+        by_line = outcome(read_by_line, path)
         corpus = outcome(raw.read_corpus, path)
         seen[local[0]] += 1
         where = f"seed {seed}: {path.read_bytes()[:300]!r}"
-        assert local[0] == line_by_line[0] == corpus[0], where
+        assert local[0] == by_line[0] == corpus[0], where
         if local[0] == "error":
-            assert local[1] == line_by_line[1] == corpus[1], where
+            assert local[1] == by_line[1] == corpus[1], where
             check_error(local[1], path)
             continue
-        assert local[1][0].equals(line_by_line[1][0]) and local[1][1] == line_by_line[1][1], where
+        assert local[1][0].equals(by_line[1][0]) and local[1][1] == by_line[1][1], where
         assert as_rows(local) == corpus[1], where
         check_table(local[1][0])
         # the same rows as Parquet read back the same

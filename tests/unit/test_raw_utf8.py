@@ -13,6 +13,17 @@ import pytest
 from dpo_pipeline.data import raw
 from dpo_pipeline.errors import StageError
 
+
+def line_by_line(path):
+    """The JSON rows read by read_json_rows, then converted as read_local converts them: (table, format)."""
+    from dpo_pipeline.data.formats import NO_FILTERS
+
+    table, fmt, _counts = raw.to_internal(
+        ("json", *raw.read_json_rows(path)), "auto", NO_FILTERS, str(path), path.stem
+    )
+    return table, fmt
+
+
 ROW = {"system": "", "question": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
 
@@ -46,7 +57,7 @@ def test_the_readers_refuse_text_that_is_not_utf8_naming_the_line(tmp_path, name
     with pytest.raises(StageError, match=message):
         raw.read_local(path, "auto")
     with pytest.raises(StageError, match=message):
-        raw.rows_to_table(*raw.read_json_rows(path), "auto", str(path))
+        line_by_line(path)
 
 
 def test_a_byte_order_mark_is_no_error_and_no_content(tmp_path):
@@ -73,7 +84,7 @@ def test_valid_non_ascii_text_reads_back_exactly(tmp_path):
     rows = [{**ROW, "question": q} for q in ("café", "日本語", "emoji 🙂", "tab\there", "\u2028 line sep")]
     path = jsonl(tmp_path / "raw.jsonl", [json.dumps(r, ensure_ascii=False).encode() for r in rows])
     table, _ = raw.read_local(path, "auto")
-    assert table.equals(raw.rows_to_table(*raw.read_json_rows(path), "auto", str(path))[0])
+    assert table.equals(line_by_line(path)[0])
     assert table.column("question").to_pylist() == [r["question"] for r in rows]
 
 
@@ -94,7 +105,7 @@ def test_parquet_text_in_other_arrow_encodings_is_read_as_text(tmp_path, encodin
     )
     pq.write_table(table, tmp_path / "raw.parquet")
     read, schema = raw.read_local(tmp_path / "raw.parquet", "auto")
-    assert schema == "current" and read.column("question").type == pa.string()
+    assert schema == "orca" and read.column("question").type == pa.string()
     assert read.column("question").to_pylist() == ["What is 2+2?", "What is 3+3?", "What is 2+2?"]
 
 
