@@ -6,11 +6,17 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup system-deps repro test test-fast test-e2e lint format bench verify compare compare-methods mlflow-server clean-venv \
-	lock-check doctor recipe gpu-check gpu-bundle chat publish
+.PHONY: help setup system-deps repro headline test test-fast test-e2e lint format bench verify compare compare-methods mlflow-server \
+	clean-venv lock-check doctor recipe gpu-check gpu-bundle chat publish
+.DEFAULT_GOAL := help
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
-# Install the locked environment. constraints.txt pins public versions only: torch==2.13.0 is the CUDA build
-# from the public index on a Linux machine (its metadata pins the CUDA libraries), a CPU wheel where one is offered.
+# List every target with the first line of the comment above it (`make` alone does this too).
+help:
+	@awk '/^# /{ if (!c) c = substr($$0, 3); next } /^[a-z][a-z0-9-]*:/{ split($$1, t, ":"); if (c) printf "  %-16s %s\n", t[1], c; c = ""; next } { c = "" }' $(MAKEFILE_LIST)
+
+# Install the locked environment into ./.venv (once; again when pyproject.toml or constraints.txt change).
+# constraints.txt pins public versions only: torch==2.13.0 is the CUDA build from the public index on a Linux machine (its metadata pins the CUDA libraries), a CPU wheel where one is offered.
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,18 +29,24 @@ system-deps:
 	@command -v /usr/sbin/sshd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null)
 	@test -x /usr/lib/openssh/sftp-server || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-sftp-server >/dev/null)
 
-# The whole pipeline on the default small profile (params.yaml), offline. validate runs once before DVC too:
-# a params.yaml DVC cannot even fill into dvc.yaml (data.path: "") gets its one-line error instead of DVC's.
+# The whole pipeline on the current params.yaml (the small profile by default, offline), then its headline.
+# validate runs once before DVC too: a params.yaml DVC cannot even fill into dvc.yaml (data.path: "") gets its one-line error instead of DVC's.
 repro: setup
 	$(PY) -m stages.validate
 	dvc repro
+	@echo && $(PY) -m tools.headline
+
+# The headline of commits, branches and experiments side by side, paired tests on the held-out documents vs the
+# first: make headline REVS="main beta02" (no REVS: the workspace).
+headline: setup
+	$(PY) -m tools.headline $(REVS)
 
 # Talk to the tuned model (MODEL=base for the base; SYSTEM="..." for a system prompt): Ctrl-D or Ctrl-C quits.
 chat: setup
 	$(PY) -m tools.chat $(if $(MODEL),--model $(MODEL)) $(if $(SYSTEM),--system "$(SYSTEM)")
 
-# Push the merged model (ADAPTER=1: the adapter) with its tokenizer and model card to the model hub, private
-# unless PUBLIC=1; DRY_RUN=1 writes the exact folder it would upload and says where. Token: HF_TOKEN.
+# Push the merged model and its card to the model hub (private unless PUBLIC=1; DRY_RUN=1 writes the folder).
+# ADAPTER=1: the adapter instead; private unless PUBLIC=1; DRY_RUN=1 writes the exact folder it would upload and says where. Token: HF_TOKEN.
 publish: setup
 	$(PY) -m tools.publish $(REPO) $(if $(ADAPTER),--adapter) $(if $(DRY_RUN),--dry-run) $(if $(PUBLIC),--public)
 
@@ -42,9 +54,11 @@ publish: setup
 test: setup system-deps
 	$(PY) -m pytest -m "not gpu" -q
 
+# The tests but the slow end-to-end ones (minutes instead of a quarter of an hour).
 test-fast: setup
 	$(PY) -m pytest -m "not gpu and not slow" -q
 
+# Only the slow end-to-end tests (real dvc, git, sshd, mlflow server in temporary repos).
 test-e2e: setup system-deps
 	$(PY) -m pytest -m "slow and not gpu" -q
 
@@ -57,14 +71,17 @@ compare: setup
 compare-methods: setup
 	$(PY) -m tools.compare_methods $(if $(ONLY),--only $(ONLY)) $(if $(TABLE_ONLY),--table-only)
 
+# ruff check and ruff format --check over the repo.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# ruff format and ruff check --fix over the repo.
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The benchmarks (bench/run.py): prepare, tokenize, reference and training figures, side by side.
 bench: setup
 	$(PY) -m bench.run
 
@@ -84,27 +101,28 @@ recipe:
 	$(VENV)/bin/dvc config --local cache.type reflink,hardlink,symlink,copy
 	@echo "params.yaml is now $(RECIPE); run: make doctor && dvc repro"
 
-# The 7B recipe's settings on a Mistral-7B-shaped model on this machine's GPU (about 5-8 min on one H100/H200);
-# writes metrics/gpu_check.json. DRY_RUN=1: the same path on the CPU with a tiny model. Uses .venv when there
+# The GPU check: the 7B recipe's settings on a Mistral-7B-shaped model on this machine's GPU (5-8 min on an H100).
+# Writes metrics/gpu_check.json. DRY_RUN=1: the same path on the CPU with a tiny model. Uses .venv when there
 # is one, else the machine's python3 with .gpu-bundle/ (make gpu-bundle) on PYTHONPATH.
-GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	PYTHONPATH=$(CURDIR)/.gpu-bundle$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check $(if $(DRY_RUN),--dry-run)
 
-# trl, bitsandbytes (its CUDA 13 library only) and lm-eval (without its task folders) at the locked versions,
+# Pack trl, bitsandbytes (CUDA 13 library only) and lm-eval at the locked versions into .gpu-bundle/ (< 64 MiB)
 # for a GPU machine whose Python has torch, transformers, peft and accelerate but no network: under 64 MiB.
 gpu-bundle:
 	$(GPU_PY) -m tools.gpu_bundle .gpu-bundle
 
+# Re-hash the workspace outputs and the local DVC cache against dvc.lock; name every bad file.
 verify: setup
 	$(PY) -m tools.verify
 
-# A team tracking server on loopback: SQLite backend, artifacts under the ignored .mlflow/ folder.
+# A tracking server on loopback over the store `dvc repro` records into (./mlflow.db, artifacts in ./mlruns).
+# The first `make mlflow-server` after `make repro` shows its runs; runs sent to the server land in the same store.
 mlflow-server: setup
-	mkdir -p .mlflow/artifacts
 	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
-	  --backend-store-uri sqlite:///$(CURDIR)/.mlflow/server.db \
-	  --artifacts-destination $(CURDIR)/.mlflow/artifacts
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlruns
 
+# Remove ./.venv (the next target that needs it reinstalls).
 clean-venv:
 	rm -rf $(VENV)

@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 class TrackingParams:
     experiment: str
     on_unreachable: Literal["fail", "local"]
+    register: Literal["clean", "always", "never"]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,34 @@ def git_tags() -> dict[str, str]:
     }
 
 
+# What `dvc exp run` (workspace, --temp or a queued run) puts in each stage's environment (dvc/env.py, DVC 3.x: the
+# queue's _stash_exp sets both for every experiment, a generated name when -n is not given).
+EXP_NAME_ENV = "DVC_EXP_NAME"
+EXP_BASELINE_ENV = "DVC_EXP_BASELINE_REV"
+
+
+def experiment_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`dvc.exp.name` and `dvc.exp.baseline` for a stage run under `dvc exp run` (the experiment's name and the
+    commit it started from: the commit its params differ from), nothing under a plain `dvc repro`."""
+    import os
+
+    env = os.environ if environ is None else environ
+    name, baseline = env.get(EXP_NAME_ENV, ""), env.get(EXP_BASELINE_ENV, "")
+    if not name:
+        return {}
+    return {"dvc.exp.name": name, "dvc.exp.baseline": baseline or "unknown"}
+
+
+def params_fingerprint(declared: dict[str, Any]) -> str:
+    """sha256 (first 16 hex) of the params a stage declares, canonical JSON: two runs with the same value ran with
+    the same settings, whatever their commit or experiment."""
+    import hashlib
+    import json
+
+    payload = json.dumps(declared, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 def library_tags() -> dict[str, str]:
     tags = {"version.python": sys.version.split()[0]}
     for name in LIBRARIES:

@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import flatten
-from dpo_pipeline.lineage import git_tags, library_tags, lineage_hash, params_for
+from dpo_pipeline.lineage import (
+    experiment_tags,
+    git_tags,
+    library_tags,
+    lineage_hash,
+    params_fingerprint,
+    params_for,
+)
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
@@ -269,12 +276,16 @@ def stage_run(
             raise StageError(f"MLflow tracking store {uri} failed before the stage started: {err}") from err
 
     git = git_tags()
+    experiment_run = experiment_tags()
+    declared = params_for(params, sections)
     run_tags = {
         "stage": stage,
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
         "tracking_uri_kind": uri.split(":", 1)[0],
         **git,
+        **experiment_run,
+        "params.fingerprint": params_fingerprint(declared),
         **library_tags(),
         **(tags or {}),
     }
@@ -282,10 +293,11 @@ def stage_run(
         run_tags[f"input.{name}.path"] = str(path)
         run_tags[f"input.{name}.hash"] = lineage_hash(path)
 
-    declared = params_for(params, sections)
     flat = {k: _truncate(v) for k, v in flatten(declared).items()}
 
-    run = mlflow.start_run(run_name=f"{stage}@{git['git.commit'][:8]}", tags=run_tags)
+    # An experiment's runs are named after it: its baseline commit's params are not the ones it ran with.
+    label = experiment_run.get("dvc.exp.name") or git["git.commit"][:8]
+    run = mlflow.start_run(run_name=f"{stage}@{label}", tags=run_tags)
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ARG001
@@ -363,13 +375,35 @@ def log_artifact(path: str | Path) -> None:
     _guarded(mlflow.log_artifact, str(path))
 
 
+def registration(policy: str, git: dict[str, str], experiment: dict[str, str]) -> tuple[bool, str]:
+    """(register a model version?, where the run came from) under tracking.register: `clean` registers only a
+    `dvc repro` of a clean, committed work tree, never a `dvc exp run` (its baseline commit's params are not the
+    ones it ran with) nor uncommitted changes; `always` registers every run (tagged with where it came from);
+    `never` none."""
+    if experiment.get("dvc.exp.name"):
+        source = (
+            f"experiment {experiment['dvc.exp.name']} (baseline {experiment.get('dvc.exp.baseline', '')[:8]})"
+        )
+    elif git.get("git.dirty") != "false":
+        source = "uncommitted work tree"
+    else:
+        source = "clean commit"
+    return policy == "always" or (policy == "clean" and source == "clean commit"), source
+
+
 def log_model(
-    name: str, adapter_hash: str, tags: dict[str, str], metrics: dict[str, float], model_type: str
+    name: str,
+    adapter_hash: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    model_type: str,
+    register: bool = True,
 ) -> str:
     """The merged model as an MLflow 3 logged model (external: its weights stay in DVC, the model points at
     them by path, md5 and commit), linked to the merge run that made it (its source run: the latest finished
-    merge run of this adapter), carrying `metrics` and registered as a version of `name` in the registry.
-    Called inside the report stage's run; returns the model id ("" when tracking is off or failed)."""
+    merge run of this adapter), carrying `metrics` and, with `register`, registered as a version of `name` in
+    the registry. Called inside the report stage's run; returns the model id ("" when tracking is off or
+    failed)."""
     if is_secondary_rank():
         return ""
     import mlflow
@@ -398,7 +432,10 @@ def log_model(
             experiment_id=experiment,
         )
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model.model_id)
-        version = mlflow.register_model(f"models:/{model.model_id}", name)
+        if not register:
+            mlflow.set_tags({"model.id": model.model_id, "model.registered": "no"})
+            return model.model_id
+        version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
         mlflow.set_tags({"model.id": model.model_id, "model.registered": f"{name}/{version.version}"})
         return model.model_id
 

@@ -26,6 +26,7 @@ re-runs only this stage, never an hour of scoring. How each figure is made:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +109,17 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
                 "calibration": records,
             }
         )
-        # The merged model as an MLflow model: its metrics, the runs that made it, where DVC keeps it.
+        # The merged model as an MLflow model: its metrics, the runs that made it, where DVC keeps it; a registry
+        # version only as tracking.register allows (by default from a clean commit, never an experiment).
+        register, made_from = tracking.registration(
+            params.tracking.register, lineage.git_tags(), lineage.experiment_tags()
+        )
+        if not register:
+            print(
+                f"report: no model version registered: the run is from {made_from} and tracking.register is "
+                f"{params.tracking.register} (set it to always to register every run)",
+                file=sys.stderr,
+            )
         meta["mlflow_model_id"] = tracking.log_model(
             name=f"{params.tracking.experiment}-merged",
             adapter_hash=str(meta.get("adapter_hash", "")),
@@ -116,6 +127,8 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
                 "dvc.path": str(MERGED_DIR),
                 "dvc.md5": lineage.dvc_lock_md5(MERGED_DIR) or "",
                 "git.commit": lineage.git_tags().get("git.commit", ""),
+                "registered.from": made_from,
+                **lineage.experiment_tags(),
                 "lineage.adapter.hash": str(meta.get("adapter_hash", "")),
                 # Found by content (the scores files hold no run ids, so a re-run with equal bytes re-runs nothing).
                 "lineage.train_run_id": tracking.train_run_of(str(meta.get("adapter_sha256", ""))),
@@ -125,6 +138,7 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
             },
             metrics=out,
             model_type="transformers-causal-lm (merged LoRA DPO; weights in DVC)",
+            register=register,
         )
         report = {**out, "meta": meta}
         write_json(metrics_dir / "eval.json", report)

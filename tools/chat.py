@@ -110,6 +110,7 @@ def chat(model_name: str, system: str, params_path: str, stdin=None, out=None) -
 
     model, tokenizer = load_eval_model(model_dir, params.eval)
     torch.manual_seed(params.seed)
+    out.write(demo_note(Path(MODELS["base"])))
     out.write(
         f"chat with {model_dir} ({params.eval.device}, {params.eval.dtype}; temperature {params.eval.temperature}, "
         f"top_p {params.eval.top_p}, up to {params.eval.max_new_tokens} tokens a turn). "
@@ -142,6 +143,25 @@ def chat(model_name: str, system: str, params_path: str, stdin=None, out=None) -
     out.write("\nbye\n")
     out.flush()
     return 0
+
+
+def demo_note(base_dir: Path) -> str:
+    """A line saying the model is the builtin demo when models/base is the small model made locally (its answers
+    are not meant to make sense), else nothing."""
+    import json
+
+    from dpo_pipeline.layout import BASE_INFO
+
+    info_path = base_dir / BASE_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if info.get("source") != "builtin":
+        return ""
+    count = info.get("parameter_count", 0)
+    return (
+        f"note: this is the builtin demo model ({count / 1e6:.1f}M parameters, pre-trained for seconds on the "
+        "shipped sample): it shows the pipeline works, its answers are not meant to make sense. A real base: "
+        "base.source: hub (docs/params.md).\n"
+    )
 
 
 def _main() -> None:

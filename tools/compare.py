@@ -2,6 +2,9 @@
 
     python -m tools.compare REV_A REV_B [--experiment NAME] [--stage STAGE] [--tracking-uri URI]
 
+A REV is a branch, tag or sha, or the name of a `dvc exp run` (`exp:NAME`, or just NAME when git does not know
+it): its runs carry the tag dvc.exp.name (dpo_pipeline/lineage.py experiment_tags).
+
 Reads: the MLflow store (--tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db as the stages use);
 the experiment name from params.yaml `tracking.experiment` unless --experiment is given; git, to turn a
 branch, tag or short sha into the full commit sha. A full 40-character sha is taken as is, so runs made on
@@ -198,9 +201,11 @@ def find_runs(
     return candidates[0], {}
 
 
-def latest_runs(client: Any, experiment_id: str, commit: str, stage: str | None = None) -> dict[str, RunInfo]:
-    """The latest FINISHED run per stage for one commit."""
-    filters = [f"tags.`git.commit` = '{commit}'", "attributes.status = 'FINISHED'"]
+def latest_runs(
+    client: Any, experiment_id: str, commit: str, stage: str | None = None, tag: str = "git.commit"
+) -> dict[str, RunInfo]:
+    """The latest FINISHED run per stage for one commit (or, with `tag` dvc.exp.name, one experiment name)."""
+    filters = [f"tags.`{tag}` = '{commit}'", "attributes.status = 'FINISHED'"]
     if stage:
         filters.append(f"tags.stage = '{stage}'")
     runs = client.search_runs(
@@ -211,10 +216,12 @@ def latest_runs(client: Any, experiment_id: str, commit: str, stage: str | None 
         name = run.data.tags.get("stage")
         if not name or name in latest:
             continue
+        if tag == "git.commit" and run.data.tags.get("dvc.exp.name"):
+            continue  # an experiment run on this commit ran other params: it is compared by its name
         latest[name] = RunInfo(
             run_id=run.info.run_id,
             stage=name,
-            commit=commit,
+            commit=run.data.tags.get("git.commit", commit),
             dirty=run.data.tags.get("git.dirty") == "true",
             start_time=run.info.start_time,
             metrics=dict(run.data.metrics),
@@ -241,7 +248,6 @@ def run(
 
     from dpo_pipeline.tracking import default_uri
 
-    sha_a, sha_b = resolve_rev(rev_a), resolve_rev(rev_b)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     client = MlflowClient(uri)
     try:
@@ -250,8 +256,29 @@ def run(
         raise StageError(f"cannot read the MLflow store {uri}: {type(err).__name__}: {err}") from err
     if found is None:
         raise StageError(f"MLflow store {uri} has no experiment {experiment!r}")
-    used_a, runs_a = find_runs(client, found.experiment_id, first_parent_ancestors(sha_a, max_back), stage)
-    used_b, runs_b = find_runs(client, found.experiment_id, first_parent_ancestors(sha_b, max_back), stage)
+
+    def runs_of(rev: str) -> tuple[str, str, dict[str, RunInfo]]:
+        """(what rev names, the commit or experiment whose runs are used, those runs): `exp:NAME`, or a rev git
+        cannot resolve here, is a `dvc exp run` name (the runs tagged dvc.exp.name); else a commit."""
+        name = rev[len("exp:") :] if rev.startswith("exp:") else None
+        if name is None:
+            try:
+                sha = resolve_rev(rev)
+            except StageError:
+                by_name = latest_runs(client, found.experiment_id, rev, stage, tag="dvc.exp.name")
+                if not by_name:
+                    raise
+                return f"experiment {rev}", f"experiment {rev}", by_name
+            used, runs = find_runs(client, found.experiment_id, first_parent_ancestors(sha, max_back), stage)
+            return sha, used, runs
+        return (
+            f"experiment {name}",
+            f"experiment {name}",
+            latest_runs(client, found.experiment_id, name, stage, tag="dvc.exp.name"),
+        )
+
+    sha_a, used_a, runs_a = runs_of(rev_a)
+    sha_b, used_b, runs_b = runs_of(rev_b)
     what = f"stage {stage!r}" if stage else "any stage"
     missing = [
         f"{rev} ({sha})" for rev, sha, runs in ((rev_a, sha_a, runs_a), (rev_b, sha_b, runs_b)) if not runs

@@ -144,6 +144,20 @@ def test_exp_run_set_param_and_exp_show(clone):
     assert float(row["train.beta"]) == 0.2
     assert float(row["train_loss"]) == pytest.approx(metrics["metrics/train.json"]["train_loss"])
     assert row["dpo_heldout_pref/acc_norm"] != ""
+    # MLflow places the experiment's runs: named after it, tagged with its name and baseline, a params
+    # fingerprint of their own, and no registry version (tracking.register: clean)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
+    exp_id = client.get_experiment_by_name(project.params()["tracking"]["experiment"]).experiment_id
+    runs = client.search_runs([exp_id], filter_string="tags.`dvc.exp.name` = 'beta02'")
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == DOWNSTREAM_OF_TRAIN - {"validate"}, sorted(by_stage)
+    for stage, run in by_stage.items():
+        assert run.info.run_name == f"{stage}@beta02"
+        assert run.data.tags["dvc.exp.baseline"] == project.head()
+    assert re.fullmatch(r"[0-9a-f]{16}", by_stage["train"].data.tags["params.fingerprint"])
+    assert by_stage["report"].data.tags["model.registered"] == "no"
     # the experiment is a real commit: it can become a branch, and the workspace is left consistent
     project.dvc("exp", "branch", "beta02", "exp-beta02")
     assert "exp-beta02" in project.git("branch").stdout

@@ -68,6 +68,7 @@ def test_a_question_gets_a_streamed_answer_and_ctrl_d_ends_it(tiny_project):
     term = Terminal(tiny_project.root, tiny_project.env, "--system", "You are a helpful assistant chatbot.")
     banner = term.read_until(chat.PROMPT.encode())
     assert b"chat with models/merged" in banner
+    assert b"note: this is the builtin demo model (" in banner  # the tiny project's base is the builtin one
     term.type(b"What is a Large Language Model?\n")
     answer = term.read_until(chat.PROMPT.encode())
     # the terminal echoes the question, then the answer streams in before the next prompt

@@ -311,3 +311,50 @@ def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, m
     versions = client.search_model_versions(f"name = '{name}'")
     assert f"models:/{model.model_id}" in {v.source for v in versions}
     assert report_run.data.tags["model.registered"] in {f"{name}/{v.version}" for v in versions}
+
+
+def test_make_mlflow_server_shows_the_runs_dvc_repro_recorded(tmp_path):
+    """Issue 27, point 2: the Makefile's server command (as `make -n` prints it for a work tree) serves the store
+    the stages write by default, so a run recorded without any server is listed by the server."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.e2e.conftest import REPO, kill_group
+
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = store.create_experiment("dpo-pipeline", artifact_location=str(tmp_path / "mlruns" / "1"))
+    recorded = store.create_run(exp_id, tags={"stage": "prepare"}).info.run_id
+    store.set_terminated(recorded)
+    port = free_port()
+    command = subprocess.run(
+        ["make", "-n", "-s", "-o", "setup", "mlflow-server", f"CURDIR={tmp_path}", f"MLFLOW_PORT={port}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client, deadline = MlflowClient(f"http://127.0.0.1:{port}"), time.time() + 90
+        while True:
+            try:
+                experiment = client.get_experiment_by_name("dpo-pipeline")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.run_id for r in runs] == [recorded]
+    finally:
+        kill_group(server)

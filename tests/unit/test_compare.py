@@ -159,3 +159,35 @@ def test_find_runs_falls_back_to_first_parent_ancestors(tmp_path, monkeypatch):
     assert used == shas[0] and runs["prepare"].run_id == "r1"
     used, runs = compare.find_runs(client, "1", [shas[1]])
     assert used == shas[1] and runs == {}
+
+
+def test_an_experiment_is_compared_by_its_name(tmp_path, monkeypatch):
+    """`dvc exp run -n beta02` runs carry dvc.exp.name: compare finds them by that name (bare, or exp:NAME), in a
+    real MLflow store, beside a commit's runs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "params").write_text("beta 0.1")
+    _git(tmp_path, "add", "params")
+    _git(tmp_path, "commit", "-q", "-m", "params")
+    sha = _git(tmp_path, "rev-parse", "HEAD")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("dpo")
+    for tags, loss in (
+        ({"stage": "train", "git.commit": sha, "git.dirty": "false"}, 1.0),
+        ({"stage": "train", "git.commit": sha, "git.dirty": "true", "dvc.exp.name": "beta02"}, 0.5),
+    ):
+        run = client.create_run(exp_id, tags=tags)
+        client.log_metric(run.info.run_id, "train_loss", loss)
+        client.set_terminated(run.info.run_id)
+    mlflow.set_tracking_uri(uri)
+    for name in ("beta02", "exp:beta02"):
+        out = compare.run("main", name, "dpo", tracking_uri=uri)
+        assert f"B = {name} (experiment beta02)" in out
+        row = next(line for line in out.splitlines() if "train_loss" in line)
+        assert "1" in row and "0.5" in row and "-0.5" in row, row
+    with pytest.raises(StageError, match="cannot resolve 'nope'"):
+        compare.run("main", "nope", "dpo", tracking_uri=uri)
