@@ -161,6 +161,7 @@ class TrainParams:
     device: Literal["cpu", "cuda", "auto"]
     save_steps: int
     logging_steps: int
+    eval_steps: int
     group_by_length: bool
     reference_batch_size: int
     precompute_ref: bool
@@ -220,6 +221,8 @@ class ReportParams:
     significance_level: float
     calibration_tolerance: float
     on_calibration_mismatch: Literal["warn", "fail"]
+    min_heldout_pairs: int
+    max_epochs: float
     published: list[PublishedScore]
 
 
@@ -695,6 +698,14 @@ def _check_eval_and_report(p: Params, fail: Callable[[str, str, Any], ConfigErro
         raise fail("report.significance_level", "a number strictly between 0 and 1", r.significance_level)
     if not (math.isfinite(r.calibration_tolerance) and r.calibration_tolerance >= 0.0):
         raise fail("report.calibration_tolerance", "a finite number >= 0", r.calibration_tolerance)
+    if p.train.eval_steps < 0:
+        raise fail(
+            "train.eval_steps", "an integer >= 0 (0 = held-out metrics at the end only)", p.train.eval_steps
+        )
+    if r.min_heldout_pairs < 0:
+        raise fail("report.min_heldout_pairs", "an integer >= 0 (0 = no minimum)", r.min_heldout_pairs)
+    if not (math.isfinite(r.max_epochs) and r.max_epochs > 0.0):
+        raise fail("report.max_epochs", "a finite number > 0", r.max_epochs)
     scored = {t.name for t in p.eval.tasks}
     seen: set[tuple[str, str]] = set()
     for i, item in enumerate(r.published):

@@ -24,6 +24,8 @@ from dpo_pipeline.errors import StageError
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_NOISE = "from kernels-community"
+# (category, message regex) of library warnings we cannot fix (see the module docstring).
+DEPRECATIONS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
 
 
 class _DropMessage(logging.Filter):
@@ -48,9 +50,18 @@ def setup_output(stream: Any = None) -> None:
     if not (hasattr(stream, "isatty") and stream.isatty()):
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    for category, message in DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     noisy = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(f, _DropMessage) for f in noisy.filters):
         noisy.addFilter(_DropMessage(BNB_KERNELS_NOISE))
+
+
+def summary(stage: str, text: str) -> None:
+    """The one line a stage ends with: what it did (rows in/out, pairs scored, fidelity vs its gate, scores)."""
+    print(f"{stage}: {text}", file=sys.stderr, flush=True)
 
 
 def run_main(fn, *args: Any) -> None:

@@ -73,6 +73,11 @@ def run(
         write_json(metrics_path, {**metrics, "report": report})
         tracking.log_metrics(metrics)
         tracking.log_artifact(metrics_path)
+    runner.summary(
+        "decontaminate",
+        f"{metrics['rows_overlapping_any_task']} of {metrics['rows_train']} training rows share a "
+        f"{d.ngram}-gram with an eval task's documents; {metrics['dropped_contaminated']} selected for dropping",
+    )
     return metrics
 
 

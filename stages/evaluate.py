@@ -134,6 +134,16 @@ def run(
             samples_file = metrics_dir / part.samples_file
             write_json(samples_file, samples_out)
             tracking.log_artifact(samples_file)
+    from dpo_pipeline.runner import summary
+
+    shown = ", ".join(
+        f"{k} {v:.3f}"
+        for k, v in sorted(scores.items())
+        if isinstance(v, float)
+        and k.count("/") == 1
+        and k.split("/")[1] in ("acc", "acc_norm", "format_ok", "exact_match", "mc2")
+    )
+    summary(stage, f"{model_dir}: {shown or 'no scores'}")
     return scores
 
 

@@ -181,6 +181,12 @@ def run(
         write_json(metrics_path, metrics)
         tracking.set_tags({"lineage.adapter.hash": adapter_hash})
         tracking.log_outputs({"merged": merged_dir})
+    runner.summary(
+        "merge",
+        f"fidelity over {metrics['fidelity_tokens']} tokens of {metrics['fidelity_prompts']} prompts: max "
+        f"|diff| {metrics['fidelity_max_abs_diff']:.4f} (gate {params.merge.fidelity_max_abs}), mean "
+        f"{metrics['fidelity_mean_abs_diff']:.5f} (gate {params.merge.fidelity_mean_abs}) -> {merged_dir}",
+    )
     return metrics
 
 

@@ -59,6 +59,13 @@ def run(
         write_json(metrics_path, metrics)
         tracking.log_metrics(metrics)
         tracking.log_outputs({"pairs": pairs_dir})
+    from dpo_pipeline.runner import summary
+
+    summary(
+        "pairs",
+        f"{metrics['selected_train']} of {metrics['train_rows']} training pairs selected ({metrics['epochs']:.2f} "
+        f"epochs), {metrics['eval_pairs']} held-out pairs for train's eval_*",
+    )
     return metrics
 
 

@@ -128,6 +128,14 @@ def run(
         tracking.log_metrics({**metrics, **per_source})
         tracking.set_tags({"data.raw_format": metrics["format"], "data.raw_data_hash": raw_hash})
         tracking.log_outputs({"prepared": prepared_dir})
+    dropped = ", ".join(
+        f"{k[len('dropped_') :]} {v}" for k, v in metrics.items() if k.startswith("dropped_") and v
+    )
+    runner.summary(
+        "prepare",
+        f"{metrics['rows_in']} rows in ({metrics['format']}, {len(metrics['sources'])} source(s)) -> "
+        f"train {metrics['rows_train']}, test {metrics['rows_test']}; dropped: {dropped or 'none'}",
+    )
     return metrics
 
 

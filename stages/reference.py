@@ -76,6 +76,10 @@ def run(
             write_json(tmp / "meta.json", meta)
         tracking.log_metrics({f"rows_{split}": n for split, n in meta["rows"].items()})
         tracking.log_outputs({"reference": reference_dir})
+        from dpo_pipeline.runner import summary
+
+        scored = ", ".join(f"{split} {n}" for split, n in meta["rows"].items())
+        summary("reference", f"scored {scored} pairs" if meta["computed"] else "no model work (see above)")
         return meta
 
 

@@ -1,13 +1,17 @@
 """report stage: tuned vs base, every delta with its uncertainty, the base calibrated against published figures.
 
 Reads: params `report`; metrics/eval_merged.json + eval_merged_docs.json (evaluate), metrics/eval_base.json
-(evaluate_base), metrics/eval_base_heldout.json + eval_base_heldout_docs.json (evaluate_base_heldout).
+(evaluate_base), metrics/eval_base_heldout.json + eval_base_heldout_docs.json (evaluate_base_heldout),
+metrics/pairs.json (the epochs a run made: report.max_epochs).
 Also records the merged model as an MLflow logged model (tracking.log_model: its metrics, linked to the
 train, merge and evaluate runs, pointing at models/merged's path, DVC md5 and commit; registered as
-`<tracking.experiment>-merged`); eval.json's meta.mlflow_model_id names it.
+`<tracking.experiment>-merged` as tracking.register allows, and never when the scores are not meaningful);
+metrics/report_run.json names it (not eval.json: ids differ on every run and are no DVC metric).
 Writes: metrics/eval.json (flat numbers for `dvc metrics diff`: each tuned figure, `_base`, `_delta`, and per
 delta `_delta_stderr`, `_p_value`, `_significant`; the averages; calibration figures) and metrics/eval_card.md
-(the model card's evaluation section: tables of the same figures).
+(the model card's evaluation section: tables of the same figures), metrics/headline_plot.json (the `headline`
+plot's bars). Too few held-out pairs (report.min_heldout_pairs) or too many epochs (report.max_epochs) mark the
+scores not meaningful (eval.json `meaningful`, meta.not_meaningful, the card, a warning).
 
 No model runs here, so reading the scores another way (a significance level, a published figure, a tolerance)
 re-runs only this stage, never an hour of scoring. How each figure is made:
@@ -39,7 +43,13 @@ from dpo_pipeline.evaluate.compare import (
     check_comparable,
     compare_scores,
 )
-from dpo_pipeline.evaluate.report import calibrate, calibration_warning, card_section, read_docs
+from dpo_pipeline.evaluate.report import (
+    calibrate,
+    calibration_warning,
+    card_section,
+    meaningfulness,
+    read_docs,
+)
 from dpo_pipeline.io import atomic_write_bytes, read_json, write_json
 from dpo_pipeline.layout import MERGED_DIR, METRICS_DIR
 
@@ -54,6 +64,28 @@ FILES = {
     "base_heldout": "eval_base_heldout.json",
     "base_heldout_docs": "eval_base_heldout_docs.json",
 }
+HEADLINE_PLOT = (
+    "headline_plot.json"  # dvc.yaml's `headline` plot: one bar per figure, one colour per revision
+)
+
+
+def headline_plot(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline figures as plot rows {figure, value}: held-out preference accuracy of base and tuned (and the
+    length-normalised one), the format score. `dvc plots diff main beta02` draws them side by side."""
+    rows = []
+    for key, label in (
+        ("dpo_heldout_pref/acc", "held-out preference accuracy"),
+        ("dpo_heldout_pref/acc_norm", "held-out accuracy (length-normalised)"),
+        ("chatml_format/format_ok", "answer format ok"),
+    ):
+        if key in out:
+            rows.append({"figure": f"{label}, base", "value": round(float(out.get(key + "_base", 0.0)), 4)})
+            rows.append({"figure": f"{label}, tuned", "value": round(float(out[key]), 4)})
+    return rows
+
+
+PAIRS_FILE = "pairs.json"
+REPORT_RUN = "report_run.json"  # the MLflow model id this run recorded and whether it was registered  # the pairs stage's metrics: how many epochs over the training pairs a run makes
 
 
 def _scores(path: Path) -> dict[str, Any]:
@@ -100,6 +132,16 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
         for rec in flagged:
             logging.getLogger("stages.report").warning(calibration_warning(rec))
         out.update(figures)
+        pairs_path = metrics_dir / PAIRS_FILE
+        epochs = read_json(pairs_path).get("epochs") if pairs_path.is_file() else None
+        heldout = tuned_docs.get("dpo_heldout_pref", {}).get("ids")
+        problems = meaningfulness(
+            len(heldout) if heldout is not None else None, epochs, r.min_heldout_pairs, r.max_epochs
+        )
+        out["meaningful"] = 0.0 if problems else 1.0
+        meta["not_meaningful"] = problems
+        for problem in problems:
+            logging.getLogger("stages.report").warning("scores not meaningful: %s", problem)
         meta.update(
             {
                 "chat_template_sha_base": base_meta.get("chat_template_sha", ""),
@@ -114,13 +156,15 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
         register, made_from = tracking.registration(
             params.tracking.register, lineage.git_tags(), lineage.experiment_tags()
         )
+        if problems and register and params.tracking.register != "always":
+            register, made_from = False, f"{made_from}, scores not meaningful"
         if not register:
             print(
                 f"report: no model version registered: the run is from {made_from} and tracking.register is "
                 f"{params.tracking.register} (set it to always to register every run)",
                 file=sys.stderr,
             )
-        meta["mlflow_model_id"] = tracking.log_model(
+        model_id = tracking.log_model(
             name=f"{params.tracking.experiment}-merged",
             adapter_hash=str(meta.get("adapter_hash", "")),
             tags={
@@ -142,6 +186,12 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
         )
         report = {**out, "meta": meta}
         write_json(metrics_dir / "eval.json", report)
+        # The run-dependent ids: an output, not a DVC metric (`dvc metrics diff` lists what changed in the scores).
+        write_json(
+            metrics_dir / REPORT_RUN,
+            {"mlflow_model_id": model_id, "model_registered": register, "from": made_from},
+        )
+        write_json(metrics_dir / HEADLINE_PLOT, headline_plot(out))
         card = card_section(report, r.significance_level)
         atomic_write_bytes(metrics_dir / "eval_card.md", card.encode("utf-8"))
         tracking.log_metrics(out)
@@ -156,6 +206,16 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
         )
         tracking.log_artifact(metrics_dir / "eval.json")
         tracking.log_artifact(metrics_dir / "eval_card.md")
+    key = "dpo_heldout_pref/acc"
+    if key in out:
+        runner.summary(
+            "report",
+            f"held-out preference accuracy {out.get(key + '_base', float('nan')):.3f} -> {out[key]:.3f} "
+            f"(paired stderr {out.get(key + '_delta_stderr', float('nan')):.3f}, p {out.get(key + '_p_value', float('nan')):.3g})"
+            + (
+                f"; NOT MEANINGFUL: {'; '.join(meta['not_meaningful'])}" if meta.get("not_meaningful") else ""
+            ),
+        )
     return report
 
 

@@ -92,6 +92,13 @@ def run(
         write_json(metrics_path, metrics)
         tracking.log_metrics(metrics)
         tracking.log_outputs({"tokenized": tokenized_dir})
+    runner.summary(
+        "tokenize",
+        f"train {metrics['rows_train']}, test {metrics['rows_test']} rows; dropped: contaminated "
+        f"{metrics['dropped_contaminated']}, prompt_too_long {metrics['dropped_prompt_too_long']}, too_long "
+        f"{metrics['dropped_too_long']}; prompt tokens p50 {metrics['prompt_tokens_p50']:.0f}, max "
+        f"{metrics['prompt_tokens_max']:.0f}",
+    )
     return metrics
 
 

@@ -10,7 +10,9 @@ stages/pairs.py; the trainer reads the training pairs front to back in that orde
 eval_*); data/reference/ (cached reference log-probs of exactly those pairs, written by stages/reference.py,
 used when `train.precompute_ref` is true).
 Writes: models/adapter/ (PEFT adapter as adapter_model.safetensors + adapter_config.json, and the tokenizer),
-metrics/train.json (flat final metrics), metrics/train_history.csv (one row per logging step, for DVC plots).
+metrics/train.json (flat final metrics that identical runs share), metrics/train_timing.json (timings, throughput,
+peak memory: an output, not a DVC metric), metrics/train_history.csv (one row per logging step, for DVC plots),
+metrics/eval_history.csv (the held-out pairs' reward accuracy and margin every train.eval_steps).
 
 metrics/train.json: train_loss and rewards_* are the last logged training values (trl's means over the
 last logging window); eval_* come from trainer.evaluate on the held-out test split after training
@@ -69,6 +71,8 @@ def run(
     extra_callbacks: Sequence[Any] = (),
     pairs_dir: str | Path = layout.PAIRS_DIR,
     prepared_dir: str | Path = layout.PREPARED_DIR,
+    eval_history_path: str | Path | None = None,
+    timing_path: str | Path | None = None,
 ) -> dict[str, float]:
     """Train the adapter; returns the metrics written to `metrics_path`.
 
@@ -139,8 +143,14 @@ def run(
             eval_dataset=datasets["test"],
             processing_class=tokenizer,
             peft_config=loading.lora_config(t.lora),
-            callbacks=[trl_glue.mlflow_callback(), collapse, *extra_callbacks],
+            callbacks=[
+                trl_glue.mlflow_callback(),
+                collapse,
+                dpo.progress_callback(t.max_steps),
+                *extra_callbacks,
+            ],
         )
+        dpo.quiet_trainer_output(trainer)
         accelerator = trainer.accelerator
         logger.info(
             "process %d of %d (%s, %s)",
@@ -172,8 +182,18 @@ def run(
         with atomic_dir(adapter_dir) as tmp:
             dpo.save_adapter(trainer.model, tokenizer, tmp)
             write_json(tmp / layout.TRAIN_SUMMARY, dpo.train_summary(params, metrics))
-        write_json(metrics_path, metrics)
+        # The figures identical runs share are DVC metrics; timings, throughput and memory go beside them (a
+        # plain output), so `dvc metrics diff` lists what changed in the model, not the clock.
+        write_json(metrics_path, {k: v for k, v in metrics.items() if k not in dpo.RUN_DEPENDENT_KEYS})
+        timing_path = Path(timing_path or Path(metrics_path).with_name("train_timing.json"))
+        write_json(timing_path, {k: v for k, v in metrics.items() if k in dpo.RUN_DEPENDENT_KEYS})
         atomic_write_bytes(history_path, dpo.history_csv(dpo.history_rows(history)).encode("utf-8"))
+        # Beside train_history.csv unless told otherwise (tests pass their own folders).
+        eval_history_path = Path(eval_history_path or Path(history_path).with_name("eval_history.csv"))
+        held_out = dpo.history_rows(history, dpo.EVAL_HISTORY_COLUMNS)
+        atomic_write_bytes(
+            eval_history_path, dpo.history_csv(held_out, dpo.EVAL_HISTORY_COLUMNS).encode("utf-8")
+        )
 
         # Prefixed: the MLflow callback already logged transformers' own `train_loss` (a mean over the run).
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
@@ -181,6 +201,19 @@ def run(
         tracking.set_tags({tracking.ADAPTER_SHA256_TAG: sha256_tree(adapter_dir)})
         tracking.log_artifact(history_path)
         shutil.rmtree(run_dir, ignore_errors=True)
+        from dpo_pipeline.runner import summary
+
+        held_out = (
+            f"held-out reward accuracy {metrics['eval_rewards_accuracies']:.3f}, margin "
+            f"{metrics['eval_rewards_margins']:+.3f}"
+            if "eval_rewards_accuracies" in metrics
+            else f"held-out loss {metrics.get('eval_loss', float('nan')):.4f}"
+        )
+        summary(
+            "train",
+            f"{t.method}: {metrics['train_steps']:.0f} steps in {runtime:.1f} s, loss {metrics['train_loss']:.4f}; "
+            f"{held_out} -> {adapter_dir}",
+        )
         return metrics
 
 

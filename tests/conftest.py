@@ -105,6 +105,8 @@ def tiny_params(default_params):
             "per_device_train_batch_size": 4,
             "save_steps": 2,
             "logging_steps": 1,
+            # held-out metrics at the end only: the stage tests build trainers without an eval split too
+            "eval_steps": 0,
         },
         merge={"fidelity_prompts": 4},
         eval={"limit": 8, "batch_size": 4, "max_new_tokens": 8},

@@ -14,7 +14,7 @@ Writes: DVC experiments (git refs under refs/exps, shown by `dvc exp show`); pri
 held-out preference accuracy of the merged model with its paired standard error against the base and the delta,
 the eval reward margin in each method's own units (ORPO's log odds ratio next to it), the mean generated answer length in tokens,
 train seconds and peak memory. The figures come from each experiment's committed metrics/eval.json and
-metrics/train.json. Exit status: 0 with a table; 1 when a run fails (its dvc output is shown) or an experiment
+metrics/train.json and metrics/train_timing.json. Exit status: 0 with a table; 1 when a run fails (its dvc output is shown) or an experiment
 is missing.
 """
 
@@ -88,6 +88,15 @@ def run_experiment(name: str, overrides: dict[str, Any], env: dict[str, str]) ->
         raise StageError(f"experiment {exp} failed (dvc exp run exit {done.returncode}); its output is above")
 
 
+def read_run_figures(ref: str) -> dict[str, float]:
+    """metrics/train_timing.json at `ref` (timings and peak memory, kept out of the DVC metrics), or {} for an
+    experiment made before that file existed."""
+    try:
+        return read_metrics(ref, "metrics/train_timing.json")
+    except StageError:
+        return {}
+
+
 def read_metrics(ref: str, path: str) -> dict[str, float]:
     try:
         return json.loads(_git("show", f"{ref}:{path}"))
@@ -142,7 +151,8 @@ def tabulate(runs: dict[str, dict[str, Any]]) -> str:
             )
         evaluation = read_metrics(ref, "metrics/eval.json")
         base_acc = evaluation.get("dpo_heldout_pref/acc_base", base_acc)
-        rows.append(table_row(name, overrides, evaluation, read_metrics(ref, "metrics/train.json")))
+        train = {**read_metrics(ref, "metrics/train.json"), **read_run_figures(ref)}
+        rows.append(table_row(name, overrides, evaluation, train))
     footer = f"\nBase model's held-out preference accuracy: {_num(base_acc, 3)}. Commit {baseline[:7]}."
     return "\n".join([HEADER, *rows]) + footer
 

@@ -86,10 +86,17 @@ def missing_for(params) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from dpo_pipeline import config
 
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv else config.PARAMS_FILE
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.doctor", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument(
+        "params", nargs="?", default=config.PARAMS_FILE, help="params file to check (params.yaml)"
+    )
+    path = parser.parse_args(argv).params
     for key, value in facts().items():
         print(f"{key:>22}: {value}")
     try:

@@ -41,9 +41,21 @@ def trim(target: Path) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+MARKER = ".gpu-bundle"  # a file inside a bundle this tool made: the only kind of folder it will replace
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    target = Path(argv[0] if argv else ".gpu-bundle")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_bundle", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", nargs="?", default=".gpu-bundle", help="where to write the bundle (replaced)")
+    target = Path(parser.parse_args(argv).dir)
+    if target.exists() and not (target / MARKER).is_file():
+        print(
+            f"error: {target} exists and is not a bundle this tool made (no {MARKER} inside): not replacing it",
+            file=sys.stderr,
+        )
+        return 1
     pins = read_pins()
     wanted = [f"{name}=={pins[name]}" for name in PACKAGES if name in pins]
     shutil.rmtree(target, ignore_errors=True)
@@ -52,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
     )
     trim(target)
+    (target / MARKER).write_text("made by tools/gpu_bundle.py\n")
     total = size(target)
     print(f"gpu-bundle: {target} holds {len(wanted)} packages, {total / 2**20:.1f} MiB (limit 64 MiB)")
     return 0 if total <= LIMIT_BYTES else 1

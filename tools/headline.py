@@ -4,7 +4,8 @@
     python -m tools.headline main beta02 exp-x    # side by side: branches, tags, shas or `dvc exp run` names
     python -m tools.headline main beta02 --json
 
-Reads: params.yaml and the metrics files the stages write (metrics/eval.json, train.json, eval_merged_docs.json),
+Reads: params.yaml and the files the stages write (metrics/eval.json, train.json, train_timing.json,
+eval_merged_docs.json),
 from the workspace or, for a rev, from git (`git show REV:metrics/...`; an experiment name is found among DVC's
 experiment refs, refs/exps/.../NAME). Writes nothing.
 
@@ -28,7 +29,13 @@ import yaml
 from dpo_pipeline.errors import StageError
 from dpo_pipeline.runner import run_main
 
-FILES = ("metrics/eval.json", "metrics/train.json", "metrics/eval_merged_docs.json", "params.yaml")
+FILES = (
+    "metrics/eval.json",
+    "metrics/train.json",
+    "metrics/train_timing.json",
+    "metrics/eval_merged_docs.json",
+    "params.yaml",
+)
 TASK = "dpo_heldout_pref"
 
 
@@ -85,11 +92,14 @@ def headline(files: dict[str, Any]) -> dict[str, Any]:
         "acc": ev.get(f"{TASK}/acc"),
         "acc_delta_stderr": ev.get(f"{TASK}/acc_delta_stderr"),
         "acc_p_value": ev.get(f"{TASK}/acc_p_value"),
+        "not_meaningful": (ev.get("meta") or {}).get("not_meaningful") or [],
         "heldout_pairs": len(docs.get("ids", [])) or None,
         "reward_margin": tr.get("eval_rewards_margins"),
         "answer_tokens": ev.get("chatml_format/length_mean_tokens"),
         "format_ok": ev.get("chatml_format/format_ok"),
-        "train_seconds": tr.get("train_runtime_s"),
+        "train_seconds": files.get("metrics/train_timing.json", {}).get(
+            "train_runtime_s", tr.get("train_runtime_s")
+        ),
     }
 
 
@@ -124,7 +134,10 @@ def format_table(columns: list[tuple[str, dict[str, Any]]], tests: list[dict[str
                 f" (p {_num(h['acc_p_value'], 3)})"
             ),
         ),
-        ("held-out pairs", lambda h: _num(h["heldout_pairs"], 0)),
+        (
+            "held-out pairs",
+            lambda h: _num(h["heldout_pairs"], 0) + (" NOT MEANINGFUL" if h["not_meaningful"] else ""),
+        ),
         ("reward margin", lambda h: _num(h["reward_margin"], 3)),
         ("answer tokens", lambda h: _num(h["answer_tokens"], 1)),
         ("format ok", lambda h: _num(h["format_ok"], 3)),

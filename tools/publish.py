@@ -58,7 +58,9 @@ def require_reproducible() -> str:
     return _run("git", "rev-parse", "HEAD").stdout.strip()
 
 
-def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
+def card_info(
+    kind: str, params: Any, commit: str, license: str | None = None, language: str = "en"
+) -> dict[str, Any]:
     from dpo_pipeline.io import read_json
 
     base_info = read_json(BASE_DIR / BASE_INFO) if (BASE_DIR / BASE_INFO).is_file() else {}
@@ -81,8 +83,14 @@ def card_info(kind: str, params: Any, commit: str) -> dict[str, Any]:
         "datasets": dataset_ids(
             params.data, raw.with_name(raw.name + ".dvc") if params.data.source == "local" else None
         ),
-        "license": base_license(BASE_DIR)
+        "license": license
+        or base_license(BASE_DIR)
         or (hub_license(params.base.name, params.base.revision) if params.base.source == "hub" else None),
+        "language": [language] if language else [],
+        "base_source": params.base.source,
+        "parameter_count": base_info.get("parameter_count", 0),
+        "scores": read_json(METRICS_DIR / "eval.json") if (METRICS_DIR / "eval.json").is_file() else {},
+        "versions": lineage.library_tags(),
         "dtype": params.merge.dtype,
         "git_commit": commit,
         "artifact_path": str(source),
@@ -157,7 +165,15 @@ def require_repo_id(repo_id: str) -> None:
         raise StageError(f"REPO: expected a hub repo id like org/name, got {repo_id!r} ({problem})")
 
 
-def publish(repo_id: str, kind: str, dry_run: bool, private: bool, params_path: str = "params.yaml") -> Path:
+def publish(
+    repo_id: str,
+    kind: str,
+    dry_run: bool,
+    private: bool,
+    params_path: str = "params.yaml",
+    license: str | None = None,
+    language: str = "en",
+) -> Path:
     from dpo_pipeline import config, tracking
     from dpo_pipeline.io import read_json, write_json
 
@@ -165,7 +181,7 @@ def publish(repo_id: str, kind: str, dry_run: bool, private: bool, params_path: 
     params = config.load(params_path)
     commit = require_reproducible()
     folder = SCRATCH_DIR / "publish" / f"{repo_id.replace('/', '--')}-{kind}"
-    build_folder(KINDS[kind], folder, card(kind, repo_id, card_info(kind, params, commit)))
+    build_folder(KINDS[kind], folder, card(kind, repo_id, card_info(kind, params, commit, license, language)))
     if dry_run:
         print(
             f"publish: dry run: {folder}/ holds exactly what would be uploaded to {repo_id} ({kind}, "
@@ -178,14 +194,9 @@ def publish(repo_id: str, kind: str, dry_run: bool, private: bool, params_path: 
         write_json(METRICS_DIR / "publish.json", record)
         tracking.set_tags({f"hub.{k}": v for k, v in record.items()})
         if kind == "merged":
-            eval_meta = (
-                read_json(METRICS_DIR / "eval.json").get("meta", {})
-                if (METRICS_DIR / "eval.json").is_file()
-                else {}
-            )
-            tracking.tag_logged_model(
-                eval_meta.get("mlflow_model_id", ""), {f"hub.{k}": v for k, v in record.items()}
-            )
+            report_run = METRICS_DIR / "report_run.json"  # the report stage's MLflow model id
+            model_id = read_json(report_run).get("mlflow_model_id", "") if report_run.is_file() else ""
+            tracking.tag_logged_model(model_id, {f"hub.{k}": v for k, v in record.items()})
     print(
         f"publish: {repo_id} at hub commit {record['commit']} ({record['url']}); recorded in {METRICS_DIR / 'publish.json'}"
     )
@@ -200,8 +211,21 @@ def _main() -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="write the folder and card, upload nothing")
     parser.add_argument("--public", action="store_true", help="make the hub repo public (default: private)")
+    parser.add_argument(
+        "--license",
+        default=None,
+        help="the card's license (default: the base's, read from its card; else 'other')",
+    )
+    parser.add_argument("--language", default="en", help="the card's language code (default: en, the data's)")
     args = parser.parse_args()
-    publish(args.repo, "adapter" if args.adapter else "merged", args.dry_run, not args.public)
+    publish(
+        args.repo,
+        "adapter" if args.adapter else "merged",
+        args.dry_run,
+        not args.public,
+        license=args.license,
+        language=args.language,
+    )
 
 
 def main() -> None:

@@ -81,6 +81,25 @@ def _delta_cells(report: dict[str, Any], key: str) -> str:
     return " | ".join(cells)
 
 
+def meaningfulness(
+    heldout_pairs: int | None, epochs: float | None, min_pairs: int, max_epochs: float
+) -> list[str]:
+    """Why the scores are not meaningful (empty: they are): too few held-out pairs for the paired test to see a
+    typical gain (report.min_heldout_pairs), or so many passes over the training pairs that DPO memorises them
+    (report.max_epochs)."""
+    problems = []
+    if heldout_pairs is not None and heldout_pairs < min_pairs:
+        problems.append(
+            f"only {heldout_pairs} held-out pairs (report.min_heldout_pairs {min_pairs}): the paired test cannot "
+            "detect a typical gain"
+        )
+    if epochs is not None and epochs > max_epochs:
+        problems.append(
+            f"{epochs:.1f} epochs over the training pairs (report.max_epochs {max_epochs:g}): DPO memorises them"
+        )
+    return problems
+
+
 def card_section(report: dict[str, Any], level: float) -> str:
     """Markdown: the evaluation table (tuned, base, delta +- stderr, significance), calibration and length."""
     meta = report["meta"]
@@ -91,6 +110,14 @@ def card_section(report: dict[str, Any], level: float) -> str:
         f" seed {meta.get('seed')}, limit {meta.get('limit') or 'none'}. A delta is marked significant when its"
         f" two-sided p-value is below {level}.",
         "",
+        *(
+            [
+                f"**Not meaningful:** {'; '.join(meta['not_meaningful'])}. Read the figures below as a smoke test.",
+                "",
+            ]
+            if meta.get("not_meaningful")
+            else []
+        ),
         "| task | metric | few-shot | tuned | base | delta | +- stderr | p | significant | test |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -132,14 +132,15 @@ def model_card(info: dict[str, Any]) -> str:
     short, long = method_name(train_params.get("train") or {})
     return (
         "---\n"
-        f"base_model: {json.dumps(base_name)}\n"
-        "library_name: transformers\n"
-        f"tags: [{method}, lora, merged, chatml]\n"
+        # a builtin base is made locally, not a hub model: no base_model to point the hub at
+        + (f"base_model: {json.dumps(base_name)}\n" if source == "hub" else "")
+        + "library_name: transformers\n"
+        f"tags: [{method}, lora, merged]\n"
         "---\n\n"
         f"# {base_name} + {short} (merged)\n\n"
         f"A LoRA adapter trained with {long} ({base_precision(train_params)}) on preference pairs, folded into the "
-        f"unquantized base weights in {info['merge']['merge.dtype']}. Prompts use ChatML "
-        "(`<|im_start|>role\\n...<|im_end|>`); generation ends at `<|im_end|>` (eos).\n\n"
+        f"unquantized base weights in {info['merge']['merge.dtype']}. Prompts use the base tokenizer's own chat "
+        "template (shipped with the tokenizer; its sha below); generation ends at the tokenizer's eos.\n\n"
         "## Base model\n\n"
         + markdown_table(
             {"name": base_name, "source": source, "revision": revision or "(none)", **_rest(base)}
@@ -171,7 +172,7 @@ def model_card(info: dict[str, Any]) -> str:
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'tokenizer = AutoTokenizer.from_pretrained("models/merged")\n'
-        'model = AutoModelForCausalLM.from_pretrained("models/merged")\n'
+        'model = AutoModelForCausalLM.from_pretrained("models/merged", dtype="auto")\n'
         'messages = [{"role": "system", "content": "You are a helpful assistant chatbot."},\n'
         '            {"role": "user", "content": "What is a Large Language Model?"}]\n'
         "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"

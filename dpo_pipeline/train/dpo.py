@@ -36,6 +36,15 @@ HISTORY_COLUMNS = (
     "rewards/accuracies",
     "learning_rate",
 )
+# metrics/eval_history.csv: the held-out pairs' figures at each train.eval_steps evaluation (trl's eval_ names).
+EVAL_HISTORY_COLUMNS = (
+    "step",
+    "eval_loss",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_rewards/margins",
+    "eval_rewards/accuracies",
+)
 
 
 # Metrics that differ between identical runs: timings, throughput, memory, and pad_fraction, which a
@@ -106,7 +115,11 @@ def common_kwargs(p: Params, out_dir: str | Path) -> dict[str, Any]:
         logging_steps=t.logging_steps,
         # Show NaN/inf in the logs as they are; the NaN guard stops training anyway.
         logging_nan_inf_filter=False,
-        eval_strategy="no",
+        # Held-out metrics every train.eval_steps (the eval pairs' reference log-probs are cached): the held-out
+        # curve of metrics/eval_history.csv. The final evaluation runs after training either way.
+        # (eval_steps at or past max_steps: the final evaluation is the only one, as with 0.)
+        eval_strategy="steps" if 0 < t.eval_steps < t.max_steps else "no",
+        eval_steps=t.eval_steps if 0 < t.eval_steps < t.max_steps else None,
         # trl's default (True) would also switch off the LoRA dropout, leaving `train.lora.dropout` inert.
         # The builtin Mistral config has no other dropout (attention_dropout 0.0).
         disable_dropout=False,
@@ -188,19 +201,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per training logging step (eval and summary entries skipped), HISTORY_COLUMNS only."""
-    rows = []
+def history_rows(
+    log_history: list[dict[str, Any]], columns: tuple[str, ...] = HISTORY_COLUMNS
+) -> list[dict[str, Any]]:
+    """One row per training logging step (eval and summary entries skipped), HISTORY_COLUMNS only; with
+    EVAL_HISTORY_COLUMNS, one row per periodic held-out evaluation instead."""
+    key = "eval_loss" if columns == EVAL_HISTORY_COLUMNS else "loss"
+    rows: dict[Any, dict[str, Any]] = {}
     for entry in log_history:
-        if "loss" not in entry or "step" not in entry:
+        if key not in entry or "step" not in entry:
             continue
-        rows.append({col: entry.get(col, "") for col in HISTORY_COLUMNS})
-    return rows
+        # One row per step: the final evaluation after training lands on the last step, where the periodic one
+        # (train.eval_steps dividing max_steps) may already be; it is the same model, the later entry is kept.
+        rows[entry["step"]] = {col: entry.get(col, "") for col in columns}
+    return list(rows.values())
 
 
-def history_csv(rows: list[dict[str, Any]]) -> str:
+def history_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = HISTORY_COLUMNS) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(HISTORY_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -220,6 +239,70 @@ def train_summary(params: Params, metrics: dict[str, float]) -> dict[str, Any]:
         "params": lineage.params_for(params, SECTIONS),
         "metrics": {key: metrics[key] for key in SUMMARY_METRIC_KEYS if key in metrics},
     }
+
+
+def progress_line(step: int, total: int, logs: dict[str, float], elapsed: float, done: int) -> str:
+    """One training progress line: step/total, loss, the reward margin and accuracy where the method logs them,
+    elapsed time and the ETA from this run's pace (steps resumed from a checkpoint are not counted)."""
+    parts = [f"train: step {step}/{total}", f"loss {logs['loss']:.4f}"]
+    if "rewards/margins" in logs:
+        parts.append(f"margin {logs['rewards/margins']:+.3f}")
+    if "rewards/accuracies" in logs:
+        parts.append(f"acc {logs['rewards/accuracies']:.2f}")
+    eta = elapsed / done * (total - step) if done else None
+    clock = f"{elapsed:.0f}s elapsed" + (f", eta {eta:.0f}s" if eta is not None else "")
+    return " ".join(parts) + f" | {clock}"
+
+
+def progress_callback(max_steps: int, stream=None):
+    """Training progress in place of the Trainer's raw log dicts: on a terminal a tqdm bar with a line per log
+    (tqdm.write, so the bar stays at the bottom); off a terminal (`dvc repro` captures stderr) a plain line every
+    train.logging_steps. Main process only."""
+    import sys
+    import time
+
+    from transformers import TrainerCallback
+
+    out = stream if stream is not None else sys.stderr
+    tty = hasattr(out, "isatty") and out.isatty()
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first = time.perf_counter(), state.global_step
+            self.bar = None
+            if tty and state.is_world_process_zero:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=max_steps, initial=state.global_step, desc="train", file=out)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.started
+            line = progress_line(state.global_step, max_steps, logs, elapsed, state.global_step - self.first)
+            if self.bar is not None:
+                self.bar.write(line, file=out)
+            else:
+                print(line, file=out, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
+def quiet_trainer_output(trainer) -> None:
+    """Drop the Trainer's own printers (PrinterCallback prints every log dict; ProgressCallback writes them
+    under its bar): progress_callback says the same in one line."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
 
 
 def collapse_callback(max_steps: int):

@@ -157,6 +157,17 @@ def test_exp_run_set_param_and_exp_show(clone):
         assert run.info.run_name == f"{stage}@beta02"
         assert run.data.tags["dvc.exp.baseline"] == project.head()
     assert re.fullmatch(r"[0-9a-f]{16}", by_stage["train"].data.tags["params.fingerprint"])
+    # what `dvc metrics diff` lists after the experiment is the model's change, not the clock or run ids
+    diff = json.loads(project.dvc("metrics", "diff", "--json").stdout)
+    changed = {metric for entries in diff.values() for metric in entries}
+    assert "train_loss" in changed
+    assert not changed & {
+        "train_runtime_s",
+        "pairs_per_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "meta.mlflow_model_id",
+    }
     assert by_stage["report"].data.tags["model.registered"] == "no"
     # the experiment is a real commit: it can become a branch, and the workspace is left consistent
     project.dvc("exp", "branch", "beta02", "exp-beta02")

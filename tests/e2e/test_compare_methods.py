@@ -38,8 +38,8 @@ def test_compare_methods_runs_each_method_as_an_experiment(clone):
         assert 0.0 <= acc <= 1.0 and "dpo_heldout_pref/acc_base" in evaluation
         cells = [c.strip() for c in rows[name].strip("|").split("|")]
         assert cells[2] == f"{acc:.3f} ± {evaluation['dpo_heldout_pref/acc_delta_stderr']:.3f}"
-        train = json.loads(project.git("show", f"{ref}:metrics/train.json").stdout)
-        assert cells[6] == f"{train['train_runtime_s']:.1f}"
+        run = json.loads(project.git("show", f"{ref}:metrics/train_timing.json").stdout)
+        assert cells[6] == f"{run['train_runtime_s']:.1f}"
 
     # the reference-free run's reference stage computed nothing, and its model card names SimPO
     project.dvc("exp", "apply", "methods-simpo")

@@ -194,7 +194,7 @@ def test_server_killed_mid_training_keeps_the_adapter(clone, mlflow_server, tmp_
     project = with_tracking(clone("server-dies"), mlflow_server.url)
     # Long enough that training is still running when the server dies (the tiny profile's few steps take
     # ~2 s on quiet cores: the kill landed after the last logging call and nothing had to fail).
-    project.set_params({"train.max_steps": 300, "train.save_steps": 300})
+    project.set_params({"train.max_steps": 300, "train.save_steps": 300, "train.eval_steps": 100})
     adapter = project.root / "models" / "adapter"
     old = snapshot(adapter)
     client = client_for(mlflow_server.url)
@@ -240,7 +240,7 @@ def test_sigterm_ends_the_run_killed(clone, mlflow_server, tmp_path):
     project = with_tracking(clone("sigterm"), mlflow_server.url)
     # Long enough that the SIGTERM lands inside the training loop: the tiny profile's few steps take ~2 s,
     # less than it takes to see the first logged step on the server and send the signal.
-    project.set_params({"train.max_steps": 2000, "train.save_steps": 2000})
+    project.set_params({"train.max_steps": 2000, "train.save_steps": 2000, "train.eval_steps": 1000})
     adapter = project.root / "models" / "adapter"
     old = snapshot(adapter)
     client = client_for(mlflow_server.url)
@@ -283,7 +283,7 @@ def test_the_merged_model_is_an_mlflow_model_linked_to_its_runs_and_dvc(clone, m
     scores = project.read_json("metrics/eval.json")
     name = project.params()["tracking"]["experiment"] + "-merged"
 
-    model = client.get_logged_model(scores["meta"]["mlflow_model_id"])
+    model = client.get_logged_model(project.read_json("metrics/report_run.json")["mlflow_model_id"])
     assert model.name == name
     head = f"tags.`git.commit` = '{project.head()}'"
     merge_run, evaluate_run, report_run = (

@@ -26,15 +26,29 @@ def test_dry_run_writes_the_hub_ready_folder_and_card(clone):
     assert f"{folder.relative_to(project.root)}/ holds exactly what would be uploaded to {REPO}" in out
     names = sorted(p.name for p in folder.iterdir())
     merged = project.root / "models" / "merged"
-    assert set(names) == {p.name for p in merged.iterdir() if p.is_file()} | {"README.md"}
+    # the model's files and the card; the pipeline's bookkeeping (pipeline_merge.json) stays in the repo
+    assert set(names) == {p.name for p in merged.iterdir() if p.is_file()} - {"pipeline_merge.json"} | {
+        "README.md"
+    }
     assert "model.safetensors" in names and "tokenizer.json" in names and "tokenizer_config.json" in names
     # the weights are the DVC workspace's own files (hard links), byte for byte
     assert (folder / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes()
     card = (folder / "README.md").read_text()
-    header = re.match(r"---\n(.*?)\n---\n", card, re.S).group(1)
-    assert 'base_model: "tiny-chatml-mistral"' in header and 'library_name: "transformers"' in header
-    assert '- "dpo"' in header and "pipeline_tag" in header
-    assert "license" not in header  # the builtin base has no card of its own to take a license from
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    data = ModelCard(card).data  # the hub's own parser of the header
+    assert data.base_model is None  # the builtin base is not a hub model: named in the text instead
+    assert "builtin demo model tiny-chatml-mistral" in card
+    assert (
+        data.library_name == "transformers" and "dpo" in data.tags and data.pipeline_tag == "text-generation"
+    )
+    assert data.license == "other"  # the builtin base has no card of its own to take a license from
+    _name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    scores = project.read_json("metrics/eval.json")
+    got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
+    assert got[("dpo_heldout_pref", "acc")] == round(scores["dpo_heldout_pref/acc"], 4)
+    assert got[("chatml_format", "format_ok")] == round(scores["chatml_format/format_ok"], 4)
     head = project.head()
     assert f"| git commit | {head} |" in card
     lock = (project.root / "dvc.lock").read_text()
@@ -56,7 +70,7 @@ def test_dry_run_of_the_adapter(clone):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= names
     assert "train_summary.json" not in names  # the pipeline's bookkeeping stays home
     card = (folder / "README.md").read_text()
-    assert 'library_name: "peft"' in card and 'base_model_relation: "adapter"' in card
+    assert "library_name: peft" in card and "## Intended use and limitations" in card
     assert "AutoPeftModelForCausalLM" in card
 
 

@@ -206,6 +206,8 @@ def test_evaluate_writes_every_key(evaluated, tiny_params):
         "eval_card.md",
         "eval_merged.json",
         "eval_merged_docs.json",
+        "headline_plot.json",
+        "report_run.json",
         "samples.json",
         "samples_base.json",
     ]
@@ -321,7 +323,8 @@ def test_evaluate_runs_are_tracked(evaluated):
     for name in ("eval_base.json", "eval_base_heldout.json", "eval_merged.json"):
         text = (evaluated["metrics"] / name).read_text()
         assert evaluated["train_run_id"] not in text and '"run_id"' not in text, name
-    assert read_json(evaluated["metrics"] / "eval.json")["meta"]["mlflow_model_id"] == model.model_id
+    assert read_json(evaluated["metrics"] / "report_run.json")["mlflow_model_id"] == model.model_id
+    assert "mlflow_model_id" not in read_json(evaluated["metrics"] / "eval.json")["meta"]
     run = by_stage["evaluate"][0]
     assert run["metrics.dpo_heldout_pref/acc_norm"] == 1.0
     assert run["tags.eval.model"] == "merged" and run["params.eval.batch_size"] == str(4)

@@ -182,8 +182,12 @@ def test_outputs_and_metrics(trained, train_params):
     assert not list(adapter.glob("*.bin")), "pickle weights must never be written"
 
     metrics = json.loads((trained / "metrics" / "train.json").read_text())
-    # DPO logs every key but ORPO's log-odds of the chosen answer (an optional key, left out when not logged).
-    assert set(metrics) == set(dpo.METRIC_KEYS) - {"eval_log_odds_chosen"}
+    timing = json.loads((trained / "metrics" / "train_timing.json").read_text())
+    # DPO logs every key but ORPO's log-odds of the chosen answer (an optional key, left out when not logged);
+    # the run-dependent ones (timings, throughput, memory) go to train_timing.json, out of the DVC metrics.
+    assert set(metrics) == set(dpo.SUMMARY_METRIC_KEYS) - {"eval_log_odds_chosen"}
+    assert set(timing) == set(dpo.RUN_DEPENDENT_KEYS)
+    metrics = {**metrics, **timing}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["train_steps"] == train_params.train.max_steps
     assert 0.0 <= metrics["eval_rewards_accuracies"] <= 1.0
@@ -258,7 +262,10 @@ def test_mlflow_run(trained, train_params):
     assert run.data.tags["input.reference.hash"].startswith("sha256:")  # no dvc.lock here: hashed by us
     # the lineage merge, evaluate and report look up: the adapter's content hash as a tag, no run id in a file
     assert run.data.tags[tracking.ADAPTER_SHA256_TAG] == sha256_tree(trained / "adapter")
-    assert not (trained / "metrics" / "train_run.json").exists()
+    # no run id in any file: train_timing.json holds the run-dependent figures only
+    assert set(json.loads((trained / "metrics" / "train_timing.json").read_text())) == set(
+        dpo.RUN_DEPENDENT_KEYS
+    )
     assert mlflow.active_run() is None
 
 

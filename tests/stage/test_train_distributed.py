@@ -89,7 +89,10 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, train_params, tiny_base_d
     assert config["r"] == params.train.lora.r and config["base_model_name_or_path"] == "models/base"
     assert not list((work / "models").glob(".adapter.tmp-*")), "no temporary sibling left behind"
 
-    metrics = json.loads((work / "metrics" / "train.json").read_text())
+    metrics = {
+        **json.loads((work / "metrics" / "train.json").read_text()),
+        **json.loads((work / "metrics" / "train_timing.json").read_text()),
+    }
     assert metrics["train_steps"] == STEPS
     # The global batch is per_device_train_batch_size * num_processes: the pairs of both workers are counted.
     pairs = round(metrics["pairs_per_s"] * metrics["train_runtime_s"])

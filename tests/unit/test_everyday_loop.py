@@ -79,3 +79,106 @@ def test_the_chat_tool_says_when_it_talks_to_the_builtin_demo(tmp_path):
     assert chat.demo_note(tmp_path).startswith("note: this is the builtin demo model (1.3M parameters")
     (tmp_path / "pipeline_base.json").write_text(json.dumps({"source": "hub", "name": "teknium/OpenHermes"}))
     assert chat.demo_note(tmp_path) == ""
+
+
+def test_training_progress_is_one_line_per_log_with_step_total_and_eta():
+    import io
+    from types import SimpleNamespace
+
+    from dpo_pipeline.train import dpo
+
+    line = dpo.progress_line(
+        20, 60, {"loss": 0.6512, "rewards/margins": 0.1234, "rewards/accuracies": 0.75}, 10.0, 20
+    )
+    assert line == "train: step 20/60 loss 0.6512 margin +0.123 acc 0.75 | 10s elapsed, eta 20s"
+    kto = dpo.progress_line(5, 10, {"loss": 0.5}, 4.0, 0)  # resumed at step 5, nothing run yet: no ETA
+    assert kto == "train: step 5/10 loss 0.5000 | 4s elapsed"
+
+    out = io.StringIO()  # not a terminal: plain lines, as `dvc repro` captures stderr
+    callback = dpo.progress_callback(4, stream=out)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    callback.on_train_begin(None, state, None)
+    for step in (2, 4):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        callback.on_log(None, state, None, logs={"loss": 0.5, "rewards/margins": 0.1})
+    callback.on_log(None, state, None, logs={"eval_loss": 0.4})  # evaluation logs are not progress
+    callback.on_train_end(None, state, None)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["train: step 2/4", "train: step 4/4"]
+    assert "eta" in lines[0] and "\r" not in out.getvalue()
+
+
+def test_library_deprecations_we_cannot_fix_are_filtered_and_no_other_warning_is():
+    import warnings
+
+    from dpo_pipeline import runner
+
+    runner.setup_output()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category, message in runner.DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            FutureWarning,
+            stacklevel=1,
+        )
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_scores_are_not_meaningful_below_the_held_out_size_or_above_the_epochs():
+    from dpo_pipeline.evaluate.report import card_section, meaningfulness
+
+    assert meaningfulness(335, 1.0, 100, 3.0) == []
+    problems = meaningfulness(3, 14.2, 100, 3.0)
+    assert problems[0].startswith("only 3 held-out pairs (report.min_heldout_pairs 100)")
+    assert problems[1].startswith("14.2 epochs over the training pairs (report.max_epochs 3)")
+    assert meaningfulness(None, None, 100, 3.0) == []  # no held-out task, no pairs file: nothing to judge
+    card = card_section({"meta": {"not_meaningful": problems, "primary_metric": {}}}, 0.05)
+    assert "**Not meaningful:** only 3 held-out pairs" in card
+
+
+def test_dvc_uses_the_offline_plots_page():
+    """.dvc/config points DVC at plots/offline.html: DVC's page with the three libraries inlined and no {scripts}
+    placeholder, so DVC adds no CDN tags (dvc_render.html fills only the placeholders a template has)."""
+    import configparser
+
+    from dvc_render.vega import VegaRenderer
+
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    template = (REPO / ".dvc" / config["plots"]["html_template"]).resolve()
+    assert template == REPO / "plots" / "offline.html"
+    page = template.read_text(encoding="utf-8")
+    assert "{plot_divs}" in page and "{scripts}" not in page
+    for url in re.findall(r'src="(https://cdn[^"]+)"', VegaRenderer.SCRIPTS):
+        name, version = url.rsplit("/", 1)[1].rsplit("@", 1)
+        assert f"<script>/* {name}@{version} */" in page, (name, version)  # the versions DVC's page asks for
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+
+
+def test_every_tool_answers_help_and_does_nothing_else():
+    """`python -m tools.X --help` prints a usage line and exits 0 for every tool with a command line, and leaves
+    the work tree as it was (a tool that took --help as a folder name once installed packages into it)."""
+    import sys
+
+    tools = sorted(
+        p.stem
+        for p in (REPO / "tools").glob("*.py")
+        if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8")
+    )
+    assert {"chat", "publish", "headline", "compare", "doctor", "gpu_bundle", "verify"} <= set(tools)
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    for tool in tools:
+        out = subprocess.run(
+            [sys.executable, "-m", f"tools.{tool}", "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout, (tool, out.stdout[-300:], out.stderr[-300:])
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    assert after == before

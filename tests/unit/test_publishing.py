@@ -31,25 +31,71 @@ def test_the_datasets_are_the_hub_ones_the_data_came_from(tmp_path):
 
 
 def test_the_card_header_is_what_the_hub_reads():
+    """huggingface_hub's own ModelCard parses the card; its model-index holds eval.json's figures; the card says
+    what the model is for, how it was trained with which framework versions, how to load it, and cites DPO."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
     info = {
         "base_name": "teknium/OpenHermes-2.5-Mistral-7B",
+        "base_source": "hub",
         "datasets": ["Intel/orca_dpo_pairs"],
         "license": "apache-2.0",
+        "language": ["en"],
         "git_commit": "abc",
         "artifact_path": "models/adapter",
         "artifact_md5": "d41d8cd98f00b204e9800998ecf8427e.dir",
         "train_params": {"beta": 0.1},
+        "scores": {
+            "dpo_heldout_pref/acc": 0.776,
+            "dpo_heldout_pref/acc_base": 0.57,
+            "dpo_heldout_pref/acc_delta_stderr": 0.027,
+            "arc_challenge/acc_norm": 0.6633,
+            "meta": {"x": 1},
+        },
+        "versions": {"version.trl": "1.16.0", "version.transformers": "5.17.0"},
     }
-    card = publish.card("adapter", "me/neuralhermes", info)
-    header = re.match(r"---\n(.*?)\n---\n", card, re.S).group(1).splitlines()
-    assert header[:4] == [
-        'base_model: "teknium/OpenHermes-2.5-Mistral-7B"',
-        'base_model_relation: "adapter"',
-        "datasets:",
-        '- "Intel/orca_dpo_pairs"',
-    ]
-    assert 'library_name: "peft"' in header and 'license: "apache-2.0"' in header
-    assert "Not evaluated" in card and "AutoPeftModelForCausalLM" in card
+    text = publish.card("adapter", "me/neuralhermes", info)
+    parsed = ModelCard(text)
+    parsed.validate = None  # validation against the hub's server needs the network; the parse is local
+    data = parsed.data
+    assert data.base_model == "teknium/OpenHermes-2.5-Mistral-7B" and data.base_model_relation == "adapter"
+    assert (data.license, data.language, data.datasets) == ("apache-2.0", ["en"], ["Intel/orca_dpo_pairs"])
+    assert data.library_name == "peft" and data.pipeline_tag == "text-generation"
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert name == "me/neuralhermes"
+    got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
+    assert got == {("dpo_heldout_pref", "acc"): 0.776, ("arc_challenge", "acc_norm"): 0.6633}
+    for section in (
+        "## Intended use and limitations",
+        "## Training procedure",
+        "## How to use",
+        "## Citation",
+    ):
+        assert section in text, section
+    assert "| trl | 1.16.0 |" in text and "Rafailov" in text
+    assert 'dtype="auto"' in text and "torch_dtype" not in text
+    assert "Not evaluated" in text and "AutoPeftModelForCausalLM" in text
+
+
+def test_a_builtin_base_is_named_as_what_it_is():
+    info = {
+        "base_name": "tiny-chatml-mistral",
+        "base_source": "builtin",
+        "parameter_count": 1311872,
+        "datasets": [],
+        "git_commit": "abc",
+        "artifact_path": "models/merged",
+        "artifact_md5": "x",
+        "train_params": {},
+    }
+    text = publish.card("merged", "me/demo", info)
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text).data
+    assert data.base_model is None and data.license == "other"  # no hub model to point at, no license known
+    assert "builtin demo model tiny-chatml-mistral (a 1.3M-parameter" in text
+    assert "not meant to make sense" in text and "--license" in text
 
 
 def test_a_hub_bases_license_is_asked_of_the_hub_and_offline_is_none(monkeypatch):
@@ -90,7 +136,10 @@ def test_both_cards_name_the_runs_method_and_its_reference():
     assert set(merge.METHOD_NAMES) == set(merge.METHOD_REFERENCE) == set(config.METHODS)
     info = {"base_name": "b", "datasets": [], "git_commit": "c", "artifact_path": "a", "artifact_md5": "m"}
     simpo = publish.card("merged", "me/x", {**info, "train_params": {"method": "simpo", "beta": 2.0}})
-    assert '- "simpo"' in simpo and '"dpo"\n' not in simpo.split("---")[1]
+    from huggingface_hub import ModelCard
+
+    tags = ModelCard(simpo).data.tags
+    assert "simpo" in tags and "dpo" not in tags
     assert "b with a SimPO-trained LoRA adapter" in simpo and "no reference model" in simpo
     rpo = {"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
     assert "DPO (sigmoid+sft weights 1/0.5) run" in publish.card(
@@ -100,7 +149,7 @@ def test_both_cards_name_the_runs_method_and_its_reference():
     kto = merge.model_card(
         {"merge": {"merge.dtype": "float16"}, "train_params": {"train": {"method": "kto"}}}
     )
-    assert "+ KTO (merged)" in kto and "tags: [kto, lora, merged, chatml]" in kto
+    assert "+ KTO (merged)" in kto and "tags: [kto, lora, merged]" in kto
     # A train_summary.json from before train.method existed is DPO, and plain sigmoid DPO is just "DPO".
     old = merge.model_card({"merge": {"merge.dtype": "float16"}, "train_params": {"train": {"beta": 0.1}}})
     assert "+ DPO (merged)" in old and "trained with Direct Preference Optimization (" in old
