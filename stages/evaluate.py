@@ -143,7 +143,7 @@ def run(
         and k.count("/") == 1
         and k.split("/")[1] in ("acc", "acc_norm", "format_ok", "exact_match", "mc2")
     )
-    summary(stage, f"{model_dir}: {shown or 'no scores'}")
+    summary(stage, f"{model_dir}: {shown or 'no task of this stage in eval.tasks (nothing to score here)'}")
     return scores
 
 

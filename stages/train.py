@@ -167,7 +167,11 @@ def run(
 
         if t.method == "dpo":
             tracking.log_metrics(trl_glue.log_sharing(trainer, "training"))
-        evaluation = trainer.evaluate()
+        # The held-out figures after the last step: the periodic evaluation's when train.eval_steps divides
+        # max_steps (the same model: evaluating again would only cost another pass over the eval pairs).
+        evaluation = (
+            dpo.final_evaluation(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
+        )
         history = trainer.state.log_history
         counts, peak_mb = dpo.across_processes(
             accelerator, trainer.pipeline_counts, loading.peak_memory_mb(device)

@@ -296,6 +296,14 @@ def progress_callback(max_steps: int, stream=None):
     return Progress()
 
 
+def final_evaluation(log_history: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    """The evaluation logged at `step` (the last one) by the periodic held-out evaluation, or None."""
+    for entry in reversed(log_history):
+        if "eval_loss" in entry and entry.get("step") == step:
+            return entry
+    return None
+
+
 def quiet_trainer_output(trainer) -> None:
     """Drop the Trainer's own printers (PrinterCallback prints every log dict; ProgressCallback writes them
     under its bar): progress_callback says the same in one line."""

@@ -182,3 +182,15 @@ def test_every_tool_answers_help_and_does_nothing_else():
         assert out.returncode == 0 and "usage:" in out.stdout, (tool, out.stdout[-300:], out.stderr[-300:])
     after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     assert after == before
+
+
+def test_the_last_periodic_evaluation_stands_for_the_final_one():
+    from dpo_pipeline.train import dpo
+
+    history = [{"loss": 0.6, "step": 20}, {"eval_loss": 0.5, "step": 20}, {"eval_loss": 0.4, "step": 60}]
+    assert dpo.final_evaluation(history, 60) == {"eval_loss": 0.4, "step": 60}
+    assert (
+        dpo.final_evaluation(history[:2], 60) is None
+    )  # eval_steps does not divide max_steps: evaluate again
+    rows = dpo.history_rows([*history, {"eval_loss": 0.4, "step": 60}], dpo.EVAL_HISTORY_COLUMNS)
+    assert [r["step"] for r in rows] == [20, 60]  # one row per step
