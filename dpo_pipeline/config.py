@@ -854,8 +854,9 @@ def _inherit_sources(data: dict[str, Any], source: str) -> dict[str, Any]:
 def sources(data: DataParams) -> list[DataSource]:
     """The sources a run reads: data.sources with data.source mix, else the one the data section names (its name
     the file's stem, or the hub dataset's name)."""
+    listed = list(data.sources)  # [] unless data.source is mix (_check_data_sources)
     if data.source == "mix":
-        return list(data.sources)
+        return listed
     local = data.source == "local"
     return [
         DataSource(

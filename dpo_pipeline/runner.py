@@ -59,6 +59,37 @@ def setup_output(stream: Any = None) -> None:
         noisy.addFilter(_DropMessage(BNB_KERNELS_NOISE))
 
 
+class RowProgress:
+    """Progress over a long pass through rows, off a terminal: a line at each tenth with rows done/total and the
+    ETA (on a terminal the library's own tqdm bar shows instead, so nothing is printed). For loops we do not own
+    (trl's reference pass): the caller adds the rows of each batch as it sees them."""
+
+    def __init__(self, label: str, total: int, stream: Any = None):
+        import time
+
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = not os.environ.get("TQDM_DISABLE")  # a terminal: tqdm's bar is the progress
+        self.started, self.next_tenth = time.perf_counter(), 1
+
+    def add(self, rows: int) -> None:
+        import time
+
+        self.done += rows
+        if self.quiet:
+            return
+        while self.next_tenth <= 10 and self.done * 10 >= self.total * self.next_tenth:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(
+                f"{self.label}: {min(self.done, self.total)}/{self.total} rows ({self.next_tenth * 10}%) | "
+                f"{elapsed:.0f}s elapsed, eta {eta:.0f}s",
+                file=self.stream,
+                flush=True,
+            )
+            self.next_tenth += 1
+
+
 def summary(stage: str, text: str) -> None:
     """The one line a stage ends with: what it did (rows in/out, pairs scored, fidelity vs its gate, scores)."""
     print(f"{stage}: {text}", file=sys.stderr, flush=True)

@@ -181,7 +181,11 @@ def trainer_class(share_prompt: bool):
             return super()._compute_loss(_forward(self, model), inputs, return_outputs)
 
         def compute_ref_log_probs(self, model, inputs):
-            return super().compute_ref_log_probs(_forward(self, model), inputs)
+            out = super().compute_ref_log_probs(_forward(self, model), inputs)
+            progress = getattr(self, "_reference_progress", None)
+            if progress is not None:  # the reference stage's pass (trl's own loop): rows seen so far
+                progress.add(len(out[0]))
+            return out
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # The tokenize stage's ids are what trl's own tokenization makes of the prepared strings (checked
@@ -194,7 +198,13 @@ def trainer_class(share_prompt: bool):
             # trl 1.16 recomputes even when the dataset already carries the columns; use the cached ones.
             if all(c in dataset.column_names for c in REF_COLUMNS):
                 return dataset
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            from dpo_pipeline.runner import RowProgress
+
+            self._reference_progress = RowProgress(f"reference: {name} pairs", len(dataset))
+            try:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                self._reference_progress = None
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()

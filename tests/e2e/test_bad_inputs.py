@@ -264,8 +264,10 @@ CASES: dict[str, Case] = {
     "raw-unknown-schema": Case(
         rename_raw_columns,
         [
-            f"error: {RAW}: unknown raw schema: found columns: prompt, response_a, response_b; expected "
-            "(system, question, chosen, rejected) [current] or (system, question, chatgpt, llama2-13b-chat)"
+            f"error: {RAW}: unknown raw schema: found columns: prompt, response_a, response_b; expected one of the "
+            "formats (orca: system, question, chosen, rejected; orca_original: system, question, chatgpt, "
+            "llama2-13b-chat; argilla_orca: system, input, chosen, rejected; standard: prompt, chosen, rejected;",
+            "or set data.format",
         ],
     ),
     "raw-wrong-file-type-csv": Case(

@@ -46,7 +46,7 @@ def test_a_mixture_of_multi_turn_chat_and_ultrafeedback_runs_the_whole_pipeline(
             # whole conversations: room for three earlier exchanges in the tiny model's 512 positions
             "data.max_prompt_length": 448,
             "data.max_length": 512,
-            "train.max_steps": 30,
+            "train.max_steps": 20,
             "train.per_device_train_batch_size": 4,
         }
     )

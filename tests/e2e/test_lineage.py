@@ -31,7 +31,9 @@ def test_the_train_run_is_found_by_the_adapters_content_and_written_into_no_outp
         for path in (tiny_project.root / folder).glob("*"):
             if path.suffix in (".json", ".md", ".csv"):
                 assert train_run_id not in path.read_text(errors="ignore"), path
-    assert not (tiny_project.root / "metrics" / "train_timing.json").exists()
+    assert not (tiny_project.root / "metrics" / "train_run.json").exists()  # the run id file of old: gone
+    timing = tiny_project.read_json("metrics/train_timing.json")  # timings only, no run id
+    assert set(timing) == {"train_runtime_s", "pairs_per_s", "tokens_per_s", "pad_fraction", "peak_memory_mb"}
     for stage in ("merge", "evaluate"):
         tagged = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.stage = '{stage}'")
         assert list(tagged["tags.lineage.train_run_id"]) == [train_run_id], stage

@@ -14,9 +14,19 @@ def test_a_35_row_dataset_warns_and_registers_nothing(clone):
 
     project = clone("small-data")
     raw = project.root / project.params()["data"]["path"]
-    raw.write_text("".join(raw.read_text().splitlines(keepends=True)[:35]))
+    small = raw.with_name(
+        "small.jsonl"
+    )  # a file of its own: the base's corpus is unchanged, the base not re-run
+    small.write_text("".join(raw.read_text().splitlines(keepends=True)[:35]))
+    project.git("add", str(small))
     # the repo's own threshold (the tiny project lowers it to test mechanics on 8 documents)
-    project.set_params({"report.min_heldout_pairs": 100, "data.test_fraction": 0.2})
+    project.set_params(
+        {
+            "data.path": str(small.relative_to(project.root)),
+            "report.min_heldout_pairs": 100,
+            "data.test_fraction": 0.2,
+        }
+    )
     project.git("commit", "-qam", "35 rows")  # a clean commit: only the data stops the registration
     result = project.dvc("repro", timeout=900)
     assert "scores not meaningful: only" in result.stderr + result.stdout

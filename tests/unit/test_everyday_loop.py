@@ -194,3 +194,35 @@ def test_the_last_periodic_evaluation_stands_for_the_final_one():
     )  # eval_steps does not divide max_steps: evaluate again
     rows = dpo.history_rows([*history, {"eval_loss": 0.4, "step": 60}], dpo.EVAL_HISTORY_COLUMNS)
     assert [r["step"] for r in rows] == [20, 60]  # one row per step
+
+
+def test_row_progress_prints_tenths_off_a_terminal_and_nothing_on_one(monkeypatch):
+    import io
+
+    from dpo_pipeline.runner import RowProgress
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what setup_output sets when stderr is not a terminal
+    out = io.StringIO()
+    progress = RowProgress("reference: train pairs", 20, stream=out)
+    for _ in range(5):
+        progress.add(4)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" |")[0] for line in lines] == [
+        f"reference: train pairs: {n}/20 rows ({p}%)"
+        for n, p in (
+            (4, 10),
+            (4, 20),
+            (8, 30),
+            (8, 40),
+            (12, 50),
+            (12, 60),
+            (16, 70),
+            (16, 80),
+            (20, 90),
+            (20, 100),
+        )
+    ]
+    monkeypatch.delenv("TQDM_DISABLE")
+    quiet = io.StringIO()
+    RowProgress("x", 10, stream=quiet).add(10)
+    assert quiet.getvalue() == ""
