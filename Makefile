@@ -62,8 +62,11 @@ test-fast: setup
 test-e2e: setup system-deps
 	$(PY) -m pytest -m "slow and not gpu" -q
 
-# Metric differences between the latest MLflow runs of two commits/branches: make compare A=main B=beta-0.3
+# Two commits, branches or experiments: their headlines side by side with the paired test on the held-out
+# documents, then every metric's difference between their MLflow runs: make compare A=main B=beta02
 compare: setup
+	$(PY) -m tools.headline $(A) $(B)
+	@echo
 	$(PY) -m tools.compare $(A) $(B)
 
 # Each preference method (tools/compare_methods.yaml) as a DVC experiment on the current profile, one table.
