@@ -153,9 +153,8 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
         )
         # The merged model as an MLflow model: its metrics, the runs that made it, where DVC keeps it; a registry
         # version only as tracking.register allows (by default from a clean commit, never an experiment).
-        register, made_from = tracking.registration(
-            params.tracking.register, lineage.git_tags(), lineage.experiment_tags()
-        )
+        git = lineage.git_tags()  # one `git status` for the registration rule and the model's tags
+        register, made_from = tracking.registration(params.tracking.register, git, lineage.experiment_tags())
         if problems and register and params.tracking.register != "always":
             register, made_from = False, f"{made_from}, scores not meaningful"
         if not register:
@@ -170,7 +169,7 @@ def run(params: Params, metrics_dir: str | Path = METRICS_DIR) -> dict[str, Any]
             tags={
                 "dvc.path": str(MERGED_DIR),
                 "dvc.md5": lineage.dvc_lock_md5(MERGED_DIR) or "",
-                "git.commit": lineage.git_tags().get("git.commit", ""),
+                "git.commit": git.get("git.commit", ""),
                 "registered.from": made_from,
                 **lineage.experiment_tags(),
                 "lineage.adapter.hash": str(meta.get("adapter_hash", "")),

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from dpo_pipeline.data.raw import require_encodable, require_text
 from dpo_pipeline.errors import StageError
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
@@ -183,30 +184,9 @@ def detect_format(columns: Sequence[str], kinds: dict[str, str], wanted: str, so
 # One row at a time
 
 
-def _text(row: dict, column: str, where: str) -> str:
-    from dpo_pipeline.data.raw import require_encodable
-
-    if column not in row:
-        raise StageError(
-            f"{where}: column {column!r} is missing (this row has: {', '.join(row) or 'no columns'})"
-        )
-    value = row[column]
-    if value is None:
-        raise StageError(f"{where}: column {column!r} is null where text is required")
-    if not isinstance(value, str):
-        raise StageError(
-            f"{where}: column {column!r}: expected a string, got {value_kind(value)} "
-            f"{json.dumps(value, default=str)[:60]}"
-        )
-    require_encodable(value, where, column)
-    return value
-
-
 def _messages(row: dict, column: str, where: str) -> list[dict[str, str]]:
     """A column holding a list of {role, content} messages, checked; any other key in a message is refused
     (tool calls and names are not carried: saying so beats dropping them)."""
-    from dpo_pipeline.data.raw import require_encodable
-
     if column not in row:
         raise StageError(
             f"{where}: column {column!r} is missing (this row has: {', '.join(row) or 'no columns'})"
@@ -317,9 +297,9 @@ def convert_row(row: dict, fmt: str, where: str, flags: Sequence[str]) -> Row | 
     if fmt == "argilla_orca":
         chosen_score = _score(row, "chosen_score", where)
         out = from_messages(
-            _prompt_turns(_text(row, "system", where), _text(row, "input", where)),
-            _text(row, "chosen", where),
-            _text(row, "rejected", where),
+            _prompt_turns(require_text(row, "system", where), require_text(row, "input", where)),
+            require_text(row, "chosen", where),
+            require_text(row, "rejected", where),
         )
         out.score_chosen, out.score_rejected = chosen_score, _argilla_rejected_score(row, chosen_score)
         status = row.get("status")
@@ -327,17 +307,17 @@ def convert_row(row: dict, fmt: str, where: str, flags: Sequence[str]) -> Row | 
             raise StageError(f"{where}: column 'status': expected a string or null, got {value_kind(status)}")
         out.status = status
     elif fmt == "standard":
-        system = _text(row, "system", where) if row.get("system") is not None else ""
+        system = require_text(row, "system", where) if row.get("system") is not None else ""
         out = from_messages(
-            _prompt_turns(system, _text(row, "prompt", where)),
-            _text(row, "chosen", where),
-            _text(row, "rejected", where),
+            _prompt_turns(system, require_text(row, "prompt", where)),
+            require_text(row, "chosen", where),
+            require_text(row, "rejected", where),
         )
     elif fmt == "hh_rlhf":
         split = split_conversations(
             None,
-            parse_hh(_text(row, "chosen", where), where, "chosen"),
-            parse_hh(_text(row, "rejected", where), where, "rejected"),
+            parse_hh(require_text(row, "chosen", where), where, "chosen"),
+            parse_hh(require_text(row, "rejected", where), where, "rejected"),
         )
         if isinstance(split, str):
             return split
@@ -347,7 +327,9 @@ def convert_row(row: dict, fmt: str, where: str, flags: Sequence[str]) -> Row | 
         if fmt == "conversational" and row.get("prompt") is not None:
             explicit = _messages(row, "prompt", where)
         elif fmt == "ultrafeedback":
-            _text(row, "prompt", where)  # checked for its type; the turns themselves are in chosen / rejected
+            require_text(
+                row, "prompt", where
+            )  # checked for its type; the turns themselves are in chosen / rejected
         split = split_conversations(
             explicit, _messages(row, "chosen", where), _messages(row, "rejected", where)
         )

@@ -117,7 +117,7 @@ def check_split_sizes(
     from dpo_pipeline.errors import StageError
 
     rows, counts, _ = split_rows(table, data, specials)
-    train, test = (SimpleNamespace(num_rows=len(rows[split]), source=None) for split in ("train", "test"))
+    train, test = (SimpleNamespace(num_rows=len(rows[split])) for split in ("train", "test"))
     metrics = data_metrics(train, test, {**summary, "dropped": counts})
     check_split(train, test, metrics, source, data)
     if train.num_rows < global_batch:

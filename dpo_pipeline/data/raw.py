@@ -26,6 +26,26 @@ def require_encodable(value: str, where: str, column: str) -> None:
         ) from None
 
 
+def require_text(row: dict, column: str, where: str) -> str:
+    """row[column] as text, or a StageError naming `where` (file and row), the column and what was wrong: missing,
+    null, not a string, or no UTF-8 form. Every reader of a text cell goes through it (orca and the other
+    formats), so a cell is refused with the same words whatever its file's format."""
+    if column not in row:
+        raise StageError(
+            f"{where}: column {column!r} is missing (this row has: {', '.join(row) or 'no columns'})"
+        )
+    value = row[column]
+    if value is None:
+        raise StageError(f"{where}: column {column!r} is null where text is required")
+    if not isinstance(value, str):
+        raise StageError(
+            f"{where}: column {column!r}: expected a string, got {_type_name(value)} "
+            f"{json.dumps(value, default=str)[:60]}"
+        )
+    require_encodable(value, where, column)
+    return value
+
+
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
     """The builtin base's corpus rows as {system, question, chosen, rejected, history, source}: read by
     `read_local`, the raw data's own reader (any format), so a file is accepted or refused (and the line named)
@@ -142,21 +162,7 @@ def rows_to_table(rows: list[dict], where: list[str], schema: str, source: str):
     values: list[list[str]] = [[] for _ in source_columns]
     for row, place in zip(rows, where, strict=True):
         for j, column in enumerate(source_columns):
-            if column not in row:
-                raise StageError(
-                    f"{source}: {place}: column {column!r} is missing "
-                    f"(this row has: {', '.join(row) or 'no columns'})"
-                )
-            value = row[column]
-            if value is None:
-                raise StageError(f"{source}: {place}: column {column!r} is null where text is required")
-            if not isinstance(value, str):
-                raise StageError(
-                    f"{source}: {place}: column {column!r}: expected a string, "
-                    f"got {_type_name(value)} {json.dumps(value)[:60]}"
-                )
-            require_encodable(value, f"{source}: {place}", column)
-            values[j].append(value)
+            values[j].append(require_text(row, column, f"{source}: {place}"))
     return pa.table(
         {name: pa.array(col, pa.string()) for name, col in zip(TEXT_COLUMNS, values, strict=True)}
     )
