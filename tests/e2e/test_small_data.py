@@ -14,9 +14,8 @@ def test_a_35_row_dataset_warns_and_registers_nothing(clone):
 
     project = clone("small-data")
     raw = project.root / project.params()["data"]["path"]
-    small = raw.with_name(
-        "small.jsonl"
-    )  # a file of its own: the base's corpus is unchanged, the base not re-run
+    # a file of its own: the base's corpus is unchanged, the base not re-run
+    small = raw.with_name("small.jsonl")
     small.write_text("".join(raw.read_text().splitlines(keepends=True)[:35]))
     project.git("add", str(small))
     # the repo's own threshold (the tiny project lowers it to test mechanics on 8 documents)
