@@ -36,6 +36,10 @@ repro: setup
 	dvc repro
 	@echo && $(PY) -m tools.headline
 
+# Join a train.num_nodes > 1 run from a node other than node 0: dvc pull of train's inputs, then the worker (docs/scaling.md).
+train-worker: setup
+	$(PY) -m tools.train_worker
+
 # The headline of commits, branches and experiments side by side, paired tests on the held-out documents vs the
 # first: make headline REVS="main beta02" (no REVS: the workspace).
 headline: setup

@@ -40,6 +40,17 @@ class TrackingParams:
     experiment: str
     on_unreachable: Literal["fail", "local"]
     register: Literal["clean", "always", "never"]
+    system_metrics: bool
+    system_metrics_interval_s: float
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    reference_num_processes: int
+    max_restarts: int
+    master_port: int
+    checkpoint_dir: str
+    checkpoint_storage: Literal["local", "shared"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,8 @@ class TrainParams:
     precompute_ref: bool
     share_prompt: bool
     num_processes: int
+    num_nodes: int
+    distributed: Literal["ddp", "fsdp", "zero3"]
     pairs_seed: int
     eval_pairs: int
 
@@ -238,6 +251,7 @@ class DecontaminationParams:
 class Params:
     seed: int
     tracking: TrackingParams
+    launch: LaunchParams
     base: BaseParams
     data: DataParams
     decontamination: DecontaminationParams
@@ -528,6 +542,9 @@ def _check_ranges(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> No
         "train.save_steps": p.train.save_steps,
         "train.logging_steps": p.train.logging_steps,
         "train.num_processes": p.train.num_processes,
+        "train.num_nodes": p.train.num_nodes,
+        "launch.reference_num_processes": p.launch.reference_num_processes,
+        "launch.master_port": p.launch.master_port,
         "merge.fidelity_prompts": p.merge.fidelity_prompts,
         **({"eval.batch_size": p.eval.batch_size} if p.eval.batch_size != "auto" else {}),
         "eval.max_new_tokens": p.eval.max_new_tokens,
@@ -543,6 +560,7 @@ def _check_ranges(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> No
         "train.warmup_steps": p.train.warmup_steps,
         "train.pairs_seed": p.train.pairs_seed,
         "train.eval_pairs": p.train.eval_pairs,
+        "launch.max_restarts": p.launch.max_restarts,
         "eval.limit": p.eval.limit,
         "decontamination.max_examples": p.decontamination.max_examples,
     }.items():
@@ -556,6 +574,18 @@ def _check_ranges(p: Params, fail: Callable[[str, str, Any], ConfigError]) -> No
     }.items():
         if not (value > 0 and math.isfinite(value)):
             raise fail(key, "a finite number > 0", value)
+    if not (p.tracking.system_metrics_interval_s > 0 and math.isfinite(p.tracking.system_metrics_interval_s)):
+        raise fail(
+            "tracking.system_metrics_interval_s",
+            "a finite number of seconds > 0",
+            p.tracking.system_metrics_interval_s,
+        )
+    if p.launch.master_port > 65535:
+        raise fail("launch.master_port", "a TCP port (1-65535)", p.launch.master_port)
+    if not p.launch.checkpoint_dir.strip():
+        raise fail(
+            "launch.checkpoint_dir", "a folder for the train stage's checkpoints", p.launch.checkpoint_dir
+        )
     if not p.tracking.experiment.strip():
         raise fail("tracking.experiment", "a non-empty MLflow experiment name", p.tracking.experiment)
     if not 0.0 < p.data.test_fraction < 1.0:
@@ -755,6 +785,33 @@ def _check_train_options(p: Params, fail: Callable[[str, str, Any], ConfigError]
             "train.lr_scheduler_type",
             f"a transformers scheduler needing no extra arguments ({', '.join(LR_SCHEDULERS)})",
             p.train.lr_scheduler_type,
+        )
+    _check_distributed(p.train, fail)
+
+
+# train.distributed: how the processes hold the model. ddp: a whole copy each (the 4-bit base fits one GPU);
+# fsdp / zero3: the 4-bit base and the LoRA weights sharded across the processes through accelerate's FSDP2 or
+# DeepSpeed ZeRO-3 (configs/accelerate/), after peft's FSDP+QLoRA and DeepSpeed+QLoRA guides.
+SHARDED = ("fsdp", "zero3")
+
+
+def _check_distributed(t: TrainParams, fail: Callable[[str, str, Any], ConfigError]) -> None:
+    """Sharding combinations that cannot work; each refused with the reason."""
+    if t.distributed not in SHARDED:
+        return
+    if t.device == "cpu":
+        raise fail(
+            "train.distributed",
+            "ddp with train.device cpu (accelerate enables FSDP and DeepSpeed only on accelerators)",
+            t.distributed,
+        )
+    if "8bit" in t.optim or t.optim.startswith("paged_"):
+        raise fail(
+            "train.optim",
+            f"a torch optimizer with train.distributed {t.distributed} (bitsandbytes' paged and 8-bit optimizers "
+            "keep their state outside the sharded parameters; peft's FSDP+QLoRA and ZeRO-3+QLoRA guides use "
+            "adamw_torch)",
+            t.optim,
         )
 
 

@@ -297,7 +297,12 @@ def stage_run(
 
     # An experiment's runs are named after it: its baseline commit's params are not the ones it ran with.
     label = experiment_run.get("dvc.exp.name") or git["git.commit"][:8]
-    run = mlflow.start_run(run_name=f"{stage}@{label}", tags=run_tags)
+    # CPU, memory, disk and network over time (psutil; GPUs too where pynvml is installed): a stalled or
+    # memory-bound node shows in the run's system/* metrics.
+    mlflow.set_system_metrics_sampling_interval(params.tracking.system_metrics_interval_s)
+    run = mlflow.start_run(
+        run_name=f"{stage}@{label}", tags=run_tags, log_system_metrics=params.tracking.system_metrics
+    )
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ARG001

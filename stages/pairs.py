@@ -7,7 +7,7 @@ Writes: data/pairs/selected.parquet (split, id: the set of training pairs and he
 reference stage scores), data/pairs/order.parquet (position, id: the training pairs in the order the trainer
 consumes them, one row per pair per epoch) and metrics/pairs.json (counts).
 
-A run consumes `max_steps x global batch` pairs (global batch = per_device_train_batch_size x num_processes x
+A run consumes `max_steps x global batch` pairs (global batch = per_device_train_batch_size x num_processes x num_nodes x
 gradient_accumulation_steps). When that is at most the training split, that many pairs are drawn from it with
 `train.pairs_seed` (a seeded permutation of the split sorted by id); when it is more, the whole split is taken
 and the order runs whole epochs. The held-out pairs for train's eval metrics are the first `train.eval_pairs`
@@ -41,6 +41,7 @@ SECTIONS = [
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",
     "train.num_processes",
+    "train.num_nodes",
     "train.group_by_length",
 ]
 

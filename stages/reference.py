@@ -24,10 +24,12 @@ of the tokens on the small profile in prepared order). Each row's log-probs do n
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, write_json
 from dpo_pipeline.layout import BASE_DIR, PAIRS_DIR, REFERENCE_DIR, TOKENIZED_DIR
 from dpo_pipeline.models.loading import pin_single_device
@@ -69,6 +71,8 @@ def run(
                 file=sys.stderr,
             )
         tables = compute(params, base_dir, tokenized_dir, pairs_dir) if meta["computed"] else {}
+        if tracking.is_secondary_rank():
+            return meta  # trl gathered every process's share of the rows; the first process writes them
         meta["rows"] = {split: table.num_rows for split, table in tables.items()}
         with atomic_dir(reference_dir) as tmp:
             for split, table in tables.items():
@@ -85,9 +89,26 @@ def run(
 
 def _main() -> None:
     from dpo_pipeline import config
+    from dpo_pipeline.train import launch
 
     params = config.load()
-    pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
+    n = params.launch.reference_num_processes
+    if launch.is_distributed_worker(os.environ):
+        launch.die_with_parent()  # a worker never outlives its launcher
+        if int(os.environ["WORLD_SIZE"]) != n:
+            raise StageError(
+                f"launch.reference_num_processes is {n}, this process runs in a group of "
+                f"{os.environ['WORLD_SIZE']}: start the stage with `python -m stages.reference`"
+            )
+    elif n > 1 and computes(params):
+        sys.exit(launch.launch_reference(params))
+    else:
+        if n > 1:
+            print(
+                f"reference: launch.reference_num_processes {n} unused: this run computes no log-probs",
+                file=sys.stderr,
+            )
+        pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 
 

@@ -50,7 +50,7 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, atomic_write_bytes, sha256_tree, template_hash, write_json
 from dpo_pipeline.models import loading
 from dpo_pipeline.train import dpo, methods, trl_glue
-from dpo_pipeline.train.launch import die_with_parent, is_distributed_worker, launch
+from dpo_pipeline.train.launch import die_with_parent, is_distributed_worker, launch, needs_launcher
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
@@ -67,7 +67,7 @@ def run(
     adapter_dir: str | Path = layout.ADAPTER_DIR,
     metrics_path: str | Path = layout.METRICS_DIR / "train.json",
     history_path: str | Path = layout.METRICS_DIR / "train_history.csv",
-    checkpoint_dir: str | Path = layout.SCRATCH_DIR / "checkpoints" / "train",
+    checkpoint_dir: str | Path | None = None,
     extra_callbacks: Sequence[Any] = (),
     pairs_dir: str | Path = layout.PAIRS_DIR,
     prepared_dir: str | Path = layout.PREPARED_DIR,
@@ -84,10 +84,11 @@ def run(
     base_dir, tokenized_dir, reference_dir = Path(base_dir), Path(tokenized_dir), Path(reference_dir)
     t = params.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != t.num_processes:
+    if world_size != t.num_processes * t.num_nodes:
         raise StageError(
-            f"train.num_processes is {t.num_processes} but this process runs in a group of {world_size}: "
-            "start the stage with `python -m stages.train`, which launches the processes itself"
+            f"train.num_processes x train.num_nodes is {t.num_processes * t.num_nodes} but this process runs in "
+            f"a group of {world_size}: start the stage with `python -m stages.train` (node 0) or `make "
+            "train-worker` (the other nodes), which launch the processes themselves"
         )
 
     pairs_dir = Path(pairs_dir)
@@ -127,7 +128,7 @@ def run(
         for line in methods.inert_options(params):
             logger.warning(line)
 
-        run_dir = Path(checkpoint_dir) / dpo.checkpoint_key(params, hashes)
+        run_dir = Path(checkpoint_dir or params.launch.checkpoint_dir) / dpo.checkpoint_key(params, hashes)
         resume = dpo.latest_checkpoint(run_dir)
         tracking.set_tags({"checkpoint_dir": str(run_dir), "resumed_from": str(resume) if resume else ""})
         if resume:
@@ -179,12 +180,15 @@ def run(
         metrics = dpo.final_metrics(history, evaluation, runtime, trainer.state.global_step, counts, peak_mb)
         dpo.require_finite_metrics(metrics)
 
-        # Every process has finished training, evaluating and checkpointing; rank 0 alone publishes.
+        # Every process takes part in gathering the adapter (sharded under fsdp / zero3); rank 0 alone publishes.
+        adapter_state = dpo.adapter_state(trainer)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
+            if accelerator.is_local_main_process and not dpo.one_checkpoint_copy(params):
+                shutil.rmtree(run_dir, ignore_errors=True)  # this node's own copy of the checkpoints
             return metrics
         with atomic_dir(adapter_dir) as tmp:
-            dpo.save_adapter(trainer.model, tokenizer, tmp)
+            dpo.save_adapter(accelerator.unwrap_model(trainer.model), tokenizer, tmp, adapter_state)
             write_json(tmp / layout.TRAIN_SUMMARY, dpo.train_summary(params, metrics))
         # The figures identical runs share are DVC metrics; timings, throughput and memory go beside them (a
         # plain output), so `dvc metrics diff` lists what changed in the model, not the clock.
@@ -221,15 +225,29 @@ def run(
         return metrics
 
 
-def _main() -> None:
+def _main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
     from dpo_pipeline import config
 
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="join a train.num_nodes > 1 run as a node other than node 0 (what `make train-worker` runs, after "
+        "pulling train's inputs); node 0 runs `dvc repro`",
+    )
+    args = parser.parse_args(argv)
     params = config.load()
     if is_distributed_worker(os.environ):
         die_with_parent()  # a worker never outlives its launcher (and never publishes without it)
-    elif params.train.num_processes > 1:
+    elif args.worker:
+        if params.train.num_nodes == 1:
+            raise StageError("--worker: train.num_nodes is 1; with one node `dvc repro` runs the whole stage")
+        sys.exit(launch(params, worker=True))
+    elif needs_launcher(params):
         sys.exit(launch(params))
-    if params.train.num_processes == 1:
+    if params.train.num_processes * params.train.num_nodes == 1:
         loading.pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 

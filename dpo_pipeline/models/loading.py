@@ -233,6 +233,13 @@ def bnb_config(t: TrainParams):
         bnb_4bit_quant_type=t.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=torch_dtype(t.bnb_4bit_compute_dtype),
         bnb_4bit_use_double_quant=t.bnb_4bit_use_double_quant,
+        # Sharding (train.distributed fsdp / zero3) splits floating-point tensors: the packed 4-bit weights are
+        # stored as the compute dtype (peft's FSDP+QLoRA guide: bfloat16); the default uint8 stays unsharded.
+        **(
+            {"bnb_4bit_quant_storage": torch_dtype(t.bnb_4bit_compute_dtype)}
+            if t.distributed != "ddp"
+            else {}
+        ),
     )
 
 

@@ -131,7 +131,16 @@ def common_kwargs(p: Params, out_dir: str | Path) -> dict[str, Any]:
         # Only used with several processes (DDP): every LoRA weight takes part in every step, so DDP need not
         # search the graph for unused ones each step (the Trainer's default for a PEFT model would).
         ddp_find_unused_parameters=False,
+        # Several nodes with node-local checkpoint folders: each node's first process writes a full copy, so
+        # every node can resume (transformers: never with one folder that all nodes share).
+        save_on_each_node=not one_checkpoint_copy(p),
     )
+
+
+def one_checkpoint_copy(p: Params) -> bool:
+    """Whether one process (global rank 0) writes the checkpoints: one node, or launch.checkpoint_storage
+    shared (a folder every node sees)."""
+    return p.train.num_nodes == 1 or p.launch.checkpoint_storage == "shared"
 
 
 def dpo_config(p: Params, out_dir: str | Path):
@@ -401,14 +410,27 @@ def final_metrics(
     }
 
 
-def save_adapter(model: Any, tokenizer: Any, folder: Path) -> None:
+def adapter_state(trainer: Any) -> dict[str, Any] | None:
+    """The whole model's state dict, gathered from its shards under FSDP (the accelerate config's
+    FULL_STATE_DICT) or ZeRO-3 (zero3_save_16bit_model); None without sharding, where the model holds it whole.
+    A collective under sharding: every process calls it."""
+    accelerator = trainer.accelerator
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        return None
+    return accelerator.get_state_dict(trainer.model)
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
     """The LoRA adapter and its tokenizer into `folder`, deterministically: identical weights give a
-    byte-identical folder, so DVC does not re-run merge and evaluate for nothing."""
+    byte-identical folder, so DVC does not re-run merge and evaluate for nothing. `state_dict`: the gathered
+    weights of a sharded model (adapter_state); peft picks the adapter's out of it."""
     import json
 
     from dpo_pipeline.layout import BASE_DIR
 
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(
+        folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
+    )
     tokenizer.save_pretrained(folder)
     # Name the base by the path the pipeline loads it from, not by wherever this run found it.
     config_path = folder / "adapter_config.json"

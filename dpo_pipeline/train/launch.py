@@ -1,37 +1,51 @@
-"""Several processes / GPUs: torchrun on CPU (gloo), accelerate on GPUs.
+"""Several processes, GPUs or nodes: torchrun on CPU (gloo), accelerate on GPUs; this module only builds
+their command lines from params and the environment the engines set, and waits for them.
 
-Several processes (`train.num_processes` > 1): `python -m stages.train` re-launches itself as that many
+One node, several processes (`train.num_processes` > 1): `python -m stages.train` re-launches itself as that many
 workers and exits with their exit code (see `launch_command`). On the CPU (`train.device: cpu`) the launcher
-is torchrun (`python -m torch.distributed.run`, gloo backend; `accelerate launch --cpu` started only one
-process here); on CUDA it is `accelerate launch --multi_gpu` (DDP, one GPU per process, `--mixed_precision`
-from `train.precision`). Each worker takes its own micro-batches of per_device_train_batch_size pairs, so
-the global batch is per_device_train_batch_size * num_processes * gradient_accumulation_steps. Only rank 0 opens the MLflow run
-and writes models/adapter, the metrics and the history; throughput counts are summed over the processes.
-DDP takes the 4-bit base and the LoRA layers as they are (checked with gloo on the CPU, with and without
-gradient checkpointing): only the LoRA weights require gradients and get synchronized, and the ranks end with
-identical adapters. `ddp_find_unused_parameters` is False because every LoRA weight is used in every step;
-the Trainer's default for a PEFT model (True) works too but searches the graph for unused weights each step.
+is torchrun (`python -m torch.distributed.run`, gloo backend; `accelerate launch --cpu` starts one plain process
+per machine, no process group); on CUDA it is `accelerate launch` (DDP, one GPU per process, `--mixed_precision`
+from `train.precision`). Each worker takes its own micro-batches of per_device_train_batch_size pairs, so the
+global batch is per_device_train_batch_size * num_processes * num_nodes * gradient_accumulation_steps (the pairs
+stage selects that many pairs per step). Only global rank 0 opens the MLflow run and writes models/adapter, the
+metrics and the history; throughput counts are summed over the processes. DDP takes the 4-bit base and the LoRA
+layers as they are: only the LoRA weights require gradients and get synchronized, and the ranks end with identical
+adapters.
 
-FSDP or DeepSpeed on several GPUs: write an accelerate config file (`accelerate config`, or a YAML with
-`distributed_type: FSDP` / `DEEPSPEED` and its `fsdp_config` / `deepspeed_config`) and point
-ACCELERATE_CONFIG_FILE at it; the stage then runs `accelerate launch --config_file $ACCELERATE_CONFIG_FILE`
-without `--multi_gpu`, so the file picks the distributed type, while `--num_processes` and
-`--mixed_precision` still come from params. The file changes how the work is spread, not what is computed,
-so it is not a DVC param. Only DDP is tested (on the CPU with gloo): a 4-bit 7B fits on one GPU, which DDP
-needs; sharding the 4-bit weights with FSDP / ZeRO-3 additionally needs bitsandbytes' `bnb_4bit_quant_storage`
-set to the compute dtype and a sharded save of the adapter, which this stage does not do.
+Several nodes (`train.num_nodes` > 1): node 0 runs `dvc repro` as usual; every other node runs
+`make train-worker` (tools/train_worker.py: `dvc pull` of exactly train's inputs, then `python -m stages.train
+--worker`). Each node learns its rank and node 0's address from the environment its engine set (`placement`):
+torchrun's names (NODE_RANK, MASTER_ADDR, MASTER_PORT), Slurm's (SLURM_NODEID, SLURM_NNODES, the first host of
+SLURM_JOB_NODELIST) or SkyPilot's (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES), and passes them to
+torchrun / accelerate launch as --nnodes/--node_rank/--master_addr/--master_port. The rendezvous is torchrun's
+static one: it keeps node 0's first process as global rank 0, the one that publishes (torch 2.13's c10d
+rendezvous numbers the nodes by host name, so the publisher could land on a worker node that runs no `dvc repro`).
+`launch.max_restarts` is passed on as --max_restarts: a failed worker group restarts and resumes from the last
+checkpoint in `launch.checkpoint_dir` (docs/scaling.md says what that covers on one node and on several).
+
+Sharded QLoRA (`train.distributed: fsdp | zero3`, GPUs only): accelerate launch with the shipped config file
+(configs/accelerate/fsdp2_qlora.yaml or zero3_qlora.yaml, after peft's FSDP+QLoRA and DeepSpeed+QLoRA guides);
+the 4-bit weights are stored in the compute dtype (loading.bnb_config) so that they can be sharded, and the
+adapter is gathered whole before it is saved (dpo.adapter_state). With `train.distributed: ddp`,
+ACCELERATE_CONFIG_FILE still points accelerate at any config file of your own (it is refused together with fsdp or
+zero3: two files would pick the distribution). The file changes how the work is spread, not what is computed, so
+it is not a DVC param.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dpo_pipeline.errors import StageError
 from dpo_pipeline.models.loading import (
     resolve_device,
 )
@@ -40,6 +54,13 @@ if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code de
     from dpo_pipeline.config import Params
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's flag
+# train.distributed -> the accelerate config file the stage launches with (None: DDP from the command line)
+ACCELERATE_CONFIGS = {
+    "ddp": None,
+    "fsdp": Path("configs/accelerate/fsdp2_qlora.yaml"),
+    "zero3": Path("configs/accelerate/zero3_qlora.yaml"),
+}
+LOOPBACK = "127.0.0.1"
 
 
 def is_distributed_worker(env: Mapping[str, str]) -> bool:
@@ -47,22 +68,124 @@ def is_distributed_worker(env: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in env or "WORLD_SIZE" in env
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this node stands: its rank among `nodes`, node 0's address and rendezvous port, and who said so."""
+
+    rank: int
+    nodes: int
+    master_addr: str
+    master_port: int
+    source: str
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`gpu[03-05,9],cpu1` -> `gpu03`), as `scontrol show hostnames`
+    would list it first."""
+    match = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise StageError(
+            f"SLURM_JOB_NODELIST: expected a Slurm node list such as gpu[01-04], got {nodelist!r}"
+        )
+    prefix, ranges = match.groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise StageError(f"{name}: expected an integer, got {env[name]!r}") from None
+
+
+def placement(env: Mapping[str, str], num_nodes: int, default_port: int) -> Placement:
+    """This node's rank, the node count and node 0's address from the launching engine's environment.
+
+    One node: rank 0 on loopback. Several: torchrun's names first (NODE_RANK and MASTER_ADDR, as a user or a
+    wrapper sets them), then SkyPilot's, then Slurm's. MASTER_PORT, when set, overrides `launch.master_port`.
+    The engine's node count must equal `train.num_nodes` (the pairs stage selected pairs for that many)."""
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port
+    if num_nodes == 1:
+        return Placement(0, 1, LOOPBACK, port, "one node")
+    if "NODE_RANK" in env and "MASTER_ADDR" in env:
+        found = Placement(
+            _int(env, "NODE_RANK"), num_nodes, env["MASTER_ADDR"], port, "NODE_RANK/MASTER_ADDR"
+        )
+        if "NNODES" in env:
+            found = Placement(found.rank, _int(env, "NNODES"), found.master_addr, port, found.source)
+    elif "SKYPILOT_NODE_RANK" in env:
+        ips = env.get("SKYPILOT_NODE_IPS", "").split()
+        if not ips:
+            raise StageError("SKYPILOT_NODE_IPS: expected the nodes' addresses, one per line, got nothing")
+        nodes = _int(env, "SKYPILOT_NUM_NODES") if "SKYPILOT_NUM_NODES" in env else len(ips)
+        found = Placement(_int(env, "SKYPILOT_NODE_RANK"), nodes, ips[0], port, "SkyPilot")
+    elif "SLURM_NODEID" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+        found = Placement(
+            _int(env, "SLURM_NODEID"), _int(env, "SLURM_NNODES"), first_slurm_host(nodelist), port, "Slurm"
+        )
+    else:
+        raise StageError(
+            f"train.num_nodes is {num_nodes} but the environment names no node rank and master address: set "
+            "NODE_RANK and MASTER_ADDR (torchrun's names; MASTER_PORT optional), or run under Slurm or SkyPilot "
+            "(docs/scaling.md)"
+        )
+    if found.nodes != num_nodes:
+        raise StageError(
+            f"train.num_nodes is {num_nodes} but {found.source} says this job has {found.nodes} nodes: "
+            "set train.num_nodes to the job's node count (the pairs stage selects pairs for it)"
+        )
+    if not 0 <= found.rank < num_nodes:
+        raise StageError(f"{found.source}: node rank {found.rank} outside 0..{num_nodes - 1}")
+    return found
+
+
+def needs_launcher(params: Params) -> bool:
+    """Whether the train stage runs through torchrun / accelerate launch (several processes or nodes, or a
+    sharded strategy, which accelerate sets up even for one process)."""
+    t = params.train
+    return t.num_processes * t.num_nodes > 1 or t.distributed != "ddp"
+
+
+def accelerate_config(params: Params, env: Mapping[str, str], root: str | Path = ".") -> str | None:
+    """The accelerate config file for train.distributed (fsdp, zero3: the shipped file), or the user's
+    ACCELERATE_CONFIG_FILE with ddp; None = DDP from the command line."""
+    chosen = ACCELERATE_CONFIGS[params.train.distributed]
+    own = env.get("ACCELERATE_CONFIG_FILE") or None
+    if chosen is None:
+        return own
+    if own:
+        raise StageError(
+            f"ACCELERATE_CONFIG_FILE is set ({own}) and train.distributed is {params.train.distributed}, which "
+            f"launches with {chosen}: unset one of the two"
+        )
+    return str(Path(root) / chosen)
+
+
 def launch_command(
-    params: Params, port: int, config_file: str | None = None, python: str = sys.executable
+    params: Params,
+    where: Placement,
+    config_file: str | None = None,
+    python: str = sys.executable,
+    module: str = "stages.train",
+    processes: int | None = None,
+    max_restarts: int | None = None,
 ) -> list[str]:
-    """argv that runs this stage as `train.num_processes` workers on one machine.
+    """argv that runs `module` as `processes` (default train.num_processes) workers on this node, one node of
+    `where.nodes`.
 
     CPU: torchrun (gloo). CUDA: accelerate launch, DDP unless `config_file` (an accelerate config file,
-    e.g. FSDP or DeepSpeed) says otherwise. `port` is the rendezvous port on 127.0.0.1.
-    """
+    e.g. FSDP or DeepSpeed) says otherwise. Static rendezvous at where.master_addr:where.master_port."""
     t = params.train
-    n = str(t.num_processes)
+    per_node = processes or t.num_processes
+    restarts = str(params.launch.max_restarts if max_restarts is None else max_restarts)
     if resolve_device(t.device) == "cpu":
         return [
             python, "-m", "torch.distributed.run",
-            "--nnodes", "1", "--nproc_per_node", n,
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
-            "-m", "stages.train",
+            "--nnodes", str(where.nodes), "--nproc_per_node", str(per_node), "--node_rank", str(where.rank),
+            "--master_addr", where.master_addr, "--master_port", str(where.master_port),
+            "--max_restarts", restarts,
+            "-m", module,
         ]  # fmt: skip
     distribution = (
         ["--config_file", config_file] if config_file else ["--multi_gpu", "--dynamo_backend", "no"]
@@ -70,10 +193,12 @@ def launch_command(
     return [
         python, "-m", "accelerate.commands.launch",
         *distribution,
-        "--num_machines", "1", "--num_processes", n,
+        "--num_machines", str(where.nodes), "--machine_rank", str(where.rank),
+        "--num_processes", str(per_node * where.nodes),
         "--mixed_precision", MIXED_PRECISION[t.precision],
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "-m", "stages.train",
+        "--main_process_ip", where.master_addr, "--main_process_port", str(where.master_port),
+        "--rdzv_backend", "static", "--same_network", "--max_restarts", restarts,
+        "-m", module,
     ]  # fmt: skip
 
 
@@ -113,21 +238,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(params: Params) -> int:
-    """Run the workers and wait for them; returns their launcher's exit code (128 + N when killed by signal N).
+def run_launcher(argv: list[str], env: dict[str, str], what: str, stage: str) -> int:
+    """Run a launcher and wait for it; returns its exit code (128 + N when killed by signal N).
 
     SIGTERM (e.g. from a CI timeout) is passed on to the launcher, which stops the workers; Ctrl-C reaches
     the whole process group by itself, so this process only keeps waiting for the workers to go.
     """
-    from dpo_pipeline import tracking
-
-    tracking.prepare_store(params)
-    argv = launch_command(params, free_port(), os.environ.get("ACCELERATE_CONFIG_FILE") or None)
-    env = dict(os.environ)
-    if resolve_device(params.train.device) == "cpu":
-        # torchrun would pin every worker to 1 thread; share the cores instead.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.train.num_processes)))
-    print(f"train: launching {params.train.num_processes} processes: {' '.join(argv)}", file=sys.stderr)
+    print(f"{what}: {' '.join(argv)}", file=sys.stderr)
     child = subprocess.Popen(argv, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
     try:
@@ -141,6 +258,56 @@ def launch(params: Params) -> int:
         signal.signal(signal.SIGTERM, previous)
     if code != 0:
         print(
-            f"error: the train workers failed (exit code {code}); see their messages above", file=sys.stderr
+            f"error: the {stage} workers failed (exit code {code}); see their messages above", file=sys.stderr
         )
     return 128 - code if code < 0 else code
+
+
+def worker_env(params: Params, processes: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if resolve_device(params.train.device) == "cpu":
+        # torchrun would pin every worker to 1 thread; share the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
+def launch(params: Params, worker: bool = False) -> int:
+    """Run this node's train workers and wait for them. `worker`: this is a node other than node 0, started
+    by `make train-worker` (node 0 is the one that runs `dvc repro`)."""
+    from dpo_pipeline import tracking
+
+    t = params.train
+    where = placement(os.environ, t.num_nodes, params.launch.master_port)
+    if worker and where.rank == 0:
+        raise StageError(
+            f"--worker: this is node 0 ({where.source}); node 0 runs `dvc repro`, the other nodes the worker"
+        )
+    if not worker and where.rank != 0:
+        raise StageError(
+            f"this is node {where.rank} of {where.nodes} ({where.source}): run `make train-worker` here; "
+            "`dvc repro` runs on node 0"
+        )
+    if where.nodes == 1:
+        where = Placement(0, 1, LOOPBACK, free_port(), where.source)
+    if where.rank == 0:
+        tracking.prepare_store(params)
+    argv = launch_command(params, where, accelerate_config(params, os.environ))
+    what = f"train: node {where.rank} of {where.nodes}, launching {t.num_processes} processes"
+    return run_launcher(argv, worker_env(params, t.num_processes), what, "train")
+
+
+def launch_reference(params: Params) -> int:
+    """Run the reference stage as launch.reference_num_processes workers on this machine."""
+    from dpo_pipeline import tracking
+
+    n = params.launch.reference_num_processes
+    tracking.prepare_store(params)
+    argv = launch_command(
+        params,
+        Placement(0, 1, LOOPBACK, free_port(), "one node"),
+        None,
+        module="stages.reference",
+        processes=n,
+        max_restarts=0,
+    )
+    return run_launcher(argv, worker_env(params, n), f"reference: launching {n} processes", "reference")

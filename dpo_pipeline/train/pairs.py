@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code de
 
 
 def global_batch(t: TrainParams) -> int:
-    return t.per_device_train_batch_size * t.num_processes * t.gradient_accumulation_steps
+    return t.per_device_train_batch_size * t.num_processes * t.num_nodes * t.gradient_accumulation_steps
 
 
 def pairs_needed(t: TrainParams) -> int:

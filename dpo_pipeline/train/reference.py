@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -90,6 +91,22 @@ def longest_first(dataset):
     return dataset.select(order.to_pylist())
 
 
+def shared_scratch(tokenized_dir: str | Path) -> str | None:
+    """A folder every process of a multi-process reference run sees at the same path (None with one process:
+    the system's temp folder). The processes agree on the name through torchrun's run id."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    folder = (
+        Path(tokenized_dir).resolve().parent.parent
+        / layout.SCRATCH_DIR
+        / ("reference-" + os.environ.get("TORCHELASTIC_RUN_ID", "run"))
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
 def compute(
     params: Params, base_dir: str | Path, tokenized_dir: str | Path, pairs_dir: str | Path = PAIRS_DIR
 ) -> dict[str, Any]:
@@ -113,7 +130,9 @@ def compute(
     datasets = {split: pairs.to_dataset(table) for split, table in tokenized.items()}
     trl_glue.log_versions()
     model = loading.load_policy(base_dir, params.train)
-    with tempfile.TemporaryDirectory() as out_dir:
+    # Several processes share one output folder (trl's precompute exchanges its results through it).
+    shared = shared_scratch(tokenized_dir)
+    with contextlib.nullcontext(shared) if shared else tempfile.TemporaryDirectory() as out_dir:
         trainer = trl_glue.trainer_class(params.train.share_prompt)(
             model=model,
             args=reference_config(params, out_dir),
@@ -136,6 +155,12 @@ def compute(
             # Back to id order (the order of `tokenized` here), joined by id.
             ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
             tables[split] = attach_reference(ids, in_computed_order, path).combine_chunks()
+    if shared:  # every process has read its copy of the gathered log-probs: the exchange folder can go
+        trainer.accelerator.wait_for_everyone()
+        if trainer.accelerator.is_main_process:
+            import shutil
+
+            shutil.rmtree(shared, ignore_errors=True)
     return tables
 
 

@@ -201,6 +201,17 @@ def trainer_class(share_prompt: bool):
             from dpo_pipeline.runner import RowProgress
 
             self._reference_progress = RowProgress(f"reference: {name} pairs", len(dataset))
+            if self.accelerator.num_processes > 1 and not dataset.cache_files:
+                # trl's rank 0 writes the gathered log-probs beside the dataset's cache files and every rank
+                # reads them back; an in-memory dataset's cache folder is a temp folder per process. Give it
+                # one on disk in the output folder, which the processes share (reference.compute).
+                from datasets import load_from_disk
+
+                folder = f"{self.args.output_dir}/precompute-{name}"
+                with self.accelerator.main_process_first():
+                    if self.accelerator.is_main_process:
+                        dataset.save_to_disk(folder)
+                    dataset = load_from_disk(folder)
             try:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             finally:

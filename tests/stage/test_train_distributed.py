@@ -74,7 +74,7 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, train_params, tiny_base_d
     assert result.returncode == 0, log[-6000:]
 
     # Two workers in one gloo group, launched by torchrun.
-    assert "torch.distributed.run --nnodes 1 --nproc_per_node 2 --master_addr 127.0.0.1" in log
+    assert "torch.distributed.run --nnodes 1 --nproc_per_node 2 --node_rank 0 --master_addr 127.0.0.1" in log
     for rank in range(PROCESSES):
         assert f"[rank {rank}] stages.train: process {rank} of {PROCESSES} (MULTI_CPU, cpu" in log, log[
             -4000:
