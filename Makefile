@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
 .PHONY: help setup system-deps repro headline test test-fast test-e2e lint format bench verify compare compare-methods mlflow-server \
-	clean-venv lock-check doctor recipe gpu-check gpu-bundle chat publish
+	clean-venv lock-check doctor recipe gpu-check gpu-bundle chat publish train-worker sky-venv
 .DEFAULT_GOAL := help
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
@@ -36,9 +36,10 @@ repro: setup
 	dvc repro
 	@echo && $(PY) -m tools.headline
 
-# Join a train.num_nodes > 1 run from a node other than node 0: dvc pull of train's inputs, then the worker (docs/scaling.md).
+# Join a train.num_nodes > 1 run from a node other than node 0: train's inputs (pulled, else reproduced), then the worker.
+# SET="train.beta=0.2 ...": the params edits node 0 ran with (dvc exp run -S); docs/scaling.md.
 train-worker: setup
-	$(PY) -m tools.train_worker
+	$(PY) -m tools.train_worker $(foreach kv,$(SET),-S $(kv))
 
 # The headline of commits, branches and experiments side by side, paired tests on the held-out documents vs the
 # first: make headline REVS="main beta02" (no REVS: the workspace).
@@ -54,8 +55,16 @@ chat: setup
 publish: setup
 	$(PY) -m tools.publish $(REPO) $(if $(ADAPTER),--adapter) $(if $(DRY_RUN),--dry-run) $(if $(PUBLIC),--public)
 
+# SkyPilot, for cloud/*.sky.yaml (docs/scaling.md), in a venv of its own: skypilot pins click<8.2, which the main lock does not allow.
+SKY_VENV ?= .sky-venv
+sky-venv: $(SKY_VENV)/.installed
+$(SKY_VENV)/.installed:
+	test -x $(SKY_VENV)/bin/python || python3 -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install -q 'skypilot==0.14.1'
+	touch $@
+
 # The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones).
-test: setup system-deps
+test: setup system-deps sky-venv
 	$(PY) -m pytest -m "not gpu" -q
 
 # The tests but the slow end-to-end ones (minutes instead of a quarter of an hour).

@@ -9,6 +9,8 @@ shape with random weights and OpenHermes-2.5's real tokenizer (tools.hub_layout)
 (bench.synthetic), through the pipeline's own functions: tokenize -> pairs -> reference (a few hundred pairs)
 -> train (`--steps`, at least 10) -> merge (fp16, fidelity check) -> a short evaluation (lm-eval's
 dpo_heldout_pref on 32 held-out documents, one sampled answer). No DVC, no MLflow: this measures the GPU work.
+Then train.distributed fsdp (FSDP2 + QLoRA) at world size 1 for 2 steps, launched as the train stage launches
+it (bench.fsdp_check): the adapter it gathers and saves must hold every LoRA weight, finite.
 
 Prints and writes: seconds per step (median after the first), tokens/s, an MFU estimate (the FLOPs the
 training steps did, counted as in bench.flops, over the GPU's dense bf16 peak), peak GPU memory per stage,
@@ -61,6 +63,20 @@ def _replace(params, **sections):
         name: dataclasses.replace(getattr(params, name), **values) for name, values in sections.items()
     }
     return dataclasses.replace(params, **changes)
+
+
+def training_datasets(work: Path, tables: dict[str, Any]) -> dict[str, Any]:
+    """{split: datasets.Dataset}: the pairs stage's selection from work/tokenized in its order, with the reference
+    log-probs `tables` attached, as the train stage reads them."""
+    wanted = pairs_lib.training_ids(work / "pairs")
+    datasets = {}
+    for split in ("train", "test"):
+        table = pairs_lib.rows_in_order(
+            tables_lib.read_tokenized(work / "tokenized", split), wanted[split], split
+        )
+        table = reference_lib.attach_reference(table, tables[split], split)
+        datasets[split] = pairs_lib.to_dataset(table, layout.REF_COLUMNS)
+    return datasets
 
 
 def recipe_params(dry_run: bool, steps: int):
@@ -185,14 +201,7 @@ def run(dry_run: bool, steps: int, rows: int, work: Path) -> dict[str, Any]:
     memory.start()
     clock = time.perf_counter()
     tokenizer = load_tokenizer(base_dir)
-    datasets = {}
-    wanted = pairs_lib.training_ids(work / "pairs")
-    for split in ("train", "test"):
-        table = pairs_lib.rows_in_order(
-            tables_lib.read_tokenized(work / "tokenized", split), wanted[split], split
-        )
-        table = reference_lib.attach_reference(table, tables[split], split)
-        datasets[split] = pairs_lib.to_dataset(table, layout.REF_COLUMNS)
+    datasets = training_datasets(work, tables)
     timer = StepTimes()
     trainer = trl_glue.trainer_class(params.train.share_prompt)(
         model=loading.load_policy(base_dir, params.train),
@@ -317,11 +326,21 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         figures = run(args.dry_run, steps, rows, Path(tmp))
         figures["total_s"] = time.perf_counter() - started
+        # train.distributed fsdp at world size 1, through the stage's own launch command (GPUs only).
+        from bench import fsdp_check
+
+        clock = time.perf_counter()
+        figures["fsdp_world_size_1"] = fsdp_check.run(Path(tmp), args.dry_run)
+        figures["fsdp_s"] = time.perf_counter() - clock
     for key, value in figures.items():
         print(f"{key:>24}: {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     print(f"gpu-check: wrote {args.out}")
+    fsdp = figures["fsdp_world_size_1"]
+    if isinstance(fsdp, dict) and not fsdp.get("ok"):
+        print("error: gpu-check: the FSDP world-size-1 run failed (fsdp_world_size_1 above)", file=sys.stderr)
+        return 1
     return 0
 
 

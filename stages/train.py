@@ -160,6 +160,7 @@ def run(
             accelerator.distributed_type.value,
             accelerator.device,
         )
+        dpo.require_same_run(accelerator, run_dir.name, resume)
 
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

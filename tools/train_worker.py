@@ -1,10 +1,13 @@
 """Join a multi-node train run as a node other than node 0 (`make train-worker`; docs/scaling.md).
 
-Fetches exactly the inputs the train stage reads from the DVC remote (`dvc pull` of train's deps that other
-stages produce: models/base, data/tokenized, data/pairs/*, data/reference, data/prepared; the code is in git),
-then runs `python -m stages.train --worker`, which takes this node's rank and node 0's address from the
-environment (NODE_RANK + MASTER_ADDR, Slurm or SkyPilot) and joins node 0's torchrun / accelerate rendezvous.
-Node 0 runs `dvc repro` (and `dvc push` of the stages before train, so that the workers find their inputs).
+1. `-S key=value` (optional, repeatable): the same params edits node 0 ran with (`dvc exp run -S ...`), applied
+   to params.yaml by DVC's own override code, so that every node trains on the same params (the train stage
+   checks that all processes agree before the first step).
+2. `dvc repro --pull <the stages that write train's inputs>`: unchanged stages are pulled from the DVC remote,
+   changed ones restored from the remote's run cache (node 0's `dvc push --run-cache`) or, where node 0 has not
+   pushed them, run here (their outputs are byte-identical on every machine). The code is in git.
+3. `python -m stages.train --worker`: takes this node's rank and node 0's address from the environment
+   (NODE_RANK + MASTER_ADDR, Slurm or SkyPilot) and joins node 0's torchrun / accelerate rendezvous.
 """
 
 from __future__ import annotations
@@ -17,38 +20,70 @@ from pathlib import Path
 import yaml
 
 
+def _outs(spec: dict) -> list[str]:
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in spec.get("outs", [])]
+
+
 def train_inputs(dvc_yaml: str | Path = "dvc.yaml", stage: str = "train") -> list[str]:
     """The deps of `stage` that another stage of dvc.yaml writes (or a folder holding such an output)."""
     stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
-    outs = set()
-    for name, spec in stages.items():
-        if name == stage:
-            continue
-        for entry in spec.get("outs", []):
-            outs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    outs = {out for name, spec in stages.items() if name != stage for out in _outs(spec)}
     deps = stages[stage]["deps"]
     return [dep for dep in deps if dep in outs or any(dep.startswith(out + "/") for out in outs)]
 
 
+def input_stages(dvc_yaml: str | Path = "dvc.yaml", stage: str = "train") -> list[str]:
+    """The stages whose outputs `stage` reads, in dvc.yaml's order."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
+    inputs = train_inputs(dvc_yaml, stage)
+    return [
+        name
+        for name, spec in stages.items()
+        if name != stage
+        and any(dep == out or dep.startswith(out + "/") for out in _outs(spec) for dep in inputs)
+    ]
+
+
+def _dvc() -> str:
+    beside = Path(sys.executable).with_name("dvc")  # the venv's dvc, with or without an activated venv
+    return str(beside) if beside.exists() else "dvc"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.train_worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-pull", action="store_true", help="the inputs are already here: do not dvc pull")
-    parser.add_argument("--print-inputs", action="store_true", help="list train's inputs and exit")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml edit, as `dvc exp run -S` takes it (give node 0's edits to every node)",
+    )
+    parser.add_argument(
+        "--no-pull", action="store_true", help="the inputs are already here: do not dvc repro"
+    )
+    parser.add_argument(
+        "--print-inputs", action="store_true", help="list train's inputs and stages, then exit"
+    )
     args = parser.parse_args(argv)
-    inputs = train_inputs()
     if args.print_inputs:
-        print("\n".join(inputs))
+        print("\n".join(train_inputs()))
+        print("stages: " + " ".join(input_stages()))
         return 0
+    if args.overrides:
+        from dvc.utils.hydra import apply_overrides
+
+        apply_overrides("params.yaml", args.overrides)  # the code `dvc exp run -S` runs
+        print(f"train-worker: params.yaml edited: {' '.join(args.overrides)}", file=sys.stderr)
     if not args.no_pull:
-        print(f"train-worker: dvc pull {' '.join(inputs)}", file=sys.stderr)
-        beside = Path(sys.executable).with_name("dvc")  # the venv's dvc, with or without an activated venv
-        pulled = subprocess.run([str(beside) if beside.exists() else "dvc", "pull", *inputs], check=False)
-        if pulled.returncode != 0:
+        argv = [_dvc(), "repro", "--pull", *input_stages()]
+        print(f"train-worker: {' '.join(argv[1:])}", file=sys.stderr)
+        if subprocess.run(argv, check=False).returncode != 0:
             print(
-                "error: dvc pull of train's inputs failed; has node 0 pushed them (dvc push)?",
-                file=sys.stderr,
+                "error: train-worker could not pull or reproduce train's inputs (see above)", file=sys.stderr
             )
-            return pulled.returncode
+            return 1
     return subprocess.run([sys.executable, "-m", "stages.train", "--worker"], check=False).returncode
 
 

@@ -143,6 +143,29 @@ def one_checkpoint_copy(p: Params) -> bool:
     return p.train.num_nodes == 1 or p.launch.checkpoint_storage == "shared"
 
 
+def require_same_run(accelerator: Any, key: str, resume: Path | None) -> None:
+    """Every process of a multi-process or multi-node run trains the same run: the same params and input hashes
+    (`key`, checkpoint_key) and the same resume point. A node with other params (a `-S` edit node 0 had and it
+    lacked) or other inputs, or one that found another checkpoint, would silently train something else and
+    still sum its gradients into the adapter: all stop instead, naming the ranks that differ."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    mine = (key, resume.name if resume else None)
+    everyone = gather_object([mine])
+    odd = [rank for rank, seen in enumerate(everyone) if seen != everyone[0]]
+    if odd:
+        seen = "; ".join(
+            f"rank {rank}: key {k}, resume {r or 'none'}" for rank, (k, r) in enumerate(everyone)
+        )
+        raise StageError(
+            f"train: processes {odd} disagree with rank 0 on the run (params + input hashes, resume point): "
+            f"{seen}. Give every node the same params and inputs (make train-worker SET=... with node 0's -S "
+            "edits; launch.checkpoint_storage shared for checkpoints every node sees)"
+        )
+
+
 def dpo_config(p: Params, out_dir: str | Path):
     """trl DPOConfig with every knob from params (train.method dpo); `out_dir` receives the checkpoints."""
     from trl import DPOConfig

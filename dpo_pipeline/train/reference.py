@@ -28,6 +28,7 @@ SECTIONS = [
     "train.bnb_4bit_quant_type",
     "train.bnb_4bit_compute_dtype",
     "train.bnb_4bit_use_double_quant",
+    "train.distributed",
     "train.precision",
     "train.device",
     "train.precompute_ref",

@@ -33,4 +33,5 @@ def test_dry_run_passes_and_reports_every_stage(tmp_path):
     assert figures["merge_fidelity_max_abs"] < 0.1
     assert 0.0 <= figures["heldout_acc_norm"] <= 1.0
     assert figures["median_step_s"] > 0 and figures["projected_200_steps_min"] > 0
+    assert figures["fsdp_world_size_1"].startswith("skipped on the CPU: accelerate enables FSDP only")
     assert "gpu-check: wrote" in result.stdout

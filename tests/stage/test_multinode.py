@@ -174,3 +174,22 @@ def workers_in(work: Path, rank: str) -> list[int]:
             if any(item.startswith(b"TORCHELASTIC_RUN_ID=") for item in environ):
                 found.append(int(entry.name))
     return found
+
+
+def test_a_node_with_other_params_stops_every_node(tmp_path, train_params, tiny_base_dir, tokenized_dir):
+    """A worker node that lacks one of node 0's params edits would train something else and still sum its
+    gradients into the adapter: every process stops before the first step, naming the odd rank."""
+    two_nodes = replace_params(train_params, train={"max_steps": STEPS, "num_processes": 1, "num_nodes": 2})
+    node0 = repo_layout(tmp_path / "node0", two_nodes, tiny_base_dir, tokenized_dir)
+    node1 = tmp_path / "node1"
+    shutil.copytree(node0, node1)
+    other = replace_params(two_nodes, train={"beta": two_nodes.train.beta * 2})
+    (node1 / "params.yaml").write_text(params_yaml(other), encoding="utf-8")
+    port = str(free_port())
+    worker = start(node1, ["--worker"], clean_env(NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    head = start(node0, [], clean_env(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    for proc in (head, worker):
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode != 0, out[-3000:]
+        assert "processes [1] disagree with rank 0 on the run" in out, out[-3000:]
+    assert not (node0 / "models" / "adapter").exists()
