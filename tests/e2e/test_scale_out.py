@@ -61,7 +61,7 @@ def test_a_second_node_pulls_its_inputs_and_trains_with_node_0(clone, sshd, tmp_
         env=dict(node1.env, NODE_RANK="1", **place), log=worker_log,
     )  # fmt: skip
     try:
-        head = Project(node0.root, dict(node0.env, NODE_RANK="0", **place)).dvc("repro", timeout=600)
+        head = Project(node0.root, dict(node0.env, NODE_RANK="0", **place)).dvc("repro", "train", timeout=600)
         assert worker.wait(timeout=120) == 0, worker_log.read_text()[-6000:]
     finally:
         if worker.poll() is None:
@@ -79,7 +79,7 @@ def test_a_second_node_pulls_its_inputs_and_trains_with_node_0(clone, sshd, tmp_
     assert "train: node 0 of 2, launching 1 processes" in head.stdout + head.stderr
     assert (node0.root / "models" / "adapter").is_dir()
     assert not (node1.root / "models" / "adapter").exists()
-    assert node0.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+    assert node0.dvc("status", "train").stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_the_cloud_run_script_round_trips_an_experiment(clone, sshd, tmp_path):

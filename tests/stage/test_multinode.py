@@ -137,7 +137,7 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(
 def test_a_killed_worker_restarts_and_resumes(tmp_path, train_params, tiny_base_dir, tokenized_dir):
     """torchrun's --max_restarts (launch.max_restarts): rank 1 killed after the first checkpoint; the group
     restarts, resumes from that checkpoint and ends with the adapter of an uninterrupted run."""
-    steps, save = 30, 5  # enough steps after the first checkpoint to kill a worker before the run ends
+    steps, save = 16, 4  # enough steps after the first checkpoint to kill a worker before the run ends
     base = replace_params(train_params, train={"max_steps": steps, "num_processes": 2, "save_steps": save})
     calm = repo_layout(tmp_path / "calm", base, tiny_base_dir, tokenized_dir)
     run_stage(calm, "stages.train")
