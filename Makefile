@@ -55,17 +55,19 @@ chat: setup
 publish: setup
 	$(PY) -m tools.publish $(REPO) $(if $(ADAPTER),--adapter) $(if $(DRY_RUN),--dry-run) $(if $(PUBLIC),--public)
 
-# SkyPilot, for cloud/*.sky.yaml (docs/scaling.md), in a venv of its own: skypilot pins click<8.2, which the main lock does not allow.
 SKY_VENV ?= .sky-venv
+# SkyPilot, for cloud/*.sky.yaml (docs/scaling.md), in a venv of its own: skypilot pins click<8.2, which the main lock does not allow.
 sky-venv: $(SKY_VENV)/.installed
 $(SKY_VENV)/.installed:
 	test -x $(SKY_VENV)/bin/python || python3 -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install -q 'skypilot==0.14.1'
 	touch $@
 
-# The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones).
+TEST_WORKERS ?= 2
+# The whole test suite but CUDA-only tests (unit, stage, and the slow end-to-end ones), in TEST_WORKERS pytest-xdist workers.
+# Whole files per worker (--dist loadfile): a module's fixtures are built once; each worker builds the tiny e2e project once.
 test: setup system-deps sky-venv
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests but the slow end-to-end ones (minutes instead of a quarter of an hour).
 test-fast: setup

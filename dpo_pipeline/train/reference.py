@@ -153,6 +153,7 @@ def compute(
                     **{name: pa.array(dataset[name], pa.float32()) for name in REF_COLUMNS},
                 }
             )
+            require_each_pair_once(in_computed_order.column("id"), tokenized[split].num_rows, path)
             # Back to id order (the order of `tokenized` here), joined by id.
             ids = pa.table({"id": tokenized[split].column("id").cast(pa.string())})
             tables[split] = attach_reference(ids, in_computed_order, path).combine_chunks()
@@ -163,6 +164,26 @@ def compute(
 
             shutil.rmtree(shared, ignore_errors=True)
     return tables
+
+
+def require_each_pair_once(ids, expected: int, path: str | Path) -> None:
+    """The reference pass scored every selected pair exactly once. Several processes each score a share and
+    gather the results: a pair scored twice (a share padded to equal length and not trimmed) or dropped would
+    otherwise reach train as a wrong or missing row. Missing ids are named by attach_reference."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+    if repeated or len(ids) != expected:
+        problem = (
+            f"{len(repeated)} pair(s) scored more than once, e.g. {repeated[:3]}"
+            if repeated
+            else "none twice"
+        )
+        raise StageError(
+            f"{path}: the reference pass returned {len(ids)} rows for {expected} pairs ({problem}); every pair "
+            "must be scored exactly once (launch.reference_num_processes: 1 scores in one process)"
+        )
 
 
 def attach_reference(table, reference, reference_path: str | Path):

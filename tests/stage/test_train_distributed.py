@@ -148,7 +148,10 @@ def test_run_refuses_a_process_group_of_another_size(
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     params = replace_params(train_params, train={"num_processes": PROCESSES})
-    with pytest.raises(StageError, match=r"train\.num_processes is 2 but this process runs in a group of 1"):
+    with pytest.raises(
+        StageError,
+        match=r"train\.num_processes x train\.num_nodes is 2 but this process runs in a group of 1",
+    ):
         train.run(
             params,
             tiny_base_dir,

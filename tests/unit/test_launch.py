@@ -82,3 +82,15 @@ def test_the_worker_pulls_exactly_the_train_inputs_other_stages_write():
     got = train_inputs(REPO / "dvc.yaml")
     assert got == [d for d in stages["train"]["deps"] if not d.endswith(".py")]
     assert {"models/base", "data/tokenized", "data/reference", "data/pairs/selected.parquet"} <= set(got)
+
+
+def test_a_pair_scored_twice_or_dropped_by_the_reference_processes_fails_the_run():
+    import pyarrow as pa
+
+    from dpo_pipeline.train.reference import require_each_pair_once
+
+    require_each_pair_once(pa.chunked_array([["a", "b"], ["c"]]), 3, "train.parquet")  # each once: fine
+    with pytest.raises(StageError, match=r"returned 3 rows for 3 pairs \(1 pair\(s\) scored more than once"):
+        require_each_pair_once(pa.chunked_array([["a", "b", "b"]]), 3, "train.parquet")
+    with pytest.raises(StageError, match=r"train.parquet: the reference pass returned 2 rows for 3 pairs"):
+        require_each_pair_once(pa.chunked_array([["a", "b"]]), 3, "train.parquet")

@@ -318,11 +318,15 @@ def test_dpo_config_tells_ddp_every_lora_weight_is_used(default_params, tmp_path
     assert dpo.dpo_config(default_params, tmp_path).ddp_find_unused_parameters is False
 
 
+def one_node(port: int):
+    return launch.Placement(0, 1, "127.0.0.1", port, "one node")
+
+
 def test_launch_command_cpu_is_torchrun(default_params):
     import torch.distributed.run as torchrun
 
     params = replace_params(default_params, train={"num_processes": 3, "device": "cpu"})
-    argv = launch.launch_command(params, port=29123, python="/venv/bin/python")
+    argv = launch.launch_command(params, one_node(29123), python="/venv/bin/python")
     assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
     # Parsed by torchrun's own parser, so a renamed or misspelt flag fails here.
     args = torchrun.get_args_parser().parse_args(argv[3:])
@@ -338,7 +342,7 @@ def test_launch_command_cuda_is_accelerate_ddp(default_params, precision, flag):
     params = replace_params(
         default_params, train={"num_processes": 2, "device": "cuda", "precision": precision}
     )
-    argv = launch.launch_command(params, port=29124, python="py")
+    argv = launch.launch_command(params, one_node(29124), python="py")
     assert argv[:3] == ["py", "-m", "accelerate.commands.launch"]
     args = launch_command_parser().parse_args(argv[3:])
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed and args.config_file is None
@@ -352,7 +356,7 @@ def test_launch_command_cuda_with_an_accelerate_config_file(default_params):
     from accelerate.commands.launch import launch_command_parser
 
     params = replace_params(default_params, train={"num_processes": 4, "device": "cuda", "precision": "bf16"})
-    argv = launch.launch_command(params, port=1, config_file="fsdp.yaml", python="py")
+    argv = launch.launch_command(params, one_node(1), config_file="fsdp.yaml", python="py")
     args = launch_command_parser().parse_args(argv[3:])
     assert args.config_file == "fsdp.yaml" and not args.multi_gpu
     assert (args.num_processes, args.mixed_precision) == (4, "bf16")
