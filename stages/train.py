@@ -50,7 +50,13 @@ from dpo_pipeline.errors import StageError
 from dpo_pipeline.io import atomic_dir, atomic_write_bytes, sha256_tree, template_hash, write_json
 from dpo_pipeline.models import loading
 from dpo_pipeline.train import dpo, methods, trl_glue
-from dpo_pipeline.train.launch import die_with_parent, is_distributed_worker, launch, needs_launcher
+from dpo_pipeline.train.launch import (
+    die_with_parent,
+    is_distributed_worker,
+    join_restarted_group,
+    launch,
+    needs_launcher,
+)
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
     from dpo_pipeline.config import Params
@@ -242,6 +248,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     params = config.load()
     if is_distributed_worker(os.environ):
         die_with_parent()  # a worker never outlives its launcher (and never publishes without it)
+        join_restarted_group(params.train.num_nodes, loading.resolve_device(params.train.device))
     elif args.worker:
         if params.train.num_nodes == 1:
             raise StageError("--worker: train.num_nodes is 1; with one node `dvc repro` runs the whole stage")

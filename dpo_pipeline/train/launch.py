@@ -21,7 +21,9 @@ torchrun / accelerate launch as --nnodes/--node_rank/--master_addr/--master_port
 static one: it keeps node 0's first process as global rank 0, the one that publishes (torch 2.13's c10d
 rendezvous numbers the nodes by host name, so the publisher could land on a worker node that runs no `dvc repro`).
 `launch.max_restarts` is passed on as --max_restarts: a failed worker group restarts and resumes from the last
-checkpoint in `launch.checkpoint_dir` (docs/scaling.md says what that covers on one node and on several).
+checkpoint in `launch.checkpoint_dir` (docs/scaling.md says what that covers on one node and on several). A
+restarted worker joins its group through `join_restarted_group` (torch 2.13 reuses the agent's store across
+restarts without a per-attempt key prefix).
 
 Sharded QLoRA (`train.distributed: fsdp | zero3`, GPUs only): accelerate launch with the shipped config file
 (configs/accelerate/fsdp2_qlora.yaml or zero3_qlora.yaml, after peft's FSDP+QLoRA and DeepSpeed+QLoRA guides);
@@ -229,6 +231,42 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), sig)  # the parent died before the signal was armed
+
+
+def join_restarted_group(num_nodes: int, device: str, env: Mapping[str, str] = os.environ) -> bool:
+    """In a worker group that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) on one node: initialise the
+    default process group under a key prefix of this restart, before accelerate would; True if it did.
+
+    torchrun's workers exchange their addresses (gloo) or ids (NCCL) through the agent's TCP store. torch 2.13
+    keeps that store across restarts and does not prefix the keys per attempt (its comment assumes a new store
+    per retry), so a restarted rank could read the previous attempt's address of a peer and dial a port that
+    died with it: a flaky "connectFullMesh ... Connection refused" (seen on loopback, with both the static and
+    the c10d rendezvous). The restart count is the same for every worker of one node's agent; across nodes the
+    agents count their own restarts, so several nodes are left as they are (docs/scaling.md)."""
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or num_nodes != 1:
+        return False
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    world_size = int(env["WORLD_SIZE"])
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timedelta(minutes=30),
+    )
+    dist.init_process_group(
+        "gloo" if device == "cpu" else "nccl",
+        store=dist.PrefixStore(f"restart_{restart}", store),
+        rank=int(env["RANK"]),
+        world_size=world_size,
+        timeout=timedelta(minutes=30),
+    )
+    print(f"train: rank {env['RANK']} rejoined its group after restart {restart}", file=sys.stderr)
+    return True
 
 
 def free_port() -> int:

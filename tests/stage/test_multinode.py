@@ -155,6 +155,7 @@ def test_a_killed_worker_restarts_and_resumes(tmp_path, train_params, tiny_base_
     os.kill(victim, signal.SIGKILL)
     log = finish(proc)
     assert "resuming from" in log and f"checkpoint-{save}" in log, log[-4000:]
+    assert "train: rank 1 rejoined its group after restart 1" in log, log[-4000:]
     assert_same_adapter(work / "models" / "adapter", calm / "models" / "adapter")
 
 

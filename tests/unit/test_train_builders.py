@@ -335,6 +335,17 @@ def test_launch_command_cpu_is_torchrun(default_params):
     assert args.module and args.training_script == "stages.train" and args.training_script_args == []
 
 
+def test_launch_command_cpu_on_two_nodes_is_static_torchrun(default_params):
+    import torch.distributed.run as torchrun
+
+    params = replace_params(default_params, train={"num_processes": 2, "num_nodes": 2, "device": "cpu"})
+    where = launch.Placement(1, 2, "10.0.0.5", 29501, "NODE_RANK/MASTER_ADDR")
+    args = torchrun.get_args_parser().parse_args(launch.launch_command(params, where, python="py")[3:])
+    assert not args.standalone and args.rdzv_backend == "static"
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "2")
+    assert (args.master_addr, args.master_port, args.max_restarts) == ("10.0.0.5", 29501, 0)
+
+
 @pytest.mark.parametrize(("precision", "flag"), [("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16")])
 def test_launch_command_cuda_is_accelerate_ddp(default_params, precision, flag):
     from accelerate.commands.launch import launch_command_parser
