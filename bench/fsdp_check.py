@@ -41,9 +41,12 @@ def run(work: Path, dry_run: bool) -> dict[str, Any] | str:
     from dpo_pipeline.train import launch
 
     params = fsdp_params(dry_run)
-    where = launch.Placement(0, 1, launch.LOOPBACK, launch.free_port(), "one node")
     argv = launch.launch_command(
-        params, where, launch.accelerate_config(params, {}, REPO), module="bench.fsdp_check", processes=1
+        params,
+        launch.this_machine(),
+        launch.accelerate_config(params, {}, REPO),
+        module="bench.fsdp_check",
+        processes=1,
     )
     argv += ["--work", str(work)]
     print("gpu-check: " + " ".join(argv), file=sys.stderr)

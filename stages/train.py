@@ -56,6 +56,7 @@ from dpo_pipeline.train.launch import (
     join_restarted_group,
     launch,
     needs_launcher,
+    world_size,
 )
 
 if TYPE_CHECKING:  # annotations only, never run: tools/dag.py counts no code dep for it
@@ -89,11 +90,11 @@ def run(
 
     base_dir, tokenized_dir, reference_dir = Path(base_dir), Path(tokenized_dir), Path(reference_dir)
     t = params.train
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != t.num_processes * t.num_nodes:
+    group = int(os.environ.get("WORLD_SIZE", "1"))
+    if group != world_size(params):
         raise StageError(
-            f"train.num_processes x train.num_nodes is {t.num_processes * t.num_nodes} but this process runs in "
-            f"a group of {world_size}: start the stage with `python -m stages.train` (node 0) or `make "
+            f"train.num_processes x train.num_nodes is {world_size(params)} but this process runs in "
+            f"a group of {group}: start the stage with `python -m stages.train` (node 0) or `make "
             "train-worker` (the other nodes), which launch the processes themselves"
         )
 
@@ -255,7 +256,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         sys.exit(launch(params, worker=True))
     elif needs_launcher(params):
         sys.exit(launch(params))
-    if params.train.num_processes * params.train.num_nodes == 1:
+    if world_size(params) == 1:
         loading.pin_single_device(params.train.device)  # one GPU, no DataParallel, on a multi-GPU host
     run(params)
 

@@ -24,23 +24,33 @@ def _outs(spec: dict) -> list[str]:
     return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in spec.get("outs", [])]
 
 
+def _within(dep: str, out: str) -> bool:
+    """`dep` is the output `out` or a path inside it."""
+    return dep == out or dep.startswith(out + "/")
+
+
+def _stages(dvc_yaml: str | Path) -> dict:
+    return yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
+
+
+def _inputs(stages: dict, stage: str) -> list[str]:
+    outs = [out for name, spec in stages.items() if name != stage for out in _outs(spec)]
+    return [dep for dep in stages[stage]["deps"] if any(_within(dep, out) for out in outs)]
+
+
 def train_inputs(dvc_yaml: str | Path = "dvc.yaml", stage: str = "train") -> list[str]:
     """The deps of `stage` that another stage of dvc.yaml writes (or a folder holding such an output)."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
-    outs = {out for name, spec in stages.items() if name != stage for out in _outs(spec)}
-    deps = stages[stage]["deps"]
-    return [dep for dep in deps if dep in outs or any(dep.startswith(out + "/") for out in outs)]
+    return _inputs(_stages(dvc_yaml), stage)
 
 
 def input_stages(dvc_yaml: str | Path = "dvc.yaml", stage: str = "train") -> list[str]:
     """The stages whose outputs `stage` reads, in dvc.yaml's order."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
-    inputs = train_inputs(dvc_yaml, stage)
+    stages = _stages(dvc_yaml)
+    inputs = _inputs(stages, stage)
     return [
         name
         for name, spec in stages.items()
-        if name != stage
-        and any(dep == out or dep.startswith(out + "/") for out in _outs(spec) for dep in inputs)
+        if name != stage and any(_within(dep, out) for out in _outs(spec) for dep in inputs)
     ]
 
 

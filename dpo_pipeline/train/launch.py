@@ -13,8 +13,8 @@ layers as they are: only the LoRA weights require gradients and get synchronized
 adapters.
 
 Several nodes (`train.num_nodes` > 1): node 0 runs `dvc repro` as usual; every other node runs
-`make train-worker` (tools/train_worker.py: `dvc pull` of exactly train's inputs, then `python -m stages.train
---worker`). Each node learns its rank and node 0's address from the environment its engine set (`placement`):
+`make train-worker` (tools/train_worker.py: `dvc repro --pull` of the stages that write train's inputs, then
+`python -m stages.train --worker`). Each node learns its rank and node 0's address from the environment its engine set (`placement`):
 torchrun's names (NODE_RANK, MASTER_ADDR, MASTER_PORT), Slurm's (SLURM_NODEID, SLURM_NNODES, the first host of
 SLURM_JOB_NODELIST) or SkyPilot's (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES), and passes them to
 torchrun / accelerate launch as --nnodes/--node_rank/--master_addr/--master_port. The rendezvous is torchrun's
@@ -81,6 +81,16 @@ class Placement:
     source: str
 
 
+def this_machine() -> Placement:
+    """One node: rank 0 of 1, the rendezvous on a loopback port that is free now."""
+    return Placement(0, 1, LOOPBACK, free_port(), "one node")
+
+
+def world_size(params: Params) -> int:
+    """Training processes in all: train.num_processes on each of train.num_nodes."""
+    return params.train.num_processes * params.train.num_nodes
+
+
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a Slurm node list (`gpu[03-05,9],cpu1` -> `gpu03`), as `scontrol show hostnames`
     would list it first."""
@@ -103,12 +113,12 @@ def _int(env: Mapping[str, str], name: str) -> int:
 def placement(env: Mapping[str, str], num_nodes: int, default_port: int) -> Placement:
     """This node's rank, the node count and node 0's address from the launching engine's environment.
 
-    One node: rank 0 on loopback. Several: torchrun's names first (NODE_RANK and MASTER_ADDR, as a user or a
+    One node: this_machine(). Several: torchrun's names first (NODE_RANK and MASTER_ADDR, as a user or a
     wrapper sets them), then SkyPilot's, then Slurm's. MASTER_PORT, when set, overrides `launch.master_port`.
     The engine's node count must equal `train.num_nodes` (the pairs stage selected pairs for that many)."""
-    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port
     if num_nodes == 1:
-        return Placement(0, 1, LOOPBACK, port, "one node")
+        return this_machine()
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port
     if "NODE_RANK" in env and "MASTER_ADDR" in env:
         found = Placement(
             _int(env, "NODE_RANK"), num_nodes, env["MASTER_ADDR"], port, "NODE_RANK/MASTER_ADDR"
@@ -145,8 +155,7 @@ def placement(env: Mapping[str, str], num_nodes: int, default_port: int) -> Plac
 def needs_launcher(params: Params) -> bool:
     """Whether the train stage runs through torchrun / accelerate launch (several processes or nodes, or a
     sharded strategy, which accelerate sets up even for one process)."""
-    t = params.train
-    return t.num_processes * t.num_nodes > 1 or t.distributed != "ddp"
+    return world_size(params) > 1 or params.train.distributed != "ddp"
 
 
 def accelerate_config(params: Params, env: Mapping[str, str], root: str | Path = ".") -> str | None:
@@ -325,8 +334,6 @@ def launch(params: Params, worker: bool = False) -> int:
             f"this is node {where.rank} of {where.nodes} ({where.source}): run `make train-worker` here; "
             "`dvc repro` runs on node 0"
         )
-    if where.nodes == 1:
-        where = Placement(0, 1, LOOPBACK, free_port(), where.source)
     if where.rank == 0:
         tracking.prepare_store(params)
     argv = launch_command(params, where, accelerate_config(params, os.environ))
@@ -341,11 +348,6 @@ def launch_reference(params: Params) -> int:
     n = params.launch.reference_num_processes
     tracking.prepare_store(params)
     argv = launch_command(
-        params,
-        Placement(0, 1, LOOPBACK, free_port(), "one node"),
-        None,
-        module="stages.reference",
-        processes=n,
-        max_restarts=0,
+        params, this_machine(), None, module="stages.reference", processes=n, max_restarts=0
     )
     return run_launcher(argv, worker_env(params, n), f"reference: launching {n} processes", "reference")
